@@ -1,0 +1,923 @@
+"""
+flowzoo/common.py -- the plumbing every model file shares, and nothing model-specific.
+
+    1. Attention: SDPA multi-head attention, masks, a preallocated KV cache with rewind, RoPE (1D/2D/3D).
+    2. VAE loading: a diffusers-exact AutoencoderKL, `load_vae` for diffusers folders and single files
+       (diffusers, legacy-diffusers and original LDM key names), a dependency-free safetensors reader, and
+       `train_vae`, a one-minute VAE on the digits data so latent models have a real latent space on CPU.
+    3. Distributed + training: torchrun setup (NCCL/gloo), DDP or FSDP2, per-rank seeding, EMA, a dataclass config
+       CLI, atomic rank-0 checkpoints, SIGTERM-safe training loop, data helpers, PNG grids, JSONL logs, and a
+       digits classifier that stands in for Inception (accuracy + Frechet distance) since no weights can be downloaded.
+
+A model file does `import common` and nothing else of ours.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import re
+import signal
+import struct
+import sys
+import time
+import zlib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Attention
+
+
+def causal_mask(t_q: int, t_k: int, device=None) -> torch.Tensor:
+    """(t_q, t_k) bool, True = may attend. The queries are the LAST t_q of the t_k positions (decoding after a prefix)."""
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
+
+
+class KVCache:
+    """Preallocated keys/values of one attention layer for incremental decoding.
+
+    `append` writes a chunk in place (no torch.cat per token) and returns the whole prefix; `rewind(n)` forgets the
+    last n tokens, which is what Jacobi decoding needs to re-run a chunk on top of a fixed prefix.
+    For guidance either batch the branches (batch = 2B) or keep one cache per branch.
+    """
+
+    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, device=None, dtype=torch.float32):
+        self.k = torch.zeros(batch, n_heads, max_len, head_dim, device=device, dtype=dtype)  # (B, H, T_max, Dh)
+        self.v = torch.zeros_like(self.k)
+        self.len = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        if self.len + t > self.k.shape[2]:
+            raise ValueError(f"KV cache overflow: {self.len} + {t} tokens > max_len {self.k.shape[2]}")
+        self.k[:, :, self.len:self.len + t] = k
+        self.v[:, :, self.len:self.len + t] = v
+        self.len += t
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+    def rewind(self, n: int):
+        if not 0 <= n <= self.len:
+            raise ValueError(f"cannot rewind {n} tokens of a cache holding {self.len}")
+        self.len -= n
+
+    def reset(self):
+        self.len = 0
+
+
+class RoPE(nn.Module):
+    """Rotary position embedding over a 1D, 2D or 3D grid of tokens (raster order).
+
+    The head_dim/2 rotation frequencies are split between the axes (`axes_dims` pairs each; by default evenly, the
+    remainder to the first axis, e.g. time for video), so a token at (t, h, w) is rotated by t on one band of
+    frequencies, by h on the next and by w on the last. q.k then depends only on the per-axis offsets.
+    """
+
+    def __init__(self, head_dim: int, grid: tuple[int, ...], base: float = 10000.0,
+                 axes_dims: tuple[int, ...] | None = None):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        pairs = head_dim // 2
+        if axes_dims is None:
+            axes_dims = tuple(pairs // len(grid) + (i == 0) * (pairs % len(grid)) for i in range(len(grid)))
+        if sum(axes_dims) != pairs:
+            raise ValueError(f"RoPE axes_dims {axes_dims} must sum to head_dim/2 = {pairs}")
+        coords = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in grid], indexing="ij"), -1)
+        coords = coords.reshape(-1, len(grid))  # (T, n_axes), raster order
+        angles = [coords[:, i:i + 1] * base ** (-torch.arange(d, dtype=torch.float64) / d)
+                  for i, d in enumerate(axes_dims) if d > 0]
+        angles = torch.cat(angles, dim=1)  # (T, Dh/2)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """x: (B, H, T, Dh); pos: positions of the T tokens in the grid (index tensor or slice; default 0..T-1)."""
+        pos = slice(0, x.shape[2]) if pos is None else pos
+        cos, sin = self.cos[pos].to(x.dtype), self.sin[pos].to(x.dtype)  # (T, Dh/2)
+        if cos.shape[0] != x.shape[2]:
+            raise ValueError(f"RoPE positions {pos} do not fit {x.shape[2]} tokens in a grid of {self.cos.shape[0]}")
+        x1, x2 = x.chunk(2, dim=-1)  # rotate the pairs (x1[i], x2[i]) -- the "half split" layout
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on F.scaled_dot_product_attention, with optional mask, causality, RoPE, KV cache."""
+
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"width {dim} is not divisible by {n_heads} heads")
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=torch.float32) -> KVCache:
+        return KVCache(batch, self.n_heads, max_len, self.head_dim, device, dtype)
+
+    def forward(self, x, mask=None, causal=False, rope: RoPE | None = None, pos=None, cache: KVCache | None = None):
+        """x: (B, T, C). mask: bool, True = attend, broadcastable to (B, H, T, T_keys); a key mask longer than the
+        keys seen so far (a full-sequence padding mask during decoding) is cut to them. With a cache, x holds the
+        next T tokens after the cached prefix."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
+        if rope is not None:
+            q, k = rope(q, pos), rope(k, pos)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, H, T_keys, Dh), the prefix included
+        t_k = k.shape[2]
+        if mask is not None:
+            mask = mask[..., :t_k]
+        if causal and (mask is not None or t_k != T):
+            # is_causal would align the triangle top-left; after a prefix the queries are the last T positions
+            cm = causal_mask(T, t_k, x.device)
+            mask, causal = (cm if mask is None else mask & cm), False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, Dh)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, n_heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(mlp_ratio * dim)), nn.GELU(), nn.Linear(int(mlp_ratio * dim), dim))
+
+    def forward(self, x, **attn_kwargs):  # (B, T, C)
+        x = x + self.attn(self.norm1(x), **attn_kwargs)
+        return x + self.mlp(self.norm2(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. VAE loading
+
+#@@VAE_SECTION@@
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Distributed and training plumbing
+
+# --- torchrun -----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """From torchrun's environment (NCCL on GPU, gloo on CPU); a plain single process when not under torchrun."""
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dev = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+    return Dist(rank, local_rank, world, dev)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def progress(iterable, **kwargs):
+    """tqdm on rank 0 only."""
+    from tqdm import tqdm
+    return tqdm(iterable, disable=not is_main(), dynamic_ncols=True, **kwargs)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def seed_all(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rank_split(n: int, d: Dist) -> tuple[int, int]:
+    """(start, count) of this rank's share of n items: ranks split sampling work evenly."""
+    per, extra = divmod(n, d.world_size)
+    start = d.rank * per + min(d.rank, extra)
+    return start, per + (d.rank < extra)
+
+
+def wrap_model(model: nn.Module, d: Dist, fsdp: bool = False, shard_types: tuple[type, ...] = (Block,)) -> nn.Module:
+    """DDP, or FSDP2 (`fully_shard` on every module of `shard_types`, then the root; bf16 params on GPU).
+
+    FSDP2 shards the parameters in place, so `model` itself stays the module to take state dicts from; the returned
+    module is the one to call in the training step. A single process gets the model back unchanged."""
+    if not d.distributed:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if d.device.type == "cuda" else MixedPrecisionPolicy()
+        for m in model.modules():
+            if isinstance(m, shard_types):
+                fully_shard(m, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a collective), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class EMA:
+    """Exponential moving average of the parameters; works on FSDP2 shards as they are (the average is elementwise)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int):
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm up: early weights are not worth averaging
+        params = [p.detach().float() for p in model.parameters()]
+        torch._foreach_lerp_(list(self.shadow.values()), params, 1 - decay)
+
+    def state_dict(self) -> dict:
+        return {n: _full(t).cpu() for n, t in self.shadow.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict):
+        for n, t in self.shadow.items():
+            src = sd[n].to(t.device if not hasattr(t, "device_mesh") else t.to_local().device)
+            if hasattr(t, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+                src = distribute_tensor(src, t.device_mesh, t.placements)
+            t.copy_(src)
+
+    @contextlib.contextmanager
+    def swap(self, model: nn.Module):
+        """Run the model with the averaged weights inside the block."""
+        params = list(model.parameters())
+        backup = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, s in zip(params, self.shadow.values()):
+                p.copy_(s)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
+
+
+# --- config CLI ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Training and run-time options shared by every model file (their configs subclass this)."""
+    out_dir: str = ""  # output folder (default: out/<model>)
+    device: str = "auto"  # auto | cuda | cpu
+    steps: int = 2000  # optimizer steps
+    batch_size: int = 64  # global batch, split across ranks
+    lr: float = 1e-3  # peak learning rate
+    lr_schedule: str = "cosine"  # cosine | constant (after linear warmup)
+    warmup: int = 100  # linear warmup steps
+    weight_decay: float = 1e-4  # AdamW weight decay on matrices
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    ema_decay: float = 0.999  # EMA of the weights, used for sampling and eval
+    seed: int = 0  # base seed (each rank adds its rank)
+    log_every: int = 50  # steps between log.jsonl lines
+    eval_every: int = 500  # steps between evaluations / sample grids
+    ckpt_every: int = 500  # steps between checkpoints
+    amp: bool = True  # bf16 autocast on GPU
+    compile: bool = False  # torch.compile the training forward
+    fsdp: bool = False  # FSDP2 instead of DDP under torchrun
+    num_workers: int = 0  # DataLoader workers for image folders
+
+    # fields of a model config that may differ from a checkpoint's (sampler settings and the like)
+    RUNTIME: ClassVar[tuple[str, ...]] = ()
+
+
+def _field_help(cls) -> dict[str, str]:
+    """Help text for each field from its trailing `# comment` in the class source (configs stay plain dataclasses)."""
+    out = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        out.update(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, flags=re.M))
+    return out
+
+
+def _parser_type(default):
+    if isinstance(default, tuple):
+        elem = type(default[0]) if default else str
+        return lambda s: tuple(elem(v) for v in s.split(",") if v.strip())
+    return type(default)
+
+
+def parse_config(cls, presets: dict[str, dict], argv=None, extra: Callable | None = None, doc: str | None = None):
+    """A dataclass config -> argparse: every field is an option, `--preset NAME` picks a preset (the first is the
+    default) and explicit options override it. Also the run modes every model file has (--resume, --sample, --eval).
+    Returns (config, args, overrides), `overrides` being the fields given explicitly on the command line."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(presets), default=next(iter(presets)), help="config preset (default: %(default)s)")
+    helps = _field_help(cls)
+    for f in fields(cls):
+        h = f"{helps.get(f.name, '')} (default: {f.default})".strip()
+        if isinstance(f.default, bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=h)
+        else:
+            p.add_argument(f"--{f.name}", type=_parser_type(f.default), default=None, help=h,
+                           metavar=type(f.default).__name__.upper())
+    g = p.add_argument_group("run modes")
+    g.add_argument("--resume", action="store_true", help="continue from <out_dir>/ckpt.pt (or --ckpt)")
+    g.add_argument("--sample", action="store_true", help="write --n samples from --ckpt to --out (.npz)")
+    g.add_argument("--eval", action="store_true", help="print the paper's metrics of --ckpt as one JSON line")
+    g.add_argument("--ckpt", type=str, default=None, help="checkpoint path (default: <out_dir>/ckpt.pt)")
+    g.add_argument("--n", type=int, default=64, help="number of samples for --sample (default: %(default)s)")
+    g.add_argument("--out", type=str, default="samples.npz", help="output file for --sample (default: %(default)s)")
+    if extra is not None:
+        extra(p)
+    args = p.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}
+    unknown = set(presets[args.preset]) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"preset {args.preset} sets unknown fields {sorted(unknown)}")
+    return cls(**{**presets[args.preset], **overrides}), args, overrides
+
+
+def model_fields(cfg) -> list[str]:
+    """The fields that define the model: those the model file adds, less the RUNTIME ones."""
+    base = {f.name for f in fields(TrainConfig)}
+    return [f.name for f in fields(cfg) if f.name not in base and f.name not in cfg.RUNTIME]
+
+
+def check_config(saved: dict, cfg, what: str = "checkpoint"):
+    """Refuse a checkpoint of another model config, naming the fields that differ."""
+    diff = [f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in model_fields(cfg)
+            if _plain(saved.get(k)) != _plain(getattr(cfg, k))]
+    if diff:
+        raise ValueError(f"{what} has another model config: " + ", ".join(diff))
+
+
+def _plain(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def config_from_checkpoint(cls, state: dict, overrides: dict | None = None):
+    """Rebuild the config a checkpoint was trained with; command-line overrides may change run-time fields only."""
+    names = {f.name for f in fields(cls)}
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items() if k in names}
+    cfg = cls(**{**saved, **(overrides or {})})
+    check_config(state["config"], cfg, "--ckpt")
+    return cfg
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------------------
+
+
+def atomic_save(obj, path: str | Path):
+    """torch.save to a temp file in the same folder, fsync, then os.replace: a crash never leaves a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say so in one line
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _rng_state() -> dict:
+    npk = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": [npk[0], torch.from_numpy(npk[1].astype(np.int64)), *npk[2:]]}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def _set_rng_state(st: dict):
+    torch.set_rng_state(st["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in st["python"]))
+    np.random.set_state((st["numpy"][0], st["numpy"][1].numpy().astype(np.uint32), *st["numpy"][2:]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def save_checkpoint(path, model: nn.Module, cfg, step: int, ema: EMA | None = None, opt=None, sched=None, **extra):
+    """Call on every rank (FSDP2 gathers the shards); rank 0 writes. Plain dicts and tensors only, so the file loads
+    with torch.load(weights_only=True). Non-finite weights are refused: a diverged run never overwrites a good file."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = {"model": get_model_state_dict(model, options=full), "step": step,
+             "config": dataclasses.asdict(cfg), **extra}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    if opt is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, opt, options=full)
+    if sched is not None:
+        state["scheduler"] = sched.state_dict()
+    rngs = [None] * dist.get_world_size() if dist.is_initialized() else None
+    if rngs is not None:
+        dist.all_gather_object(rngs, _rng_state())
+    state["rng"] = rngs or [_rng_state()]
+    if is_main():
+        bad = [k for part in ("model", "ema") for k, v in state.get(part, {}).items()
+               if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise RuntimeError(f"refusing to save non-finite weights ({', '.join(bad[:3])}) to {path}")
+        atomic_save(state, path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def restore_checkpoint(state: dict, model: nn.Module, cfg, ema: EMA | None = None, opt=None, sched=None) -> int:
+    """Load a training state saved by save_checkpoint (config checked first); returns the step to continue from."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    check_config(state["config"], cfg)
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state["model"], options=full)
+    if ema is not None and "ema" in state:
+        ema.load_state_dict(state["ema"])
+    if opt is not None and "optimizer" in state:
+        set_optimizer_state_dict(model, opt, state["optimizer"], options=full)
+    if sched is not None and "scheduler" in state:
+        sched.load_state_dict(state["scheduler"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if len(state.get("rng", [])) == (dist.get_world_size() if dist.is_initialized() else 1):
+        _set_rng_state(state["rng"][rank])  # exact continuation needs the same world size
+    return state["step"]
+
+
+def load_weights(model: nn.Module, state: dict, ema: bool = True) -> nn.Module:
+    """Weights for sampling/eval: the EMA weights when the checkpoint has them."""
+    model.load_state_dict(state["model"])
+    if ema and "ema" in state:
+        model.load_state_dict(state["ema"], strict=False)
+    return model
+
+
+class GracefulStop:
+    """SIGTERM/SIGINT set a flag; the training loop saves a checkpoint and exits cleanly (cluster preemption)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means now
+        self.requested = True
+        print0(f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping")
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# --- data ---------------------------------------------------------------------------------------------------------------
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """In-memory (or memory-mapped numpy) arrays indexed along the first axis; batches are gathered with one index op."""
+
+    def __init__(self, *arrays):
+        if len({len(a) for a in arrays}) != 1:
+            raise ValueError(f"arrays of different lengths: {[len(a) for a in arrays]}")
+        self.arrays = arrays
+
+    def __len__(self):
+        return len(self.arrays[0])
+
+    def __getitem__(self, idx):
+        return tuple(torch.as_tensor(np.asarray(a[idx])) if isinstance(a, np.ndarray) else a[idx] for a in self.arrays)
+
+
+def batches(data: torch.utils.data.Dataset, batch_size: int, d: Dist, seed: int = 0, start_step: int = 0,
+            num_workers: int = 0):
+    """Endless per-rank batches. The GLOBAL batch at step s is the same whatever the world size -- a seeded
+    permutation per epoch cut into global batches, each rank taking its slice -- so a torchrun run matches a single
+    process with the same global batch, and resuming at step s only skips indices, not data.
+    (DistributedSampler interleaves ranks instead, which ties the batches to the world size.)"""
+    if batch_size % d.world_size:
+        raise ValueError(f"batch_size {batch_size} is not divisible by {d.world_size} ranks")
+    if batch_size > len(data):
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(data)} examples in the data")
+    per_rank, per_epoch = batch_size // d.world_size, len(data) // batch_size
+    step = start_step
+    while True:
+        epoch, first = divmod(step, per_epoch)
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        idx = [perm[i * batch_size + d.rank * per_rank:][:per_rank] for i in range(first, per_epoch)]
+        if isinstance(data, ArrayDataset):
+            for i in idx:
+                yield data[i.sort().values.numpy()]  # sorted indices: faster for memory-mapped arrays
+        else:
+            yield from torch.utils.data.DataLoader(data, batch_sampler=[i.tolist() for i in idx],
+                                                   num_workers=num_workers, pin_memory=d.device.type == "cuda")
+        step = (epoch + 1) * per_epoch
+
+
+def _need(module: str, why: str):
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        top = module.split(".")[0]
+        pip = {"sklearn": "scikit-learn", "PIL": "Pillow"}.get(top, top)
+        raise ImportError(f"{why} needs {pip}: pip install {pip}") from None
+
+
+def load_digits(split: str = "train", size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits (1797 images, 10 classes) as uint8 (N, 1, size, size) and int64 labels.
+
+    A fixed stratified 80/20 split. The 17 grey levels (0..16) map to 0..255; size = 8k repeats pixels, so pooling recovers the original."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be train or test, got {split!r}")
+    datasets = _need("sklearn.datasets", "the digits data")
+    x, y = datasets.load_digits(return_X_y=True)
+    perm = np.random.default_rng(0).permutation(len(y))
+    test = np.zeros(len(y), dtype=bool)
+    for c in range(10):  # stratified: 20% of each class
+        members = perm[y[perm] == c]
+        test[members[: round(0.2 * len(members))]] = True
+    keep = test if split == "test" else ~test
+    x = torch.tensor(x[keep], dtype=torch.float32).view(-1, 1, 8, 8) / 16.0  # (N, 1, 8, 8) in [0, 1]
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="nearest")
+    return (x * 255).round().clamp(0, 255).to(torch.uint8), torch.tensor(y[keep], dtype=torch.int64)
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [-1, 1]."""
+    return x.float() / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float images in [-1, 1] -> uint8."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def load_arrays(path: str | Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Arrays from an `.npz` (e.g. `images` uint8 (N, H, W, C) and `labels`) or a folder of `.npy` files (memory-mapped,
+    for precomputed latents larger than memory)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no data at {path}")
+    if path.is_dir():
+        out = {k: np.load(path / f"{k}.npy", mmap_mode="r") for k in keys if (path / f"{k}.npy").exists()}
+    else:
+        with np.load(path) as z:
+            out = {k: z[k] for k in keys if k in z}
+    if keys[0] not in out:
+        raise ValueError(f"{path} has no array '{keys[0]}'")
+    return out
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """root/<class>/*.{png,jpg,...} -> (uint8 (C, size, size) center-cropped and resized, class index). Needs Pillow."""
+    EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+    def __init__(self, root: str | Path, size: int):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"no image folder at {root}")
+        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        self.items = [(f, c) for c, name in enumerate(self.classes)
+                      for f in sorted((root / name).rglob("*")) if f.suffix.lower() in self.EXTS]
+        if not self.items:
+            raise ValueError(f"no images in class subfolders of {root}")
+        self.size = size
+        _need("PIL", "reading an image folder")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        f, c = self.items[i]
+        img = Image.open(f).convert("RGB")
+        s = min(img.size)
+        left, top = (img.width - s) // 2, (img.height - s) // 2
+        img = img.crop((left, top, left + s, top + s)).resize((self.size, self.size), Image.BICUBIC)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), c
+
+
+def save_npz(path: str | Path, d: Dist, **arrays: np.ndarray):
+    """Every rank passes its share; rank 0 writes one file in rank order (parts go through the disk, not through
+    a collective, so 50k samples need no more than their size in memory on rank 0)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not d.distributed:
+        np.savez(path, **arrays)
+        return
+    part = path.with_name(f".{path.stem}.rank{d.rank}.npz")
+    np.savez(part, **arrays)
+    dist.barrier()
+    if d.is_main:
+        parts = [np.load(path.with_name(f".{path.stem}.rank{r}.npz")) for r in range(d.world_size)]
+        np.savez(path, **{k: np.concatenate([p[k] for p in parts]) for k in arrays})
+        for r in range(d.world_size):
+            path.with_name(f".{path.stem}.rank{r}.npz").unlink()
+    dist.barrier()
+
+
+# --- images and logs ----------------------------------------------------------------------------------------------------
+
+
+def save_png(path: str | Path, img: np.ndarray):
+    """uint8 (H, W) or (H, W, C), C in 1/3/4 -> PNG with zlib only (8-bit, filter 0 per row)."""
+    img = np.asarray(img, dtype=np.uint8)
+    img = img[..., None] if img.ndim == 2 else img
+    h, w, c = img.shape
+    color = {1: 0, 3: 2, 4: 6}[c]  # grey, RGB, RGBA
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(h))
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)) \
+        + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(png)
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
+    """(N, C, H, W) uint8 or float in [-1, 1] -> one (H', W', C) uint8 image, nrow images per row."""
+    x = images if images.dtype == torch.uint8 else to_uint8(images)
+    n, c, h, w = x.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, pad + r * (h + pad):][:, :h, pad + col * (w + pad):][:, :, :w] = x[i]
+    return grid.permute(1, 2, 0).numpy()
+
+
+class JsonlLog:
+    """Appends one JSON object per line on rank 0 (a fresh run truncates, a resumed one appends)."""
+
+    def __init__(self, path: str | Path, resume: bool = False):
+        self.path = Path(path)
+        if is_main():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                self.path.write_text("")
+
+    def __call__(self, **record):
+        if is_main():
+            with open(self.path, "a") as f:
+                f.write(json.dumps({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()})
+                        + "\n")
+
+
+# --- the training loop --------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on biases, norms, or scalars)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr or cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=next(model.parameters()).is_cuda or None)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warmup, then cosine to zero at cfg.steps (or constant)."""
+    def f(step):
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))))
+    return f
+
+
+def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, *, resume: str | None = None,
+          evaluate: Callable | None = None, shard_types: tuple[type, ...] = (Block,), optimizer=None,
+          max_bad_steps: int = 20):
+    """The loop every model file shares.
+
+    loss_fn(net, batch) -> (loss, {name: value}) is called with the wrapped network (DDP / FSDP2 / compiled); data is
+    a Dataset or an iterator of batches; evaluate(step, model, ema) -> {name: value} runs on every rank every
+    cfg.eval_every steps and at the end (sample grids, held-out metrics). Steps with a non-finite gradient are skipped
+    and never reach a checkpoint; SIGTERM/SIGINT save and stop. Returns (model, ema); `model` is the unwrapped module.
+    """
+    out = Path(cfg.out_dir)
+    ckpt_path = out / "ckpt.pt"
+    model.to(d.device)
+    net = wrap_model(model, d, cfg.fsdp, shard_types)
+    ema = EMA(model, cfg.ema_decay)
+    opt = optimizer or make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    step = 0
+    if resume:
+        step = restore_checkpoint(load_checkpoint(resume), model, cfg, ema, opt, sched)
+        print0(f"resumed from {resume} at step {step}")
+    else:
+        seed_all(cfg.seed + 1 + d.rank)  # per-rank noise; the model was built under the same seed on every rank
+    if cfg.compile:
+        net = torch.compile(net)
+    if isinstance(data, torch.utils.data.Dataset):
+        data = batches(data, cfg.batch_size, d, cfg.seed, step, cfg.num_workers)
+    log = JsonlLog(out / "log.jsonl", resume=bool(resume))
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and d.device.type == "cuda" and not cfg.fsdp)
+    sums, n_sums, bad, t0 = {}, 0, 0, time.time()
+
+    def checkpoint(at):
+        save_checkpoint(ckpt_path, model, cfg, at, ema, opt, sched)
+
+    with GracefulStop() as stop:
+        bar = progress(range(step, cfg.steps), initial=step, total=cfg.steps)
+        for step in bar:
+            batch = [t.to(d.device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in next(data)]
+            with amp:
+                loss, logs = loss_fn(net, batch)
+            loss.backward()
+            gnorm = _full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+            flags = torch.stack([(~torch.isfinite(gnorm)).float(), torch.tensor(float(stop.requested), device=gnorm.device)])
+            if d.distributed:  # every rank must agree on skipping a step and on stopping
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            nonfinite, stopping = flags.tolist()  # the one host sync per step
+            if not nonfinite:
+                opt.step()
+                sched.step()
+                ema.update(model, step)
+                bad = 0
+            else:
+                bad += 1
+                if bad >= max_bad_steps:
+                    raise RuntimeError(f"{bad} non-finite steps in a row at step {step}; the last good checkpoint is "
+                                       f"{ckpt_path}")
+            opt.zero_grad(set_to_none=True)
+            for k, v in {"loss": loss.detach(), "grad_norm": gnorm.detach(), **logs}.items():
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=d.device).detach()
+            n_sums += 1
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                means = {k: all_reduce_mean(v / n_sums).item() for k, v in sums.items()}
+                log(step=done, lr=sched.get_last_lr()[0], time=round(time.time() - t0, 2), skipped=bad, **means)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in list(means.items())[:3]})
+                sums, n_sums = {}, 0
+            if evaluate is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+                log(step=done, **evaluate(done, model, ema))
+            if done % cfg.ckpt_every == 0 or done == cfg.steps or stopping:
+                checkpoint(done)
+            if stopping:
+                print0(f"stopped at step {done}; resume with --resume")
+                break
+    return model, ema
+
+
+def run(main: Callable):
+    """Entry point of a model file: errors a user can fix print as one line (set FLOWZOO_DEBUG=1 for a traceback)."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        if os.environ.get("FLOWZOO_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --- digits metric ------------------------------------------------------------------------------------------------------
+
+
+class DigitsClassifier(nn.Module):
+    """Small MLP on 8x8 digits; its 64-d penultimate features stand in for Inception features."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64), nn.GELU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):  # uint8 (B, 1, H, W) at any size -> (logits (B, 10), features (B, 64))
+        x = x.float() / 255.0
+        if x.shape[-1] != 8:
+            x = F.adaptive_avg_pool2d(x, 8)
+        h = self.features(x)
+        return self.head(h), h
+
+
+def digits_classifier(cache: str | Path = "out/digits_classifier.pt") -> DigitsClassifier:
+    """Trained once (seconds, deterministic) on the digits train split, then cached."""
+    clf = DigitsClassifier()
+    cache = Path(cache)
+    if cache.is_file():
+        try:
+            clf.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
+            return clf.eval()
+        except Exception:
+            pass  # a stale or torn cache: retrain
+    x, y = load_digits("train")
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(), torch.enable_grad():
+        torch.manual_seed(0)
+        clf = DigitsClassifier()
+        opt = torch.optim.AdamW(clf.parameters(), lr=3e-3, weight_decay=1e-2)
+        for _ in range(1000):
+            i = torch.randint(len(x), (256,), generator=g)
+            xi = x[i].float()  # light augmentation: random 1-pixel shifts, so features are not brittle
+            xi = torch.roll(xi, shifts=tuple(torch.randint(-1, 2, (2,), generator=g).tolist()), dims=(2, 3))
+            loss = F.cross_entropy(clf(xi.to(torch.uint8))[0], y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    if is_main():
+        atomic_save(clf.state_dict(), cache)
+    return clf.eval()
+
+
+def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), with the trace of the root from the symmetric S1^1/2 S2 S1^1/2."""
+    f1, f2 = f1.double(), f2.double()
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
+    e, v = torch.linalg.eigh(s1)
+    r1 = (v * e.clamp(min=0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * cross)
+
+
+@torch.no_grad()
+def digits_metrics(images: torch.Tensor, labels: torch.Tensor | None = None,
+                   cache: str | Path = "out/digits_classifier.pt") -> dict:
+    """Sample quality on digits: classifier accuracy of class-conditional samples (if labels are given) and the
+    Frechet distance of classifier features to the test split; `fd_floor` is real-train vs test, the best reachable."""
+    clf = digits_classifier(cache)
+    x_test, _ = load_digits("test")
+    x_train, _ = load_digits("train")
+    images = images if images.dtype == torch.uint8 else to_uint8(images)
+    logits, feats = clf(images.cpu())
+    out = {"fd": frechet_distance(feats, clf(x_test)[1]), "fd_floor": frechet_distance(clf(x_train)[1], clf(x_test)[1])}
+    if labels is not None:
+        out["accuracy"] = (logits.argmax(1) == labels.cpu()).float().mean().item()
+    return out

@@ -1,0 +1,263 @@
+"""common.py section 3: torchrun, DDP/FSDP2, resume, SIGTERM, crash-safe checkpoints, config CLI, data, PNG, metrics."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import ROOT, need
+
+TINY = [sys.executable, str(ROOT / "tests" / "tiny_train.py")]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+            str(ROOT / "tests" / "tiny_train.py")]
+
+
+def _run(cmd, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _ckpt(path):
+    return torch.load(Path(path) / "ckpt.pt", weights_only=True)
+
+
+def _assert_same_params(a, b, atol):
+    for k in a:
+        x, y = a[k], b[k]
+        if k.endswith("attn.qkv.bias"):  # the key bias gets no gradient (softmax is shift-invariant): Adam
+            x, y = torch.cat([x[:16], x[32:]]), torch.cat([y[:16], y[32:]])  # amplifies float noise there
+        torch.testing.assert_close(x, y, atol=atol, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_torchrun_two_processes_match_single_process(tmp_path, fsdp):
+    _run(TINY + [str(tmp_path / "single")])
+    _run(TORCHRUN + [str(tmp_path / "two")] + (["--fsdp"] if fsdp else []))
+    a, b = _ckpt(tmp_path / "single"), _ckpt(tmp_path / "two")
+    assert a["step"] == b["step"] == 12
+    _assert_same_params(a["model"], b["model"], 1e-5)
+    _assert_same_params(a["ema"], b["ema"], 1e-5)
+    # the model moved: a broken optimizer step would also "match"
+    assert (a["model"]["out.weight"] - _init_out_weight()).abs().max() > 1e-2
+    # each rank saved its own RNG state, and they differ (per-rank seeding)
+    assert len(b["rng"]) == 2 and not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])
+
+
+def _init_out_weight():
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tiny_train
+    common.seed_all(0)
+    return tiny_train.Tiny().out.weight.detach()
+
+
+def test_sigterm_saves_and_resume_equals_uninterrupted_run(tmp_path):
+    _run(TINY + [str(tmp_path / "straight"), "--noise"])
+    r = _run(TINY + [str(tmp_path / "split"), "--noise", "--sigterm_at", "5"])
+    assert "stopped at step 5" in r.stdout + r.stderr
+    assert _ckpt(tmp_path / "split")["step"] == 5
+    _run(TINY + [str(tmp_path / "split"), "--noise", "--resume"])
+    a, b = _ckpt(tmp_path / "straight"), _ckpt(tmp_path / "split")
+    assert b["step"] == 12
+    for part in ("model", "ema"):  # bit-exact: data order, RNG, optimizer, schedule and EMA all continue
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert steps == [4, 8, 12]  # the resumed run appended to the log
+
+
+def test_sigterm_from_outside_stops_cleanly(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen(TINY + [str(out), "--steps", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    log = out / "log.jsonl"
+    t0 = time.time()
+    while not (log.exists() and log.read_text().strip()) and time.time() - t0 < 120:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    step = _ckpt(out)["step"]
+    assert 4 <= step < 1000000
+
+
+def test_crash_between_write_and_rename_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    common.atomic_save({"w": torch.ones(3)}, path)
+
+    def crash(*a):
+        raise OSError("simulated crash before rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        common.atomic_save({"w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(common.load_checkpoint(path)["w"], torch.ones(3))
+
+
+def test_kill_during_saves_leaves_a_loadable_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import torch, common\n"
+            f"i = 0\nwhile True:\n    i += 1\n"
+            f"    common.atomic_save({{'i': i, 'w': torch.full((4_000_000,), float(i))}}, {str(path)!r})\n")
+    p = subprocess.Popen([sys.executable, "-c", code])
+    t0 = time.time()
+    while not path.exists() and time.time() - t0 < 60:
+        time.sleep(0.05)
+    time.sleep(0.7)  # mid-way through some later save
+    p.kill()
+    p.wait()
+    state = common.load_checkpoint(path)
+    assert state["i"] >= 1 and torch.all(state["w"] == state["i"])
+
+
+def test_corrupt_and_missing_checkpoints_give_one_line(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint") as e:
+        common.load_checkpoint(bad)
+    assert "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        common.load_checkpoint(tmp_path / "nope.pt")
+
+
+@dataclasses.dataclass
+class _Cfg(common.TrainConfig):
+    width: int = 32  # model width
+    layers: tuple = (2, 2, 8)  # layers per block
+    guidance: float = 1.0  # guidance weight
+    cond: bool = True  # class conditioning
+    RUNTIME = ("guidance",)
+
+
+def test_nonfinite_steps_are_skipped_and_never_saved(tmp_path):
+    d = common.Dist()
+    model = torch.nn.Linear(3, 1)
+    x = torch.randn(32, 3)
+    data = common.ArrayDataset(x, x.sum(1, keepdim=True))
+    cfg = _Cfg(out_dir=str(tmp_path), steps=10, batch_size=8, log_every=5, ckpt_every=5, eval_every=100, warmup=1)
+    calls = [0]
+
+    def loss_fn(net, batch):
+        calls[0] += 1
+        loss = (net(batch[0]) - batch[1]).square().mean()
+        return (loss * float("nan") if calls[0] in (3, 4) else loss), {}
+
+    common.train(cfg, model, loss_fn, data, d)
+    state = common.load_checkpoint(tmp_path / "ckpt.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["optimizer"]["state"]["weight"]["step"] == 8  # two steps skipped
+    with pytest.raises(RuntimeError, match="non-finite"):
+        common.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "diverged")), model,
+                     lambda net, b: (net(b[0]).sum() * float("inf"), {}), data, d, max_bad_steps=3)
+    assert not (tmp_path / "diverged" / "ckpt.pt").exists()
+    model.weight.data[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite weights"):
+        common.save_checkpoint(tmp_path / "nan.pt", model, cfg, 0)
+    assert not (tmp_path / "nan.pt").exists()
+
+
+def test_config_cli_presets_overrides_and_errors(capsys):
+    presets = {"small": {"width": 16}, "big": {"width": 256, "layers": (2, 18)}}
+    cfg, args, over = common.parse_config(_Cfg, presets, [])
+    assert cfg.width == 16 and cfg.layers == (2, 2, 8) and over == {}
+    cfg, args, over = common.parse_config(_Cfg, presets, ["--preset", "big", "--layers", "1,2,3", "--no-cond",
+                                                         "--lr", "3e-4", "--sample", "--n", "8"])
+    assert (cfg.width, cfg.layers, cfg.cond, cfg.lr, args.sample, args.n) == (256, (1, 2, 3), False, 3e-4, True, 8)
+    assert over == {"layers": (1, 2, 3), "cond": False, "lr": 3e-4}
+    with pytest.raises(SystemExit):
+        common.parse_config(_Cfg, presets, ["--widht", "3"])
+    assert "unrecognized arguments: --widht" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        common.parse_config(_Cfg, presets, ["--help"])
+    help_text = capsys.readouterr().out
+    for f in dataclasses.fields(_Cfg):
+        assert f"--{f.name}" in help_text
+    assert "layers per block" in help_text and "peak learning rate" in help_text
+
+
+def test_checkpoint_of_another_config_is_refused_naming_fields():
+    saved = dataclasses.asdict(_Cfg(width=64, layers=(2, 2)))
+    common.check_config(saved, _Cfg(width=64, layers=(2, 2), guidance=3.0, lr=1.0))  # runtime fields may differ
+    with pytest.raises(ValueError, match=r"width=64 \(now 32\), layers=\(2, 2\) \(now \(2, 2, 8\)\)"):
+        common.check_config(saved, _Cfg())
+    cfg = common.config_from_checkpoint(_Cfg, {"config": saved}, {"guidance": 2.0})
+    assert cfg.width == 64 and cfg.layers == (2, 2) and cfg.guidance == 2.0
+    with pytest.raises(ValueError, match="width"):
+        common.config_from_checkpoint(_Cfg, {"config": saved}, {"width": 8})
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_global_batches_do_not_depend_on_world_size(world):
+    data = common.ArrayDataset(torch.arange(40))
+    one = common.batches(data, 8, common.Dist(), seed=3)
+    ranks = [common.batches(data, 8, common.Dist(rank=r, world_size=world), seed=3) for r in range(world)]
+    seen = []
+    for step in range(12):  # 5 steps per epoch: crosses two epoch boundaries
+        g = next(one)[0]
+        parts = [next(it)[0] for it in ranks]
+        assert sorted(torch.cat(parts).tolist()) == sorted(g.tolist())
+        seen.append(g)
+    assert sorted(torch.cat(seen[:5]).tolist()) == list(range(40))  # an epoch covers the data once
+    resumed = common.batches(data, 8, common.Dist(), seed=3, start_step=7)
+    assert torch.equal(next(resumed)[0], seen[7])
+
+
+def test_ema_update_and_swap():
+    model = torch.nn.Linear(2, 2)
+    ema = common.EMA(model, decay=0.9)
+    w0 = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=1000)  # past warmup: decay 0.9
+    torch.testing.assert_close(ema.shadow["weight"], 0.9 * w0 + 0.1 * (w0 + 1))
+    with ema.swap(model):
+        torch.testing.assert_close(model.weight, ema.shadow["weight"])
+    torch.testing.assert_close(model.weight.detach(), w0 + 1)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_png_writer_reads_back_with_pillow(tmp_path, channels):
+    Image = need("PIL.Image")
+    imgs = torch.randint(0, 256, (5, channels, 7, 9), dtype=torch.uint8)
+    grid = common.image_grid(imgs, nrow=3, pad=2)
+    assert grid.shape == (2 * 9 + 2, 3 * 11 + 2, channels)
+    common.save_png(tmp_path / "g.png", grid)
+    back = np.asarray(Image.open(tmp_path / "g.png"))
+    assert np.array_equal(back.reshape(grid.shape), grid)
+    assert np.array_equal(grid[2:9, 13:22], imgs[1].permute(1, 2, 0).numpy())  # image 1 sits in row 0, column 1
+
+
+def test_frechet_distance_matches_scipy():
+    linalg = need("scipy.linalg")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 6, generator=g) @ torch.randn(6, 6, generator=g)
+    b = torch.randn(400, 6, generator=g) * 2 + 1
+    mu1, mu2 = a.double().mean(0).numpy(), b.double().mean(0).numpy()
+    s1, s2 = np.cov(a.double().numpy().T), np.cov(b.double().numpy().T)
+    ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert abs(common.frechet_distance(a, b) - ref) < 1e-6 * max(1, abs(ref))
+    assert abs(common.frechet_distance(a, a)) < 1e-8
+
+
+def test_digits_data_and_metric(tmp_path):
+    need("sklearn")
+    x_tr, y_tr = common.load_digits("train")
+    x_te, y_te = common.load_digits("test", size=16)
+    assert x_tr.dtype == torch.uint8 and len(x_tr) + len(x_te) == 1797 and x_te.shape[1:] == (1, 16, 16)
+    assert torch.bincount(y_te).min() >= 35  # stratified
+    m = common.digits_metrics(x_te, y_te, cache=tmp_path / "clf.pt")
+    assert m["accuracy"] > 0.93  # the classifier is good enough to judge samples
+    assert m["fd"] < 3 * m["fd_floor"] + 1.0
+    noise = common.digits_metrics(torch.randint(0, 256, (300, 1, 8, 8), dtype=torch.uint8),
+                                  torch.zeros(300, dtype=torch.long), cache=tmp_path / "clf.pt")
+    assert noise["fd"] > 10 * m["fd"] and noise["accuracy"] < 0.5
+    assert (tmp_path / "clf.pt").exists()

@@ -1,0 +1,64 @@
+"""A tiny model trained through common.train, for the distributed / resume / SIGTERM tests.
+
+    python tests/tiny_train.py OUT_DIR [--fsdp] [--steps N] [--sigterm_at K] [--resume] [--noise]
+    torchrun --nproc_per_node=2 tests/tiny_train.py OUT_DIR ...
+"""
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 16)
+        self.block = common.Block(16, 2)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):  # (B, T, 4)
+        return self.out(self.block(self.inp(x), causal=True))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("out_dir")
+    p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--sigterm_at", type=int, default=-1)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--noise", action="store_true", help="random noise in the loss (exercises RNG restore)")
+    a = p.parse_args(argv)
+    d = common.setup_distributed("cpu")
+    cfg = common.TrainConfig(out_dir=a.out_dir, steps=a.steps, batch_size=8, lr=1e-2, warmup=3, log_every=4,
+                             eval_every=1000, ckpt_every=1000, fsdp=a.fsdp, ema_decay=0.9)
+    common.seed_all(0)
+    model = Tiny()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 5, 4, generator=g)
+    data = common.ArrayDataset(x, x.flip(1).cumsum(1))
+    calls = [0]
+
+    def loss_fn(net, batch):
+        calls[0] += 1
+        if calls[0] == a.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        xb, yb = batch
+        if a.noise:
+            xb = xb + 0.1 * torch.randn_like(xb)
+        return (net(xb) - yb).square().mean(), {}
+
+    resume = str(Path(a.out_dir) / "ckpt.pt") if a.resume else None
+    common.train(cfg, model, loss_fn, data, d, resume=resume)
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
