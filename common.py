@@ -764,7 +764,7 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
     """The loop every model file shares.
 
     loss_fn(net, batch) -> (loss, {name: value}) is called with the wrapped network (DDP / FSDP2 / compiled); data is
-    a Dataset or an iterator of batches; evaluate(step, model, ema) -> {name: value} runs on every rank every
+    a Dataset, or a function start_step -> iterator of this rank's batches; evaluate(step, model, ema) -> {name: value} runs on every rank every
     cfg.eval_every steps and at the end (sample grids, held-out metrics). Steps with a non-finite gradient are skipped
     and never reach a checkpoint; SIGTERM/SIGINT save and stop. Returns (model, ema); `model` is the unwrapped module.
     """
@@ -785,6 +785,8 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
         net = torch.compile(net)
     if isinstance(data, torch.utils.data.Dataset):
         data = batches(data, cfg.batch_size, d, cfg.seed, step, cfg.num_workers)
+    elif callable(data):  # a batch generator that knows how to start at a step (e.g. synthetic data)
+        data = data(step)
     log = JsonlLog(out / "log.jsonl", resume=bool(resume))
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and d.device.type == "cuda" and not cfg.fsdp)
     sums, n_sums, bad, t0 = {}, 0, 0, time.time()
