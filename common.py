@@ -778,6 +778,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward
     fsdp: bool = False  # FSDP2 instead of DDP under torchrun
     num_workers: int = 0  # DataLoader workers for image folders
+    stop_after: int = 0  # stop with a checkpoint after this many steps of this run (job time limits); 0 = off
 
     # fields of a model config that may differ from a checkpoint's (sampler settings and the like)
     RUNTIME: ClassVar[tuple[str, ...]] = ()
@@ -1236,6 +1237,7 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
         save_checkpoint(ckpt_path, model, cfg, at, ema, opt, sched)
 
     with GracefulStop() as stop:
+        first_step = step
         bar = progress(range(step, cfg.steps), initial=step, total=cfg.steps)
         for step in bar:
             batch = [t.to(d.device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in next(data)]
@@ -1269,6 +1271,7 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
                 sums, n_sums = {}, 0
             if evaluate is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
                 log(step=done, **evaluate(done, model, ema))
+            stopping = stopping or (cfg.stop_after > 0 and done - first_step >= cfg.stop_after)
             if done % cfg.ckpt_every == 0 or done == cfg.steps or stopping:
                 checkpoint(done)
             if stopping:
