@@ -51,7 +51,7 @@ def peak_mb(device) -> float | None:
 
 @bench("common")
 def bench_common(device):
-    """The shared transformer: a training step, and decoding with the preallocated KV cache vs recomputing the prefix."""
+    """The shared transformer: a training step, and decoding with the preallocated KV cache vs recomputing."""
     dim, heads, depth, T, B = (256, 4, 4, 64, 16) if device.type == "cpu" else (1024, 16, 8, 256, 16)
     torch.manual_seed(0)
     blocks = torch.nn.ModuleList([common.Block(dim, heads) for _ in range(depth)]).to(device)
@@ -91,6 +91,82 @@ def bench_common(device):
     yield dict(model="common", variant="decode, recompute prefix", ms=recompute, per_s=B / recompute * 1e3,
                mem=peak_mb(device), note=f"{T} tokens")
     yield dict(ratio="KV-cache decoding speed-up over recomputing the prefix", value=recompute / cached)
+
+
+@bench("starflow")
+def bench_starflow(device):
+    """Train step of the digits demo; sampling latency, sequential (KV cache) vs Jacobi, at batch 1 and 16; on GPU
+    tokens/s and model FLOP utilisation of a 1.4B deep-shallow model in bf16."""
+    import dataclasses
+    from pathlib import Path
+
+    import starflow as sf
+    ckpt = Path("out/starflow/ckpt.pt")
+    if ckpt.exists():  # Jacobi's speed depends on the trained model's dependencies, so prefer the demo checkpoint
+        state = common.load_checkpoint(ckpt)
+        cfg = common.config_from_checkpoint(sf.Config, state)
+        model = common.load_weights(sf.build(cfg, device)[0], state).eval()
+        note = "demo checkpoint"
+    else:
+        cfg = sf.Config()
+        torch.manual_seed(0)
+        model = sf.STARFlow(cfg, *sf.latent_shape(cfg)).to(device)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        note = "random weights (run `python starflow.py` first for trained ones)"
+    x = torch.randn(cfg.batch_size, cfg.channels, cfg.img_size, cfg.img_size, device=device)
+    y = torch.arange(cfg.batch_size, device=device) % cfg.num_classes
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        sf.nll_loss(model, x, model.make_cond(y)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    model.train()
+    ms = timeit(step, device)
+    model.eval()
+    yield dict(model="starflow", variant="digits train step", ms=ms, per_s=cfg.batch_size / ms * 1e3,
+               mem=peak_mb(device), note=f"B={cfg.batch_size}")
+    for B in (1, 16):
+        cond = model.make_cond(torch.arange(B, device=device) % 10)
+        z = torch.randn(B, model.T, model.D, device=device, generator=torch.Generator(device).manual_seed(0))
+        res = {}
+        for name in ("sequential", "jacobi"):
+            c = dataclasses.replace(cfg, sampler=name, denoise=False)
+            res[name] = sf.sample(model, cond, c, z=z)
+            t = timeit(lambda: sf.sample(model, cond, c, z=z), device, 1, 5)
+            yield dict(model="starflow", variant=f"sample B={B}, {name}", ms=t, per_s=B / t * 1e3, mem=peak_mb(device),
+                       note=f"{res[name][1]} network evals, {note}")
+            res[name + "_ms"] = t
+        diff = (res["jacobi"][0] - res["sequential"][0]).abs().max().item()
+        yield dict(ratio=f"starflow Jacobi speed-up over sequential at B={B} (max |diff| {diff:.1e})",
+                   value=res["sequential_ms"] / res["jacobi_ms"])
+    if device.type != "cuda":
+        return
+    big = sf.Config(**{**sf.PRESETS["imagenet256"], "grad_ckpt": False})
+    model = sf.STARFlow(big, 4, 32).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    B = 32
+    x = torch.randn(B, 4, 32, 32, device=device)
+    cond = model.make_cond(torch.arange(B, device=device) % 1000)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def big_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = sf.nll_loss(model, x, cond)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    ms = timeit(big_step, device, 2, 5)
+    tokens_s = B * model.T / ms * 1e3
+    peak = 989e12 if "H100" in torch.cuda.get_device_name() or "H200" in torch.cuda.get_device_name() else float("nan")
+    yield dict(model="starflow", variant=f"{n_params / 1e9:.2f}B bf16 train step", ms=ms, per_s=tokens_s,
+               mem=peak_mb(device), note=f"tokens/s; B={B}, T={model.T}")
+    yield dict(ratio="starflow 1.4B model FLOP utilisation (6 N tokens/s / 989 TFLOPs dense bf16)",
+               value=6 * n_params * tokens_s / peak)
 
 
 def main():

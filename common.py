@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 
 def causal_mask(t_q: int, t_k: int, device=None) -> torch.Tensor:
-    """(t_q, t_k) bool, True = may attend. The queries are the LAST t_q of the t_k positions (decoding after a prefix)."""
+    """(t_q, t_k) bool, True = may attend. Queries are the LAST t_q of the t_k positions (decoding after a prefix)."""
     return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
 
 
@@ -611,7 +611,7 @@ def train_vae(out_dir, steps=250, size=16, seed=0, batch_size=64, lr=2e-3, kl_we
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. Distributed and training plumbing
 
-# --- torchrun -----------------------------------------------------------------------------------------------------------
+# --- torchrun ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -752,7 +752,7 @@ class EMA:
                     p.copy_(b)
 
 
-# --- config CLI ---------------------------------------------------------------------------------------------------------
+# --- config CLI -------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -808,7 +808,8 @@ def parse_config(cls, presets: dict[str, dict], argv=None, extra: Callable | Non
     default) and explicit options override it. Also the run modes every model file has (--resume, --sample, --eval).
     Returns (config, args, overrides), `overrides` being the fields given explicitly on the command line."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=list(presets), default=next(iter(presets)), help="config preset (default: %(default)s)")
+    p.add_argument("--preset", choices=list(presets), default=next(iter(presets)),
+                   help="config preset (default: %(default)s)")
     helps = _field_help(cls)
     for f in fields(cls):
         h = f"{helps.get(f.name, '')} (default: {f.default})".strip()
@@ -861,7 +862,7 @@ def config_from_checkpoint(cls, state: dict, overrides: dict | None = None):
     return cfg
 
 
-# --- checkpoints --------------------------------------------------------------------------------------------------------
+# --- checkpoints ------------------------------------------------------------------------------------------------------
 
 
 def atomic_save(obj, path: str | Path):
@@ -981,11 +982,11 @@ class GracefulStop:
             signal.signal(s, h)
 
 
-# --- data ---------------------------------------------------------------------------------------------------------------
+# --- data -------------------------------------------------------------------------------------------------------------
 
 
 class ArrayDataset(torch.utils.data.Dataset):
-    """In-memory (or memory-mapped numpy) arrays indexed along the first axis; batches are gathered with one index op."""
+    """In-memory (or memory-mapped numpy) arrays indexed along the first axis; a batch is one index op."""
 
     def __init__(self, *arrays):
         if len({len(a) for a in arrays}) != 1:
@@ -1037,7 +1038,8 @@ def _need(module: str, why: str):
 def load_digits(split: str = "train", size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 8x8 digits (1797 images, 10 classes) as uint8 (N, 1, size, size) and int64 labels.
 
-    A fixed stratified 80/20 split. The 17 grey levels (0..16) map to 0..255; size = 8k repeats pixels, so pooling recovers the original."""
+    A fixed stratified 80/20 split. The 17 grey levels (0..16) map to 0..255; size = 8k repeats pixels, so pooling
+    recovers the original."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got {split!r}")
     datasets = _need("sklearn.datasets", "the digits data")
@@ -1128,7 +1130,7 @@ def save_npz(path: str | Path, d: Dist, **arrays: np.ndarray):
     dist.barrier()
 
 
-# --- images and logs ----------------------------------------------------------------------------------------------------
+# --- images and logs --------------------------------------------------------------------------------------------------
 
 
 def save_png(path: str | Path, img: np.ndarray):
@@ -1177,7 +1179,7 @@ class JsonlLog:
                         + "\n")
 
 
-# --- the training loop --------------------------------------------------------------------------------------------------
+# --- the training loop ------------------------------------------------------------------------------------------------
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None) -> torch.optim.AdamW:
@@ -1206,9 +1208,10 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
     """The loop every model file shares.
 
     loss_fn(net, batch) -> (loss, {name: value}) is called with the wrapped network (DDP / FSDP2 / compiled); data is
-    a Dataset, or a function start_step -> iterator of this rank's batches; evaluate(step, model, ema) -> {name: value} runs on every rank every
-    cfg.eval_every steps and at the end (sample grids, held-out metrics). Steps with a non-finite gradient are skipped
-    and never reach a checkpoint; SIGTERM/SIGINT save and stop. Returns (model, ema); `model` is the unwrapped module.
+    a Dataset, or a function start_step -> iterator of this rank's batches; evaluate(step, model, ema) -> {name: value}
+    runs on every rank every cfg.eval_every steps and at the end (sample grids, held-out metrics). Steps with a
+    non-finite gradient are skipped and never reach a checkpoint; SIGTERM/SIGINT save and stop. Returns (model, ema);
+    `model` is the unwrapped module.
     """
     out = Path(cfg.out_dir)
     ckpt_path = out / "ckpt.pt"
@@ -1245,7 +1248,8 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
                 loss, logs = loss_fn(net, batch)
             loss.backward()
             gnorm = _full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
-            flags = torch.stack([(~torch.isfinite(gnorm)).float(), torch.tensor(float(stop.requested), device=gnorm.device)])
+            flags = torch.stack([(~torch.isfinite(gnorm)).float(),
+                                 torch.tensor(float(stop.requested), device=gnorm.device)])
             if d.distributed:  # every rank must agree on skipping a step and on stopping
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             nonfinite, stopping = flags.tolist()  # the one host sync per step
@@ -1294,7 +1298,7 @@ def run(main: Callable):
             dist.destroy_process_group()
 
 
-# --- digits metric ------------------------------------------------------------------------------------------------------
+# --- digits metric ----------------------------------------------------------------------------------------------------
 
 
 class DigitsClassifier(nn.Module):

@@ -48,7 +48,7 @@ INV_SOFTPLUS_1 = math.log(math.e - 1)  # softplus(a + 0.5413) = 1 at a = 0: ever
 @dataclass
 class Config(common.TrainConfig):
     # data
-    data: str = "digits"  # digits | .npz with images (N,H,W,C) [+labels, text, text_mask] | image folder | latent folder
+    data: str = "digits"  # digits | .npz: images (N,H,W,C) [labels, text, text_mask] | image folder | latent folder
     img_size: int = 8  # image side in pixels
     channels: int = 1  # image channels
     num_classes: int = 10  # class labels (0 = none); label num_classes is the null label of guidance
@@ -89,6 +89,9 @@ PRESETS = {
     # CPU demo: 8x8 digits in pixel space, 16 tokens of 2x2 pixels, class-conditional. About 3 minutes on 2 cores.
     "digits": dict(steps=2000, batch_size=64, lr=2e-3, warmup=100, eval_every=1000, ckpt_every=500, log_every=50,
                    ema_decay=0.999),
+    # The same in the latent space of a small VAE trained on the digits (16x16 -> 8x8x4), as STARFlow does at scale.
+    "digits-latent": dict(img_size=16, vae="out/vae", vae_family="sd", noise_std=0.3, steps=2000, batch_size=64,
+                          lr=2e-3, warmup=100, eval_every=1000, ckpt_every=500, log_every=50),
     # STARFlow ImageNet 256 (Sec. 4): SD-VAE f8 latents 32x32x4, 1.4B deep-shallow [2,2,2,2,2,18] at width 2048.
     "imagenet256": dict(data="latents", img_size=256, channels=3, num_classes=1000, vae_family="sd", width=2048,
                         head_dim=64, layers=(2, 2, 2, 2, 2, 18), rope=True, noise_std=0.3, batch_size=256, lr=1e-4,
@@ -106,7 +109,8 @@ PRESETS = {
                              patch_size=2, width=1024, head_dim=64, layers=(8,) * 8, cond_deep_only=False,
                              soft_clip=0.0, noise_std=0.05, batch_size=256, lr=1e-4, warmup=5000, steps=1_000_000,
                              ema_decay=0.9999, eval_every=10000, ckpt_every=5000, log_every=100,
-                             guidance_rule="tarflow", guidance_anneal=True, guide_all_blocks=True, sampler="sequential"),
+                             guidance_rule="tarflow", guidance_anneal=True, guide_all_blocks=True,
+                             sampler="sequential"),
 }
 
 
@@ -165,7 +169,7 @@ class FlowBlock(nn.Module):
         y = torch.where(null, self.cfg.num_classes, cond["y"])
         return self.class_emb(y)[:, None], None  # (B, 1, W)
 
-    def run(self, u: torch.Tensor, start: int, prefix=None, mask=None, caches=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, u: torch.Tensor, start: int, prefix=None, mask=None, caches=None):
         """The network on stream positions start..start+n of input u (B, n, D) -> (mu, log sigma), each (B, n, D).
         With caches the prefix and earlier positions are already in them."""
         B, n, _ = u.shape
@@ -416,11 +420,13 @@ def load_vae(cfg: Config, device):
     return common.load_vae(cfg.vae, family=cfg.vae_family, device=device).eval()
 
 
-def latent_shape(cfg: Config) -> tuple[int, int]:
-    """(channels, side) of what the flow models: pixels, or the VAE latents."""
+def latent_shape(cfg: Config, vae=None) -> tuple[int, int]:
+    """(channels, side) of what the flow models: pixels, or the VAE latents (the family's f8 when no VAE is loaded,
+    e.g. when training on precomputed latents)."""
     if cfg.vae_family == "none":
         return cfg.channels, cfg.img_size
-    down, ch = {"sd": (8, 4), "sdxl": (8, 4), "flux": (8, 16)}[cfg.vae_family]
+    down, ch = (vae.downsample, vae.latent_channels) if vae is not None else \
+        {"sd": (8, 4), "sdxl": (8, 4), "flux": (8, 16)}[cfg.vae_family]
     if cfg.img_size % down:
         raise ValueError(f"img_size {cfg.img_size} is not divisible by the VAE's downsampling {down}")
     return ch, cfg.img_size // down
@@ -552,11 +558,10 @@ def _gather(t: torch.Tensor, d: common.Dist) -> torch.Tensor:
 
 
 def build(cfg: Config, device) -> tuple[STARFlow, object]:
+    if cfg.data == "digits" and cfg.vae and not Path(cfg.vae).exists():
+        common.train_vae(Path(cfg.vae).parent, size=cfg.img_size)  # the digits VAE: trained once, about a minute
     vae = load_vae(cfg, device)
-    if vae is not None and vae.latent_channels != latent_shape(cfg)[0]:
-        raise ValueError(f"the VAE has {vae.latent_channels} latent channels, family {cfg.vae_family} expects "
-                         f"{latent_shape(cfg)[0]}")
-    return STARFlow(cfg, *latent_shape(cfg)).to(device), vae
+    return STARFlow(cfg, *latent_shape(cfg, vae)).to(device), vae
 
 
 def precompute_latents(cfg: Config, src: str, d: common.Dist):
@@ -582,8 +587,11 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
 
 
 def main():
-    extra = lambda p: p.add_argument("--precompute", metavar="IMAGES", default=None,
-                                     help="encode IMAGES (folder or .npz) through --vae into the latent folder --data")
+    def extra(p):
+        p.add_argument("--precompute", metavar="IMAGES", default=None,
+                       help="encode IMAGES (folder or .npz) through --vae into the latent folder --data")
+        p.add_argument("--captions", metavar="NPZ", default=None,
+                       help="text embeddings (`text`, `text_mask`) to --sample a text-conditional model from")
     cfg, args, overrides = common.parse_config(Config, PRESETS, doc=__doc__, extra=extra)
     cfg.out_dir = cfg.out_dir or "out/starflow"
     d = common.setup_distributed(cfg.device)
@@ -604,7 +612,15 @@ def main():
             return
         start, count = common.rank_split(args.n, d)
         labels = torch.arange(start, start + count) % max(cfg.num_classes, 1)
-        imgs, nfe = generate(model, cfg, labels, vae, seed=cfg.seed + 1000 + d.rank)
+        text = mask = None
+        if cfg.txt_dim:
+            if not args.captions:
+                raise ValueError("a text-conditional model samples from --captions NPZ (text, text_mask)")
+            cap = common.load_arrays(args.captions, ("text", "text_mask"))
+            idx = torch.arange(start, start + count) % len(cap["text"])  # captions repeat when n exceeds them
+            text, mask = (torch.as_tensor(cap[k][idx.numpy()]) for k in ("text", "text_mask"))
+            text = text.float()
+        imgs, nfe = generate(model, cfg, labels, vae, seed=cfg.seed + 1000 + d.rank, text=text, text_mask=mask)
         common.save_npz(args.out, d, images=imgs.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
         common.print0(f"wrote {args.n} samples to {args.out} ({nfe} sequential network evaluations per batch)")
         return

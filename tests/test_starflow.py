@@ -36,7 +36,8 @@ def _cond(m, B=3, text=False):
 
 
 CASES = [dict(param="tarflow"), dict(param="starflow"), dict(param="starflow", cond_deep_only=False, rope=True),
-         dict(param="tarflow", cond_deep_only=False, rope=True), dict(param="starflow", num_classes=0, txt_dim=6, txt_len=4),
+         dict(param="tarflow", cond_deep_only=False, rope=True),
+         dict(param="starflow", num_classes=0, txt_dim=6, txt_len=4),
          dict(param="starflow", num_classes=0)]
 
 
@@ -107,11 +108,15 @@ def test_guidance_zero_equals_unguided_and_rule_is_the_gaussian_product():
     # p_c^(1+w) / p_u^w on a grid, normalised numerically, against the closed form (sigma_c < sigma_u: exact product)
     w, mu_c, s_c, mu_u, s_u = 1.5, 0.3, 0.7, -0.4, 1.1
     t = torch.linspace(-12, 12, 200001, dtype=torch.float64)
-    logp = (1 + w) * (-0.5 * ((t - mu_c) / s_c) ** 2 - math.log(s_c)) - w * (-0.5 * ((t - mu_u) / s_u) ** 2 - math.log(s_u))
+    def log_normal(m, s):
+        return -0.5 * ((t - m) / s) ** 2 - math.log(s)
+
+    logp = (1 + w) * log_normal(mu_c, s_c) - w * log_normal(mu_u, s_u)
     p = torch.softmax(logp, 0)
     mean = (p * t).sum()
     std = (p * (t - mean) ** 2).sum().sqrt()
-    mu, log_sigma = sf.guide(*(torch.tensor(v, dtype=torch.float64) for v in (mu_c, math.log(s_c), mu_u, math.log(s_u))), w)
+    args = (torch.tensor(v, dtype=torch.float64) for v in (mu_c, math.log(s_c), mu_u, math.log(s_u)))
+    mu, log_sigma = sf.guide(*args, w)
     assert abs(mu - mean) < 1e-6 and abs(log_sigma.exp() - std) < 1e-6
 
 
@@ -148,7 +153,8 @@ def test_short_training_lowers_heldout_bpd(tmp_path):
 
 CLI = [sys.executable, str(ROOT / "starflow.py")]
 SMALL = ["--patch_size", "2", "--width", "32", "--head_dim", "16", "--layers", "1,1", "--batch_size", "16",
-         "--log_every", "2", "--eval_every", "100000", "--ckpt_every", "100000", "--noise_std", "0", "--label_drop", "0"]
+         "--log_every", "2", "--eval_every", "100000", "--ckpt_every", "100000", "--noise_std", "0",
+         "--label_drop", "0"]
 
 
 def _cli(args, ok=True, cmd=CLI):
@@ -199,3 +205,20 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
     state = {"config": dataclasses.asdict(cfg)}
     with pytest.raises(ValueError, match="width=32"):
         common.config_from_checkpoint(sf.Config, state, {"width": 64})
+
+
+def test_latent_space_through_load_vae(tmp_path):
+    folder = common.train_vae(tmp_path, steps=20)  # a real (if rough) latent space: 16x16 digits -> 4x8x8
+    cfg = sf.Config(data="digits", img_size=16, vae=folder, vae_family="sd", noise_std=0.3, layers=(1, 1), width=32,
+                    head_dim=16, denoise=False, guidance=0.0)
+    model, vae = sf.build(cfg, "cpu")
+    assert (model.C, model.S) == (4, 8)
+    x = common.load_digits("test", 16)[0][:4]
+    lat = sf.to_model_space(x, vae)
+    torch.testing.assert_close(lat, vae.encode(common.to_float(x)))
+    cond = model.make_cond(torch.arange(4))
+    z, _ = model(lat, cond)
+    back, _ = sf.sample(model.eval(), cond, cfg, z=z)
+    torch.testing.assert_close(back, lat, atol=1e-4, rtol=0)
+    imgs, _ = sf.generate(model, cfg, torch.arange(3), vae, seed=0)
+    assert imgs.shape == (3, 1, 16, 16) and imgs.dtype == torch.uint8
