@@ -706,6 +706,21 @@ def wrap_model(model: nn.Module, d: Dist, fsdp: bool = False, shard_types: tuple
     return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
 
+@contextlib.contextmanager
+def full_params(model: nn.Module):
+    """Gather an FSDP2 root's own parameters for code that calls submodules directly (e.g. a sampler); the sharded
+    children gather theirs in their forward. A no-op for any other module."""
+    unshard = getattr(model, "unshard", None)
+    if unshard is None:
+        yield model
+        return
+    unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of an FSDP2 shard (a collective), or the tensor itself."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t

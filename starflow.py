@@ -72,7 +72,7 @@ class Config(common.TrainConfig):
     sampler: str = "jacobi"  # sequential | jacobi
     jacobi_chunk: int = 16  # tokens per Jacobi chunk
     jacobi_max_iter: int = 16  # iterations per chunk at most
-    jacobi_threshold: float = 1e-5  # stop when mean((new - old)^2) / mean(new^2) falls below this
+    jacobi_threshold: float = 1e-7  # stop when mean((new - old)^2) / mean(new^2) falls below this
     guidance: float = 1.0  # guidance weight w (0 = none)
     guidance_rule: str = "starflow"  # starflow (Gaussian product p_c^(1+w)/p_u^w) | tarflow (linear extrapolation)
     guide_what: str = "ab"  # tarflow rule: extrapolate a (log sigma), b (mu) or both
@@ -639,7 +639,7 @@ def main():
         return loss, {"bpd": bits_per_dim(loss.detach(), vae is None)}
 
     def on_eval(step, model, ema):
-        with ema.swap(model):
+        with ema.swap(model), common.full_params(model):
             res = evaluate(model, cfg, vae, d, n_samples=200)
             labels = torch.arange(100) % max(cfg.num_classes, 1)
             imgs, _ = generate(model, cfg, labels[:100], vae, seed=0)
