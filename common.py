@@ -838,7 +838,9 @@ def parse_config(cls, presets: dict[str, dict], argv=None, extra: Callable | Non
     g.add_argument("--sample", action="store_true", help="write --n samples from --ckpt to --out (.npz)")
     g.add_argument("--eval", action="store_true", help="print the paper's metrics of --ckpt as one JSON line")
     g.add_argument("--ckpt", type=str, default=None, help="checkpoint path (default: <out_dir>/ckpt.pt)")
-    g.add_argument("--n", type=int, default=64, help="number of samples for --sample (default: %(default)s)")
+    g.add_argument("--n", "--num_samples", dest="n", type=int, default=64,
+                   help="number of samples for --sample (default: %(default)s); under torchrun spell it --num_samples, "
+                        "as torchrun's own parser takes --n for one of its options")
     g.add_argument("--out", type=str, default="samples.npz", help="output file for --sample (default: %(default)s)")
     if extra is not None:
         extra(p)

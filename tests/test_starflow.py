@@ -194,7 +194,8 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
         torch.testing.assert_close(a["model"][k], c["model"][k], atol=2e-5, rtol=0, msg=k)
     # sampling under torchrun: the ranks split the samples, one file is written
     out = tmp_path / "s.npz"
-    _cli(["--sample", "--ckpt", str(tmp_path / "two" / "ckpt.pt"), "--n", "7", "--out", str(out)], cmd=torchrun)
+    _cli(["--sample", "--ckpt", str(tmp_path / "two" / "ckpt.pt"), "--num_samples", "7", "--out", str(out)],
+         cmd=torchrun)
     with np.load(out) as f:
         assert f["images"].shape == (7, 8, 8, 1) and sorted(f["labels"].tolist()) == sorted(i % 10 for i in range(7))
     assert not list(tmp_path.glob(".s.rank*"))
