@@ -622,7 +622,10 @@ def main():
             text = text.float()
         imgs, nfe = generate(model, cfg, labels, vae, seed=cfg.seed + 1000 + d.rank, text=text, text_mask=mask)
         common.save_npz(args.out, d, images=imgs.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
-        common.print0(f"wrote {args.n} samples to {args.out} ({nfe} sequential network evaluations per batch)")
+        if d.is_main:  # and a look at the first ones
+            common.save_png(Path(args.out).with_suffix(".png"), common.image_grid(imgs[:100], nrow=10))
+        common.print0(f"wrote {args.n} samples to {args.out} and a grid to {Path(args.out).with_suffix('.png')} "
+                      f"({nfe} sequential network evaluations per batch)")
         return
 
     common.seed_all(cfg.seed)  # the same initial weights on every rank

@@ -233,3 +233,12 @@ def test_latent_space_through_load_vae(tmp_path):
     torch.testing.assert_close(back, lat, atol=1e-4, rtol=0)
     imgs, _ = sf.generate(model, cfg, torch.arange(3), vae, seed=0)
     assert imgs.shape == (3, 1, 16, 16) and imgs.dtype == torch.uint8
+    # precomputed latents: an .npz of images -> latents.npy + labels.npy, read back as the training data
+    x, y = common.load_digits("test", 16)
+    np.savez(tmp_path / "imgs.npz", images=x[:10].permute(0, 2, 3, 1).numpy(), labels=y[:10].numpy())
+    lat_cfg = dataclasses.replace(cfg, data=str(tmp_path / "latents"))
+    sf.precompute_latents(lat_cfg, str(tmp_path / "imgs.npz"), common.Dist())
+    data = sf.load_data(lat_cfg)
+    lat, lab = data[np.arange(10)]
+    torch.testing.assert_close(lat.float(), vae.encode(common.to_float(x[:10])), atol=2e-2, rtol=0)  # stored as fp16
+    assert torch.equal(lab, y[:10])

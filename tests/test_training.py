@@ -261,3 +261,25 @@ def test_digits_data_and_metric(tmp_path):
                                   torch.zeros(300, dtype=torch.long), cache=tmp_path / "clf.pt")
     assert noise["fd"] > 10 * m["fd"] and noise["accuracy"] < 0.5
     assert (tmp_path / "clf.pt").exists()
+
+
+def test_image_folder_and_npz_data(tmp_path):
+    Image = need("PIL.Image")
+    for c, name in enumerate(["cat", "dog"]):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(2):
+            a = np.zeros((20, 30, 3), np.uint8)  # landscape: the center crop keeps columns 5..24
+            a[:, 5:25] = 40 * (c + 1) + i
+            Image.fromarray(a).save(tmp_path / "imgs" / name / f"{i}.png")
+    ds = common.ImageFolder(tmp_path / "imgs", size=10)
+    assert ds.classes == ["cat", "dog"] and len(ds) == 4
+    x, y = ds[3]
+    assert x.shape == (3, 10, 10) and x.dtype == torch.uint8 and y == 1
+    assert int(x.min()) == int(x.max()) == 81  # the crop removed the black borders
+    with pytest.raises(FileNotFoundError, match="no image folder"):
+        common.ImageFolder(tmp_path / "nope", 10)
+    np.savez(tmp_path / "d.npz", images=np.zeros((5, 4, 4, 3), np.uint8), labels=np.arange(5))
+    arrays = common.load_arrays(tmp_path / "d.npz", ("images", "labels"))
+    assert arrays["images"].shape == (5, 4, 4, 3) and arrays["labels"].tolist() == list(range(5))
+    with pytest.raises(ValueError, match="has no array 'latents'"):
+        common.load_arrays(tmp_path / "d.npz", ("latents",))
