@@ -92,7 +92,7 @@ PRESETS = {
     # The same in the latent space of a small VAE trained on the digits (16x16 -> 8x8x4), as STARFlow does at scale.
     "digits-latent": dict(img_size=16, vae="out/vae", vae_family="sd", noise_std=0.3, steps=2000, batch_size=64,
                           lr=2e-3, warmup=100, eval_every=1000, ckpt_every=500, log_every=50),
-    # STARFlow ImageNet 256 (Sec. 4): SD-VAE f8 latents 32x32x4, 1.4B deep-shallow [2,2,2,2,2,18] at width 2048.
+    # STARFlow ImageNet 256: SD-VAE f8 latents 32x32x4, 1.4B deep-shallow [2,2,2,2,2,18] at width 2048.
     "imagenet256": dict(data="latents", img_size=256, channels=3, num_classes=1000, vae_family="sd", width=2048,
                         head_dim=64, layers=(2, 2, 2, 2, 2, 18), rope=True, noise_std=0.3, batch_size=256, lr=1e-4,
                         warmup=10000, steps=1_000_000, weight_decay=1e-4, grad_clip=1.0, ema_decay=0.9999,
@@ -125,7 +125,8 @@ class FlowBlock(nn.Module):
 
     TARFlow: the outputs are shifted right, so token 0 passes through unchanged; sigma = exp(a).
     STARFlow: a learned start token is prepended to the inputs, so token 0 is transformed too; sigma = softplus(a +
-    0.5413). The conditioning (class token or text) is a prefix the causal attention sees from every position.
+    0.5413). The conditioning (class token or text) is a prefix the causal attention sees from every position, as
+    STARFlow feeds text; TARFlow instead adds a class embedding to every token, which the prefix subsumes.
     """
 
     def __init__(self, cfg: Config, n_layers: int, seq_len: int, token_dim: int, grid: tuple[int, int], flip: bool,
@@ -267,7 +268,8 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _all_ranks_done(done: torch.Tensor) -> bool:
-    """Jacobi's stop flag, agreed by all ranks only when distributed (FSDP needs every rank in the same forwards)."""
+    """Jacobi's stop flag, agreed by all ranks only when distributed (FSDP needs every rank in the same forwards).
+    ml-starflow all-reduces unconditionally, so its sampler only runs under torch.distributed; this one runs anywhere."""
     if torch.distributed.is_initialized():
         done = done.float()
         torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
@@ -277,10 +279,10 @@ def _all_ranks_done(done: torch.Tensor) -> bool:
 def guide(mu_c, log_sigma_c, mu_u, log_sigma_u, w, rule: str = "starflow", what: str = "ab"):
     """Guided (mu, log sigma) of one step from the conditional (c) and unconditional (u) Gaussians.
 
-    starflow (STARFlow Sec. 3.3): sample p_c^(1+w) / p_u^w, itself Gaussian. With s = min(sigma_c/sigma_u, 1)^2,
+    starflow (STARFlow's guidance): sample p_c^(1+w) / p_u^w, itself Gaussian. With s = min(sigma_c/sigma_u, 1)^2,
         sigma = sigma_c / sqrt(1 + w - w s),  mu = ((1 + w) mu_c - w s mu_u) / (1 + w - w s).
     (s caps the ratio so the precision 1 + w - w s stays >= 1; for sigma_c <= sigma_u it is the exact product.)
-    tarflow (TARFlow Sec. 2.5): extrapolate the predictions, a <- a_c + w (a_c - a_u), mu <- mu_c + w (mu_c - mu_u).
+    tarflow (TARFlow's guidance): extrapolate the predictions, a <- a_c + w (a_c - a_u), mu <- mu_c + w (mu_c - mu_u).
     """
     if rule == "starflow":
         s = torch.exp(2 * (log_sigma_c - log_sigma_u)).clamp(max=1.0)
@@ -363,7 +365,7 @@ class STARFlow(nn.Module):
 
 
 def nll_loss(model, x, cond) -> torch.Tensor:
-    """TARFlow's objective: mean over dimensions of 0.5 z^2 - log|det| (Eq. 3 up to the constant)."""
+    """TARFlow's objective: mean over dimensions of 0.5 z^2 - log|det| (up to the Gaussian constant)."""
     z, logdet = model(x, cond)
     return 0.5 * _fp32(z).square().mean() - logdet.mean() / z[0].numel()
 
@@ -401,7 +403,7 @@ def sample(model: STARFlow, cond: dict, cfg: Config, generator=None, z: torch.Te
 
 
 def denoise(model: STARFlow, x: torch.Tensor, cond: dict, sigma: float) -> torch.Tensor:
-    """Tweedie's formula with the flow's own score: E[x_clean | x] = x + sigma^2 grad_x log p(x) (TARFlow Sec. 2.4)."""
+    """Tweedie's formula with the flow's own score: E[x_clean | x] = x + sigma^2 grad_x log p(x) (TARFlow's denoising)."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         (score,) = torch.autograd.grad(model.log_prob(x, cond).sum(), x)
@@ -637,7 +639,7 @@ def main():
 
     def loss_fn(net, batch):
         x = to_model_space(batch[0], vae)
-        x = x + cfg.noise_std * torch.randn_like(x)  # noise augmentation (TARFlow Sec. 2.3)
+        x = x + cfg.noise_std * torch.randn_like(x)  # TARFlow's Gaussian noise augmentation
         loss = nll_loss(net, x, batch_cond(model, batch, cfg.label_drop))
         return loss, {"bpd": bits_per_dim(loss.detach(), vae is None)}
 
