@@ -269,7 +269,7 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
 
 def _all_ranks_done(done: torch.Tensor) -> bool:
     """Jacobi's stop flag, agreed by all ranks only when distributed (FSDP needs every rank in the same forwards).
-    ml-starflow all-reduces unconditionally, so its sampler only runs under torch.distributed; this one runs anywhere."""
+    (ml-starflow all-reduces unconditionally, so its sampler runs only under torch.distributed.)"""
     if torch.distributed.is_initialized():
         done = done.float()
         torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
@@ -403,7 +403,7 @@ def sample(model: STARFlow, cond: dict, cfg: Config, generator=None, z: torch.Te
 
 
 def denoise(model: STARFlow, x: torch.Tensor, cond: dict, sigma: float) -> torch.Tensor:
-    """Tweedie's formula with the flow's own score: E[x_clean | x] = x + sigma^2 grad_x log p(x) (TARFlow's denoising)."""
+    """TARFlow's denoising, Tweedie's formula with the flow's own score: E[x_clean | x] = x + sigma^2 grad log p(x)."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         (score,) = torch.autograd.grad(model.log_prob(x, cond).sum(), x)
