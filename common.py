@@ -825,9 +825,10 @@ def parse_config(cls, presets: dict[str, dict], argv=None, extra: Callable | Non
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(presets), default=next(iter(presets)),
                    help="config preset (default: %(default)s)")
-    helps = _field_help(cls)
+    helps, shown = _field_help(cls), cls(**presets[next(iter(presets))])  # defaults as the default preset sets them
     for f in fields(cls):
-        h = f"{helps.get(f.name, '')} (default: {f.default})".strip()
+        value = getattr(shown, f.name)
+        h = helps.get(f.name, "") + (f" (default: {value})" if value != "" else "")
         if isinstance(f.default, bool):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
