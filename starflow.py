@@ -174,7 +174,7 @@ class FlowBlock(nn.Module):
         """The network on stream positions start..start+n of input u (B, n, D) -> (mu, log sigma), each (B, n, D).
         With caches the prefix and earlier positions are already in them."""
         B, n, _ = u.shape
-        h = self.proj_in(u)
+        h = self.proj_in(u.to(self.proj_in.weight.dtype))  # the flow's state is fp32; the network may be bf16
         if not self.cfg.rope:
             h = h + self.pos[start:start + n]
         L = 0
@@ -209,15 +209,14 @@ class FlowBlock(nn.Module):
         return torch.cat([self.sos.expand(x.shape[0], 1, -1).to(x.dtype), x[:, :e - 1]], 1)
 
     def forward(self, x: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, D) -> z (B, T, D), log|det dz/dx| (B,)."""
+        """x (B, T, D) -> z (B, T, D) in fp32 (or fp64), log|det dz/dx| (B,)."""
         x = x.flip(1) if self.flip else x
         prefix, mask = self.embed_cond(cond)
         mu, log_sigma = self.run(self.stream(x), 0, prefix, mask)
         if self.shift:  # TARFlow: token 0 maps by the identity
             mu, log_sigma = F.pad(mu, (0, 0, 1, 0)), F.pad(log_sigma, (0, 0, 1, 0))
         z = (_fp32(x) - mu) * torch.exp(-log_sigma)
-        z = z.flip(1) if self.flip else z
-        return z.to(x.dtype), -log_sigma.sum((1, 2))
+        return (z.flip(1) if self.flip else z), -log_sigma.sum((1, 2))
 
     # -- inverse ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
