@@ -1253,10 +1253,6 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
     log = JsonlLog(out / "log.jsonl", resume=bool(resume))
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and d.device.type == "cuda" and not cfg.fsdp)
     sums, n_sums, bad, t0 = {}, 0, 0, time.time()
-
-    def checkpoint(at):
-        save_checkpoint(ckpt_path, model, cfg, at, ema, opt, sched)
-
     with GracefulStop() as stop:
         first_step = step
         bar = progress(range(step, cfg.steps), initial=step, total=cfg.steps)
@@ -1295,7 +1291,7 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
                 log(step=done, **evaluate(done, model, ema))
             stopping = stopping or (cfg.stop_after > 0 and done - first_step >= cfg.stop_after)
             if done % cfg.ckpt_every == 0 or done == cfg.steps or stopping:
-                checkpoint(done)
+                save_checkpoint(ckpt_path, model, cfg, done, ema, opt, sched)
             if stopping:
                 print0(f"stopped at step {done}; resume with --resume")
                 break
