@@ -9,7 +9,11 @@ Each group yields rows (model, variant, train step ms, samples/s, peak memory MB
 model files add their group with the @bench decorator below.
 """
 import argparse
+import math
 import time
+from pathlib import Path
+
+import numpy as np
 
 import torch
 
@@ -98,7 +102,6 @@ def bench_starflow(device):
     """Train step of the digits demo; sampling latency, sequential (KV cache) vs Jacobi, at batch 1 and 16; on GPU
     tokens/s and model FLOP utilisation of a 1.4B deep-shallow model in bf16."""
     import dataclasses
-    from pathlib import Path
 
     import starflow as sf
     ckpt = Path("out/starflow/ckpt.pt")
@@ -167,6 +170,60 @@ def bench_starflow(device):
                mem=peak_mb(device), note=f"tokens/s; B={B}, T={model.T}")
     yield dict(ratio="starflow 1.4B model FLOP utilisation (6 N tokens/s / 989 TFLOPs dense bf16)",
                value=6 * n_params * tokens_s / peak)
+
+
+@bench("mogfn")
+def bench_mogfn(device):
+    """MOGFN-PC on hypergrid-2obj: a training step, and trajectories/s of the vectorised environment vs one Python
+    environment object per trajectory (the policy batched in both; only the environment stepping differs)."""
+    import mogfn as mg
+    cfg = mg.Config(**{**mg.PRESETS["hypergrid-2obj"], "device": device.type})
+    torch.manual_seed(0)
+    m = mg.build(cfg, device)
+    note = "random weights: short trajectories (run `python mogfn.py` first for trained ones)"
+    if Path("out/mogfn/ckpt.pt").is_file():
+        common.load_weights(m, common.load_checkpoint("out/mogfn/ckpt.pt"), ema=False)
+        note = "trained weights (out/mogfn)"
+    loss_fn, data = mg.train_step_fn(m, cfg, common.Dist(device=device))
+    opt, it = mg.optimizer(m, cfg), data(0)
+
+    def step():
+        loss, _ = loss_fn(m, next(it))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ms = timeit(step, device)
+    yield dict(model="mogfn", variant=f"hypergrid-2obj train step B={cfg.batch_size}", ms=ms,
+               per_s=cfg.batch_size / ms * 1e3, mem=peak_mb(device), note=note)
+
+    class PyGrid:  # the per-object way: a Python list of coordinates per trajectory, stepped one at a time
+        def __init__(self):
+            self.x, self.done = [0] * cfg.dim, False
+
+    @torch.no_grad()
+    def per_object(cond):
+        envs = [PyGrid() for _ in range(len(cond))]
+        while not all(e.done for e in envs):
+            live = [i for i, e in enumerate(envs) if not e.done]
+            x = torch.tensor([envs[i].x for i in live], device=device)
+            mask = torch.tensor([[c < cfg.side - 1 for c in envs[i].x] + [True] for i in live], device=device)
+            p = m.policy(x, cond[live]).masked_fill(~mask, -math.inf).softmax(-1).cpu()
+            for j, i in enumerate(live):
+                a = int(torch.multinomial(p[j], 1))
+                if a == cfg.dim:
+                    envs[i].done = True
+                else:
+                    envs[i].x[a] += 1
+    for B in (64, 1024):
+        w, beta = mg.sample_conditions(cfg, 2, B, np.random.default_rng(0))
+        cond = m.encode(w, beta).to(device)
+        vec = timeit(lambda: mg.rollout(m, cond, np.random.default_rng(0)), device)
+        obj = timeit(lambda: per_object(cond), device, warmup=1, iters=3)
+        yield dict(model="mogfn", variant=f"sample B={B}, vectorised env", ms=vec, per_s=B / vec * 1e3,
+                   mem=peak_mb(device), note=note)
+        yield dict(model="mogfn", variant=f"sample B={B}, per-object Python env", ms=obj, per_s=B / obj * 1e3,
+                   mem=peak_mb(device), note=note)
+        yield dict(ratio=f"mogfn vectorised environment over per-object Python stepping at B={B}", value=obj / vec)
 
 
 def main():
