@@ -62,7 +62,8 @@ def test_xt_and_ut_are_the_closed_forms(coupling, sigma):
     torch.manual_seed(1)
     t, z = torch.rand(6), torch.randn(6, 3)  # the draws cfm_loss makes, in its order
     assert torch.equal(seen["t"], t)
-    partner = torch.tensor(_brute_force_assignment(torch.cdist(x0, x1) ** 2)) if coupling == "otcfm" else torch.arange(6)
+    partner = torch.tensor(_brute_force_assignment(torch.cdist(x0, x1) ** 2)) if coupling == "otcfm" \
+        else torch.arange(6)
     x1p = x1[partner]
     torch.testing.assert_close(seen["xt"], (1 - t[:, None]) * x0 + t[:, None] * x1p + sigma * z)
     c = (x0 - x1p).square().sum(1)
