@@ -172,6 +172,47 @@ def bench_starflow(device):
                value=6 * n_params * tokens_s / peak)
 
 
+@bench("wcfm")
+def bench_wcfm(device):
+    """2D MLP training step per coupling at batch 128/512/2048: W-CFM's overhead over I-CFM (goal <= 5%) against
+    OT-CFM's exact assignment; plus the side-by-side demo's W2 / NPE / NFE when out/wcfm/compare.json exists."""
+    import json
+
+    import wcfm
+    cfg = wcfm.Config(**wcfm.PRESETS["8gaussians-moons"])
+    for B in (128, 512, 2048):
+        g = torch.Generator().manual_seed(0)
+        x0, x1 = wcfm.toy(cfg.source, B, g).to(device), wcfm.toy(cfg.target, B, g).to(device)
+        steps = {}
+        for c in wcfm.COUPLINGS:
+            torch.manual_seed(0)
+            model = wcfm.build(cfg).to(device)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            fm = wcfm.FlowMatcher(c, cfg.sigma, 2, cfg.kappa)
+
+            def step(model=model, opt=opt, fm=fm):
+                wcfm.cfm_loss(model, fm, x0, x1)[0].backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            steps[c] = (step, fm)
+        # I-CFM and W-CFM differ by ~5%: interleave their timings so load drifts on a shared machine hit both alike
+        runs = {c: [] for c in steps}
+        for _ in range(7):
+            for c in ("icfm", "wcfm"):
+                runs[c].append(timeit(steps[c][0], device, 2, 21))
+        runs["otcfm"].append(timeit(steps["otcfm"][0], device, 1, 5 if B < 2048 else 3))
+        ms = {c: sorted(v)[len(v) // 2] for c, v in runs.items()}
+        for c in wcfm.COUPLINGS:
+            yield dict(model="wcfm", variant=f"2D train step B={B}, {c}", ms=ms[c], per_s=B / ms[c] * 1e3,
+                       mem=peak_mb(device), note=steps[c][1].describe().split(" (")[0][:48])
+        for c in ("wcfm", "otcfm"):
+            yield dict(ratio=f"wcfm {c} / icfm train step time at B={B}", value=ms[c] / ms["icfm"])
+    table = Path("out/wcfm/compare.json")
+    if table.exists():
+        for c, m in json.loads(table.read_text()).items():
+            yield dict(ratio=f"wcfm demo {c}: W2 {m['w2']:.3f}, NPE {m['npe']:.3f}, dopri5 NFE", value=m["nfe_dopri5"])
+
+
 @bench("mogfn")
 def bench_mogfn(device):
     """MOGFN-PC on hypergrid-2obj: a training step, and trajectories/s of the vectorised environment vs one Python
