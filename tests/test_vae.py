@@ -189,13 +189,13 @@ def test_train_vae(tmp_path, monkeypatch):
 
     x = common.to_float(common.load_digits("test", size=16)[0])
 
-    def test_mse(folder):
+    def recon_mse(folder):
         vae = common.load_vae(folder)
         return F.mse_loss(vae.decode(vae.encode(x)), x).item()
 
-    untrained = test_mse(common.train_vae(tmp_path / "a", steps=0))
+    untrained = recon_mse(common.train_vae(tmp_path / "a", steps=0))
     folder = common.train_vae(tmp_path / "b", steps=40)
-    trained = test_mse(folder)
+    trained = recon_mse(folder)
     assert trained < 0.15 * untrained, (trained, untrained)
 
     # the saved folder reproduces the in-memory model exactly
