@@ -73,9 +73,6 @@ class KVCache:
             raise ValueError(f"cannot rewind {n} tokens of a cache holding {self.len}")
         self.len -= n
 
-    def reset(self):
-        self.len = 0
-
 
 class RoPE(nn.Module):
     """Rotary position embedding over a 1D, 2D or 3D grid of tokens (raster order).
@@ -524,9 +521,13 @@ def load_vae(path, family="sd", scaling_factor=None, shift_factor=None, device="
         weights = path
     else:
         raise FileNotFoundError(f"VAE weights not found: {path}")
-    sd = read_safetensors(weights) if weights.endswith(".safetensors") else \
-        torch.load(weights, map_location="cpu", weights_only=True)
-    sd = convert_vae_state_dict(sd)
+    try:
+        sd = read_safetensors(weights) if weights.endswith(".safetensors") else \
+            torch.load(weights, map_location="cpu", weights_only=True)
+        sd = convert_vae_state_dict(sd)
+    except Exception as e:  # a text file, a torn download, a pickle of something else: one line naming the file
+        raise ValueError(f"cannot read VAE weights from {weights}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:150] if str(e) else ''}") from None
     try:
         arch = infer_vae_config(sd)
     except ValueError as e:
@@ -608,6 +609,11 @@ def train_vae(out_dir, steps=250, size=16, seed=0, batch_size=64, lr=2e-3, kl_we
     print(f"train_vae: {steps} steps in {time.time() - t0:.0f}s, saved {folder}")
     return folder
 
+def digits_vae(size: int = 16) -> str:
+    """The small digits VAE of train_vae (size -> 4 x size/2 x size/2 latents), trained once into cache_dir()."""
+    return train_vae(cache_dir() / f"digits_vae{size}", size=size)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. Distributed and training plumbing
 
@@ -631,10 +637,19 @@ class Dist:
 
 
 def setup_distributed(device: str = "auto") -> Dist:
-    """From torchrun's environment (NCCL on GPU, gloo on CPU); a plain single process when not under torchrun."""
-    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    """From torchrun's environment (NCCL on GPU, gloo on CPU); a plain single process when not under torchrun.
+    device: auto (CUDA if present) | cpu | cuda | cuda:N (a single process) | mps; an absent device is an error."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here (use --device cpu or auto)")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: the MPS backend is not available here")
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if "RANK" not in os.environ:
-        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+        return Dist(device=torch.device(device if device not in ("auto", "cuda") else "cuda" if cuda else "cpu"))
+    if device == "mps" or device.startswith("cuda:"):
+        raise ValueError(f"--device {device} is for a single process; under torchrun each rank uses cuda:LOCAL_RANK")
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if cuda:
         torch.cuda.set_device(local_rank)
@@ -642,12 +657,6 @@ def setup_distributed(device: str = "auto") -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
     return Dist(rank, local_rank, world, dev)
-
-
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def is_main() -> bool:
@@ -770,33 +779,81 @@ class EMA:
 # --- config CLI -------------------------------------------------------------------------------------------------------
 
 
+def opt(default, *, choices: tuple | None = None, min: float | None = 0, max: float | None = None,
+        gt: float | None = None):
+    """A config field with its constraints: `choices` for strings, `min`/`max` (inclusive) and `gt` (exclusive) for
+    numbers, applied to each element of a tuple. TrainConfig checks them whenever a config is made -- from the command
+    line, a preset, a checkpoint or user code -- so a typo can never fall through to a default. A plain field is a
+    number >= 0 (finite, as every float here) or any string; the help text stays the field's trailing `# comment`."""
+    return dataclasses.field(default=default, metadata=dict(choices=choices, min=min, max=max, gt=gt))
+
+
+def _check_field(f: dataclasses.Field, value):
+    """One field against its type and constraints -> ValueError naming the option."""
+    name, m = f"--{f.name}", {"choices": None, "min": 0, "max": None, "gt": None, **f.metadata}
+    if isinstance(f.default, tuple):
+        if not isinstance(value, tuple):
+            raise ValueError(f"{name} must be a comma-separated list, got {value!r}")
+        kind, values = (type(f.default[0]) if f.default else None), value
+    else:
+        kind, values = type(f.default), (value,)
+    for v in values:
+        if kind is bool or kind is str:
+            if not isinstance(v, kind):
+                raise ValueError(f"{name} must be a {kind.__name__}, got {v!r}")
+        elif kind in (int, float):
+            if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+                raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {v!r}")
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be finite, got {v}")
+            if m["gt"] is not None and v <= m["gt"]:
+                raise ValueError(f"{name} must be > {m['gt']}, got {v}")
+            if m["min"] is not None and v < m["min"]:
+                raise ValueError(f"{name} must be >= {m['min']}, got {v}")
+            if m["max"] is not None and v > m["max"]:
+                raise ValueError(f"{name} must be <= {m['max']}, got {v}")
+        if m["choices"] is not None and v not in m["choices"]:
+            raise ValueError(f"{name} {v!r} is not one of: {', '.join(map(str, m['choices']))}")
+
+
 @dataclass
 class TrainConfig:
-    """Training and run-time options shared by every model file (their configs subclass this)."""
-    out_dir: str = ""  # output folder (default: out/<model>)
-    device: str = "auto"  # auto | cuda | cpu
-    steps: int = 2000  # optimizer steps
-    batch_size: int = 64  # global batch, split across ranks
-    lr: float = 1e-3  # peak learning rate
-    lr_schedule: str = "cosine"  # cosine | constant (after linear warmup)
+    """Training and run-time options shared by every model file (their configs subclass this and may add checks
+    across fields in a `__post_init__` that calls this one)."""
+    out_dir: str = ""  # output folder (default: out/<model>, or out/<model>-<preset> for other presets)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    steps: int = opt(2000, min=1)  # optimizer steps
+    batch_size: int = opt(64, min=1)  # global batch, split across ranks (and across --grad_accum micro-batches)
+    grad_accum: int = opt(1, min=1)  # micro-batches per optimizer step (the global batch stays --batch_size)
+    lr: float = opt(1e-3, gt=0)  # peak learning rate
+    lr_schedule: str = opt("cosine", choices=("cosine", "constant"))  # cosine | constant (after linear warmup)
     warmup: int = 100  # linear warmup steps
     weight_decay: float = 1e-4  # AdamW weight decay on matrices
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
+    beta1: float = opt(0.9, max=0.9999)  # AdamW beta1
+    beta2: float = opt(0.95, max=0.9999)  # AdamW beta2
     grad_clip: float = 1.0  # max global grad norm (0 = off)
-    ema_decay: float = 0.999  # EMA of the weights, used for sampling and eval
+    ema_decay: float = opt(0.999, max=0.99999)  # EMA of the weights, used for sampling and eval (0 = off)
     seed: int = 0  # base seed (each rank adds its rank)
-    log_every: int = 50  # steps between log.jsonl lines
-    eval_every: int = 500  # steps between evaluations / sample grids
-    ckpt_every: int = 500  # steps between checkpoints
+    log_every: int = 50  # steps between log.jsonl lines (0 = off)
+    eval_every: int = 500  # steps between evaluations / sample grids (0 = only at the end)
+    ckpt_every: int = 500  # steps between checkpoints (0 = only at the end)
     amp: bool = True  # bf16 autocast on GPU
     compile: bool = False  # torch.compile the training forward
     fsdp: bool = False  # FSDP2 instead of DDP under torchrun
     num_workers: int = 0  # DataLoader workers for image folders
     stop_after: int = 0  # stop with a checkpoint after this many steps of this run (job time limits); 0 = off
 
+    NAME: ClassVar[str] = "model"  # the model file: default out_dir, and what its checkpoints are checked against
     # fields of a model config that may differ from a checkpoint's (sampler settings and the like)
     RUNTIME: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        for f in fields(self):
+            _check_field(f, getattr(self, f.name))
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ValueError(f"--device {self.device!r} is not one of: auto, cpu, cuda, cuda:N, mps")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"--batch_size {self.batch_size} is not divisible by --grad_accum {self.grad_accum}")
 
 
 def _field_help(cls) -> dict[str, str]:
@@ -814,21 +871,48 @@ def _field_help(cls) -> dict[str, str]:
 def _parser_type(default):
     if isinstance(default, tuple):
         elem = type(default[0]) if default else str
-        return lambda s: tuple(elem(v) for v in s.split(",") if v.strip())
+
+        def parse(s):
+            return tuple(elem(v) for v in s.split(",") if v.strip())
+        parse.__name__ = f"comma-separated {elem.__name__}"  # argparse names it in "invalid ... value"
+        return parse
     return type(default)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes "-1e-3" for an option (only "-1" and "-.5" look like numbers to it): let the range check speak
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+    def error(self, message):  # one line, not the whole usage block
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def check_writable(path: str | Path, what: str):
+    """Fail before any work when `path` cannot be created because one of its parents is a file."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{what} {path}: {parent} is a file, not a folder")
+            return
 
 
 def parse_config(cls, presets: dict[str, dict], argv=None, extra: Callable | None = None, doc: str | None = None):
     """A dataclass config -> argparse: every field is an option, `--preset NAME` picks a preset (the first is the
-    default) and explicit options override it. Also the run modes every model file has (--resume, --sample, --eval).
-    Returns (config, args, overrides), `overrides` being the fields given explicitly on the command line."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=list(presets), default=next(iter(presets)),
-                   help="config preset (default: %(default)s)")
-    helps, shown = _field_help(cls), cls(**presets[next(iter(presets))])  # defaults as the default preset sets them
+    default) and explicit options override it. Also the run modes every model file has (--resume, --overwrite,
+    --sample, --eval). Values are checked as the config is built (see `opt`); the default out_dir is out/<NAME>, or
+    out/<NAME>-<preset>. Returns (config, args, overrides), `overrides` being the fields given on the command line."""
+    p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default = next(iter(presets))
+    p.add_argument("--preset", choices=list(presets), default=default, help="config preset (default: %(default)s)")
+    helps, shown = _field_help(cls), cls(**presets[default])  # defaults as the default preset sets them
     for f in fields(cls):
         value = getattr(shown, f.name)
-        h = helps.get(f.name, "") + (f" (default: {value})" if value != "" else "")
+        h, choices = helps.get(f.name, ""), f.metadata.get("choices")
+        if choices and not all(c in h for c in choices):
+            h += f" [{' | '.join(choices)}]"
+        h += f" (default: {value})" if value != "" else ""
         if isinstance(f.default, bool):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
@@ -836,6 +920,8 @@ def parse_config(cls, presets: dict[str, dict], argv=None, extra: Callable | Non
                            metavar=type(f.default).__name__.upper())
     g = p.add_argument_group("run modes")
     g.add_argument("--resume", action="store_true", help="continue from <out_dir>/ckpt.pt (or --ckpt)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="train into an out_dir that holds another run (or --sample over an existing --out)")
     g.add_argument("--sample", action="store_true", help="write --n samples from --ckpt to --out (.npz)")
     g.add_argument("--eval", action="store_true", help="print the paper's metrics of --ckpt as one JSON line")
     g.add_argument("--ckpt", type=str, default=None, help="checkpoint path (default: <out_dir>/ckpt.pt)")
@@ -850,7 +936,22 @@ def parse_config(cls, presets: dict[str, dict], argv=None, extra: Callable | Non
     unknown = set(presets[args.preset]) - {f.name for f in fields(cls)}
     if unknown:
         raise ValueError(f"preset {args.preset} sets unknown fields {sorted(unknown)}")
-    return cls(**{**presets[args.preset], **overrides}), args, overrides
+    cfg = cls(**{**presets[args.preset], **overrides})
+    if not cfg.out_dir:
+        cfg.out_dir = f"out/{cls.NAME}" + ("" if args.preset == default else f"-{args.preset}")
+    if sum((args.resume, args.sample, args.eval)) > 1 or (args.overwrite and args.resume):
+        raise ValueError("pick one of --resume, --sample, --eval (and --overwrite or --resume, not both)")
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.sample:
+        if Path(args.out).suffix != ".npz":
+            raise ValueError(f"--out {args.out} must end in .npz")
+        check_writable(args.out, "--out")
+        if Path(args.out).exists() and not args.overwrite:
+            raise ValueError(f"--out {args.out} exists; pass --overwrite to replace it")
+    elif not args.eval:
+        check_writable(cfg.out_dir, "--out_dir")
+    return cfg, args, overrides
 
 
 def model_fields(cfg) -> list[str]:
@@ -859,8 +960,12 @@ def model_fields(cfg) -> list[str]:
     return [f.name for f in fields(cfg) if f.name not in base and f.name not in cfg.RUNTIME]
 
 
-def check_config(saved: dict, cfg, what: str = "checkpoint"):
-    """Refuse a checkpoint of another model config, naming the fields that differ."""
+def check_config(state: dict, cfg, what: str = "checkpoint"):
+    """Refuse a checkpoint of another model file, or of another config of this one (naming the fields that differ)."""
+    saved, kind = state.get("config", {}), state.get("kind")
+    if kind != cfg.NAME and (kind is not None or not set(model_fields(cfg)) <= set(saved)):
+        raise ValueError(f"{what} is {f'a {kind}' if kind else 'not a'} checkpoint{', not' if kind else ' of'} "
+                         f"{cfg.NAME}")
     diff = [f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in model_fields(cfg)
             if _plain(saved.get(k)) != _plain(getattr(cfg, k))]
     if diff:
@@ -871,12 +976,14 @@ def _plain(v):
     return list(v) if isinstance(v, (tuple, list)) else v
 
 
-def config_from_checkpoint(cls, state: dict, overrides: dict | None = None):
+def config_from_checkpoint(cls, state: dict, overrides: dict | None = None, what: str = "--ckpt"):
     """Rebuild the config a checkpoint was trained with; command-line overrides may change run-time fields only."""
+    if state.get("kind", cls.NAME) != cls.NAME:  # before the saved values meet this file's checks
+        raise ValueError(f"{what} is a {state['kind']} checkpoint, not {cls.NAME}")
     names = {f.name for f in fields(cls)}
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items() if k in names}
     cfg = cls(**{**saved, **(overrides or {})})
-    check_config(state["config"], cfg, "--ckpt")
+    check_config(state, cfg, what)
     return cfg
 
 
@@ -922,14 +1029,18 @@ def _set_rng_state(st: dict):
         torch.cuda.set_rng_state(st["cuda"])
 
 
-def save_checkpoint(path, model: nn.Module, cfg, step: int, ema: EMA | None = None, opt=None, sched=None, **extra):
+class Diverged(RuntimeError):
+    """Training produced non-finite gradients or weights it cannot recover from."""
+
+
+def save_checkpoint(path, model: nn.Module, cfg, step: int, ema: EMA | None = None, opt=None, sched=None):
     """Call on every rank (FSDP2 gathers the shards); rank 0 writes. Plain dicts and tensors only, so the file loads
     with torch.load(weights_only=True). Non-finite weights are refused: a diverged run never overwrites a good file."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = {"model": get_model_state_dict(model, options=full), "step": step,
-             "config": dataclasses.asdict(cfg), **extra}
+    state = {"model": get_model_state_dict(model, options=full), "step": step, "kind": cfg.NAME,
+             "config": dataclasses.asdict(cfg)}
     if ema is not None:
         state["ema"] = ema.state_dict()
     if opt is not None:
@@ -944,17 +1055,18 @@ def save_checkpoint(path, model: nn.Module, cfg, step: int, ema: EMA | None = No
         bad = [k for part in ("model", "ema") for k, v in state.get(part, {}).items()
                if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
-            raise RuntimeError(f"refusing to save non-finite weights ({', '.join(bad[:3])}) to {path}")
+            raise Diverged(f"refusing to save non-finite weights ({', '.join(bad[:3])}) to {path}")
         atomic_save(state, path)
     if dist.is_initialized():
         dist.barrier()
 
 
-def restore_checkpoint(state: dict, model: nn.Module, cfg, ema: EMA | None = None, opt=None, sched=None) -> int:
+def restore_checkpoint(state: dict, model: nn.Module, cfg, ema: EMA | None = None, opt=None, sched=None,
+                       what: str = "checkpoint") -> int:
     """Load a training state saved by save_checkpoint (config checked first); returns the step to continue from."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
-    check_config(state["config"], cfg)
+    check_config(state, cfg, what)
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, state["model"], options=full)
     if ema is not None and "ema" in state:
@@ -978,10 +1090,12 @@ def load_weights(model: nn.Module, state: dict, ema: bool = True) -> nn.Module:
 
 
 class GracefulStop:
-    """SIGTERM/SIGINT set a flag; the training loop saves a checkpoint and exits cleanly (cluster preemption)."""
+    """SIGTERM/SIGINT set a flag; the training loop saves a checkpoint and exits with 128 + the signal number, the
+    status schedulers requeue on (cluster preemption)."""
 
     def __init__(self):
         self.requested = False
+        self.signum = 0
         self._old = {}
 
     def __enter__(self):
@@ -992,7 +1106,7 @@ class GracefulStop:
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C means now
-        self.requested = True
+        self.requested, self.signum = True, signum
         print0(f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping")
 
     def __exit__(self, *exc):
@@ -1053,6 +1167,12 @@ def _need(module: str, why: str):
         raise ImportError(f"{why} needs {pip}: pip install {pip}") from None
 
 
+def cache_dir() -> Path:
+    """Where derived files shared by runs go (the digits classifier and VAE): $FLOWZOO_CACHE, else
+    ~/.cache/flowzoo -- never the current directory."""
+    return Path(os.environ.get("FLOWZOO_CACHE") or Path.home() / ".cache" / "flowzoo")
+
+
 def load_digits(split: str = "train", size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 8x8 digits (1797 images, 10 classes) as uint8 (N, 1, size, size) and int64 labels.
 
@@ -1090,11 +1210,18 @@ def load_arrays(path: str | Path, keys: tuple[str, ...]) -> dict[str, np.ndarray
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no data at {path}")
-    if path.is_dir():
-        out = {k: np.load(path / f"{k}.npy", mmap_mode="r") for k in keys if (path / f"{k}.npy").exists()}
-    else:
-        with np.load(path) as z:
-            out = {k: z[k] for k in keys if k in z}
+    try:
+        if path.is_dir():
+            out = {k: np.load(path / f"{k}.npy", mmap_mode="r") for k in keys if (path / f"{k}.npy").exists()}
+        else:
+            z = np.load(path)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not named arrays")
+            with z:
+                out = {k: z[k] for k in keys if k in z}
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"cannot read {path} as an .npz file or a folder of .npy arrays "
+                         f"({str(e).splitlines()[0][:120]})") from None
     if keys[0] not in out:
         raise ValueError(f"{path} has no array '{keys[0]}'")
     return out
@@ -1220,19 +1347,52 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
+def check_fresh(out_dir: str | Path, resume: bool, overwrite: bool):
+    """A run never clobbers another: an out_dir holding a checkpoint or a log needs --resume or --overwrite."""
+    held = [n for n in ("ckpt.pt", "log.jsonl") if (Path(out_dir) / n).exists()]
+    if held and not resume and not overwrite:
+        raise ValueError(f"{out_dir} already holds a run ({', '.join(held)}): continue it with --resume, replace it "
+                         f"with --overwrite, or pick another --out_dir")
+
+
+def existing(*paths) -> str:
+    """The paths that exist, comma-separated: "done" lines name only files that were written."""
+    return ", ".join(str(p) for p in paths if Path(p).exists()) or "no files"
+
+
+def _micro_batches(batch, k: int) -> list:
+    """Split each tensor of a batch into k micro-batches along dim 0 (others are repeated)."""
+    if k == 1:
+        return [batch]
+    parts = [t.tensor_split(k) if isinstance(t, torch.Tensor) and t.ndim else [t] * k for t in batch]
+    return [list(p) for p in zip(*parts)]
+
+
+def _params_finite(model: nn.Module, d: Dist) -> bool:
+    """All weights finite (this rank's shards, all-reduced: under FSDP2 each rank holds other numbers)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    bad = (~torch.isfinite(torch.stack(torch._foreach_norm(local)).sum())).float()
+    if d.distributed:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bad.item()
+
+
 def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, *, resume: str | None = None,
-          evaluate: Callable | None = None, shard_types: tuple[type, ...] = (Block,), optimizer=None,
-          max_bad_steps: int = 20):
+          overwrite: bool = False, evaluate: Callable | None = None, shard_types: tuple[type, ...] = (Block,),
+          optimizer=None, max_bad_steps: int = 20):
     """The loop every model file shares.
 
-    loss_fn(net, batch) -> (loss, {name: value}) is called with the wrapped network (DDP / FSDP2 / compiled); data is
-    a Dataset, or a function start_step -> iterator of this rank's batches; evaluate(step, model, ema) -> {name: value}
-    runs on every rank every cfg.eval_every steps and at the end (sample grids, held-out metrics). Steps with a
-    non-finite gradient are skipped and never reach a checkpoint; SIGTERM/SIGINT save and stop. Returns (model, ema);
-    `model` is the unwrapped module.
+    loss_fn(net, batch) -> (loss, {name: value}) is called with the wrapped network (DDP / FSDP2 / compiled) on each
+    of cfg.grad_accum micro-batches (every tensor of the batch split along dim 0; the loss must be a mean over the
+    examples, so the weighted micro-losses add up to the full batch's); data is a Dataset, or a function
+    start_step -> iterator of this rank's batches; evaluate(step, model, ema) -> {name: value} runs on every rank every
+    cfg.eval_every steps and at the end. `shard_types` are the modules FSDP2 shards one by one.
+    Steps with a non-finite gradient are skipped and never reach a checkpoint, non-finite weights stop the run;
+    SIGTERM/SIGINT save and exit with 128 + the signal. Returns (model, ema); `model` is the unwrapped module.
     """
     out = Path(cfg.out_dir)
     ckpt_path = out / "ckpt.pt"
+    check_fresh(out, bool(resume), overwrite)
     model.to(d.device)
     net = wrap_model(model, d, cfg.fsdp, shard_types)
     ema = EMA(model, cfg.ema_decay)
@@ -1240,10 +1400,11 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     step = 0
     if resume:
-        step = restore_checkpoint(load_checkpoint(resume), model, cfg, ema, opt, sched)
+        step = restore_checkpoint(load_checkpoint(resume), model, cfg, ema, opt, sched, what=resume)
         print0(f"resumed from {resume} at step {step}")
     else:
         seed_all(cfg.seed + 1 + d.rank)  # per-rank noise; the model was built under the same seed on every rank
+    no_sync = getattr(net, "no_sync", None) or (lambda: _fsdp_no_sync(model))  # DDP | FSDP2 (| one process)
     if cfg.compile:
         net = torch.compile(net)
     if isinstance(data, torch.utils.data.Dataset):
@@ -1252,60 +1413,102 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
         data = data(step)
     log = JsonlLog(out / "log.jsonl", resume=bool(resume))
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and d.device.type == "cuda" and not cfg.fsdp)
+
+    def every(n, done):  # 0 = off (only at the end)
+        return done == cfg.steps or (n > 0 and done % n == 0)
+
+    def diverged(msg):
+        good = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"
+        return Diverged(f"{msg}; {good} (try a lower --lr)")
+
     sums, n_sums, bad, t0 = {}, 0, 0, time.time()
     with GracefulStop() as stop:
         first_step = step
         bar = progress(range(step, cfg.steps), initial=step, total=cfg.steps)
         for step in bar:
             batch = [t.to(d.device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in next(data)]
-            with amp:
-                loss, logs = loss_fn(net, batch)
-            loss.backward()
+            micro = _micro_batches(batch, cfg.grad_accum)
+            n_total, loss, logs = sum(_batch_len(m) for m in micro), 0.0, {}
+            for k, mb in enumerate(micro):
+                weight = _batch_len(mb) / n_total  # mean over the batch = weighted mean of the micro-batch means
+                with (no_sync() if k < len(micro) - 1 else contextlib.nullcontext()), amp:
+                    micro_loss, micro_logs = loss_fn(net, mb)
+                (micro_loss * weight).backward()
+                loss = loss + micro_loss.detach() * weight
+                logs = {n: logs.get(n, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach() * weight
+                        for n, v in micro_logs.items()}
             gnorm = _full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
             flags = torch.stack([(~torch.isfinite(gnorm)).float(),
                                  torch.tensor(float(stop.requested), device=gnorm.device)])
             if d.distributed:  # every rank must agree on skipping a step and on stopping
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            nonfinite, stopping = flags.tolist()  # the one host sync per step
+            nonfinite, stopping = flags.tolist()  # the one host sync per step (two when the step is taken)
             if not nonfinite:
-                opt.step()
+                try:
+                    opt.step()
+                except RuntimeError as e:  # e.g. Adam's lr / bias correction overflows a float
+                    if "overflow" not in str(e):
+                        raise
+                    raise diverged(f"the optimizer step overflowed at step {step + 1}") from None
                 sched.step()
+                if not _params_finite(model, d):  # finite gradients, infinite weights: e.g. a huge --lr
+                    raise diverged(f"the weights became non-finite at step {step + 1}")
                 ema.update(model, step)
                 bad = 0
             else:
                 bad += 1
                 if bad >= max_bad_steps:
-                    raise RuntimeError(f"{bad} non-finite steps in a row at step {step}; the last good checkpoint is "
-                                       f"{ckpt_path}")
+                    raise diverged(f"{bad} non-finite gradients in a row at step {step + 1}")
             opt.zero_grad(set_to_none=True)
-            for k, v in {"loss": loss.detach(), "grad_norm": gnorm.detach(), **logs}.items():
+            for k, v in {"loss": loss, "grad_norm": gnorm.detach(), **logs}.items():
                 sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=d.device).detach()
             n_sums += 1
             done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            if every(cfg.log_every, done) and cfg.log_every:
                 means = {k: all_reduce_mean(v / n_sums).item() for k, v in sums.items()}
                 log(step=done, lr=sched.get_last_lr()[0], time=round(time.time() - t0, 2), skipped=bad, **means)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in list(means.items())[:3]})
                 sums, n_sums = {}, 0
-            if evaluate is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+            if evaluate is not None and every(cfg.eval_every, done):
                 log(step=done, **evaluate(done, model, ema))
             stopping = stopping or (cfg.stop_after > 0 and done - first_step >= cfg.stop_after)
-            if done % cfg.ckpt_every == 0 or done == cfg.steps or stopping:
+            if every(cfg.ckpt_every, done) or stopping:
                 save_checkpoint(ckpt_path, model, cfg, done, ema, opt, sched)
             if stopping:
-                print0(f"stopped at step {done}; resume with --resume")
+                print0(f"stopped at step {done} with {ckpt_path}; continue with --resume")
+                if stop.requested:
+                    raise SystemExit(128 + stop.signum)
                 break
     return model, ema
 
 
+def _batch_len(batch) -> int:
+    return next((len(t) for t in batch if isinstance(t, torch.Tensor) and t.ndim), 1)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module):
+    """FSDP2: accumulate gradients locally until the last micro-batch (a no-op for a plain module)."""
+    setter = getattr(model, "set_requires_gradient_sync", None)
+    if setter is not None:
+        setter(False)
+    try:
+        yield
+    finally:
+        if setter is not None:
+            setter(True)
+
+
 def run(main: Callable):
-    """Entry point of a model file: errors a user can fix print as one line (set FLOWZOO_DEBUG=1 for a traceback)."""
+    """Entry point of a model file: a failure a user can fix (bad option, file, data, divergence) prints as one line
+    and exits 2; set FLOWZOO_DEBUG=1 for the traceback."""
     try:
         main()
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError, Diverged) as e:
         if os.environ.get("FLOWZOO_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).split()) or type(e).__name__  # one line, cut to a readable length
+        print(f"error: {msg[:500]}{' ...' if len(msg) > 500 else ''}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():
@@ -1331,10 +1534,10 @@ class DigitsClassifier(nn.Module):
         return self.head(h), h
 
 
-def digits_classifier(cache: str | Path = "out/digits_classifier.pt") -> DigitsClassifier:
-    """Trained once (seconds, deterministic) on the digits train split, then cached."""
+def digits_classifier(cache: str | Path | None = None) -> DigitsClassifier:
+    """Trained once (seconds, deterministic) on the digits train split, then cached (default: cache_dir())."""
     clf = DigitsClassifier()
-    cache = Path(cache)
+    cache = Path(cache or cache_dir() / "digits_classifier.pt")
     if cache.is_file():
         try:
             clf.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
@@ -1373,7 +1576,7 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
 
 @torch.no_grad()
 def digits_metrics(images: torch.Tensor, labels: torch.Tensor | None = None,
-                   cache: str | Path = "out/digits_classifier.pt") -> dict:
+                   cache: str | Path | None = None) -> dict:
     """Sample quality on digits: classifier accuracy of class-conditional samples (if labels are given) and the
     Frechet distance of classifier features to the test split; `fd_floor` is real-train vs test, the best reachable."""
     clf = digits_classifier(cache)

@@ -46,35 +46,46 @@ import torch.nn.functional as F
 import common
 
 
+OBJECTIVE_NAMES = ("branin", "currin", "shubert", "beale", "sphere")  # defined below
+
+
 @dataclass
 class Config(common.TrainConfig):
-    task: str = "hypergrid"  # hypergrid | ngrams
-    objectives: tuple = ("branin", "currin")  # hypergrid objectives from branin, currin, shubert, beale, sphere
-    dim: int = 2  # hypergrid dimensions D
-    side: int = 32  # hypergrid side H
+    task: str = common.opt("hypergrid", choices=("hypergrid", "ngrams"))  # hypergrid | ngrams
+    objectives: tuple = common.opt(("branin", "currin"), choices=OBJECTIVE_NAMES)  # hypergrid objectives
+    dim: int = common.opt(2, min=1)  # hypergrid dimensions D
+    side: int = common.opt(32, min=2)  # hypergrid side H
     vocab: str = "ARNDCQEGHILKMFPSTWYV"  # n-grams alphabet (the 20 amino acids)
     motifs: tuple = ("AR", "GV")  # n-grams: one objective per motif
-    min_len: int = 4  # n-grams: shortest sequence (stop is masked before)
-    max_len: int = 16  # n-grams: longest sequence
-    alpha: tuple = (1.0,)  # Dirichlet concentration of training preferences: one value or one per objective
-    beta: float = 8.0  # reward exponent (the lower end when sampled)
+    min_len: int = common.opt(4, min=1)  # n-grams: shortest sequence (stop is masked before)
+    max_len: int = common.opt(16, min=1)  # n-grams: longest sequence
+    alpha: tuple = common.opt((1.0,), gt=0)  # Dirichlet concentration of preferences: one value or one per objective
+    beta: float = common.opt(8.0, gt=0)  # reward exponent (the lower end when sampled)
     beta_max: float = 0.0  # > beta: draw beta ~ U[beta, beta_max] per trajectory and condition on it
-    scalar: str = "ws"  # scalarisation: ws (weighted sum) | tch (weighted Tchebycheff, as a reward)
-    r_min: float = 1e-3  # floor of the scalarised reward, so log R stays finite
-    cond: str = "concat"  # how (w, beta) enter the policy: concat | film
-    therm: int = 16  # thermometer bins per conditioning value
-    width: int = 256  # hidden width of the policy and of log Z(w, beta)
-    depth: int = 2  # hidden layers (MLP) or transformer blocks
-    heads: int = 4  # attention heads (n-grams)
-    eps: float = 0.05  # epsilon-uniform exploration while training
-    replay: float = 0.0  # fraction of each batch replayed from a Pareto archive of terminal states (P_B trajectories)
-    replay_size: int = 256  # archive capacity
-    lr_z: float = 1e-2  # learning rate of the log Z(w, beta) network
-    n_div: int = 10  # eval: preference grid {i / n_div} on the simplex
-    eval_n: int = 128  # eval: candidates sampled per preference
-    top_k: int = 10  # eval: top-k reward and diversity per preference
+    scalar: str = common.opt("ws", choices=("ws", "tch"))  # ws (weighted sum) | tch (weighted Tchebycheff, as a reward)
+    r_min: float = common.opt(1e-3, gt=0)  # floor of the scalarised reward, so log R stays finite
+    cond: str = common.opt("concat", choices=("concat", "film"))  # how (w, beta) enter the policy: concat | film
+    therm: int = common.opt(16, min=1)  # thermometer bins per conditioning value
+    width: int = common.opt(256, min=1)  # hidden width of the policy and of log Z(w, beta)
+    depth: int = common.opt(2, min=1)  # hidden layers (MLP) or transformer blocks
+    heads: int = common.opt(4, min=1)  # attention heads (n-grams)
+    eps: float = common.opt(0.05, max=1)  # epsilon-uniform exploration while training
+    replay: float = common.opt(0.0, max=1)  # fraction of each batch replayed from a Pareto archive (P_B trajectories)
+    replay_size: int = common.opt(256, min=1)  # archive capacity
+    lr_z: float = common.opt(1e-2, gt=0)  # learning rate of the log Z(w, beta) network
+    n_div: int = common.opt(10, min=1)  # eval: preference grid {i / n_div} on the simplex
+    eval_n: int = common.opt(128, min=1)  # eval: candidates sampled per preference
+    top_k: int = common.opt(10, min=1)  # eval: top-k reward and diversity per preference
 
+    NAME = "mogfn"
     RUNTIME = ("n_div", "eval_n", "top_k")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.min_len > self.max_len:
+            raise ValueError(f"--min_len {self.min_len} exceeds --max_len {self.max_len}")
+        if self.beta_max and self.beta_max <= self.beta:
+            raise ValueError(f"--beta_max {self.beta_max} must exceed --beta {self.beta} (or be 0 = fixed beta)")
 
 
 # training defaults of every preset: constant lr, no weight decay, raw weights (no EMA) for sampling and eval
@@ -517,8 +528,10 @@ def tb_loss(net, model: MOGFN, xs, acts, x, w, beta, cond):
 def check_pref(w: torch.Tensor, n_obj: int) -> torch.Tensor:
     if w.shape[-1] != n_obj:
         raise ValueError(f"a preference needs {n_obj} weights, got {w.shape[-1]}")
-    if (w < 0).any() or ((w.sum(-1) - 1).abs() > 1e-4).any():
-        raise ValueError(f"preference {w.tolist()} is not on the simplex (weights >= 0 summing to 1)")
+    bad = ((w < 0).any(-1) | ((w.sum(-1) - 1).abs() > 1e-4)).reshape(-1)
+    if bad.any():  # name the first offender, not a whole batch
+        raise ValueError(f"preference {w.reshape(-1, n_obj)[bad][0].tolist()} is not on the simplex (weights >= 0 "
+                         f"summing to 1)")
     return w
 
 
@@ -757,21 +770,23 @@ def optimizer(model: MOGFN, cfg: Config):  # log Z gets its own (larger) learnin
 
 def train_step_fn(model: MOGFN, cfg: Config, d: common.Dist):
     """Trajectories are a pure function of (seed, step): every rank draws the global batch's randomness and keeps its
-    slice, so --resume and any number of ranks reproduce one process."""
-    start, count = common.rank_split(cfg.batch_size, d)
+    slice, so --resume and any number of ranks reproduce one process. A batch is (rows of the global batch, step), so
+    --grad_accum splits the rows (with --replay the archive then grows after each micro-batch, not once per step)."""
 
     def loss_fn(net, batch):
-        rng = np.random.default_rng([cfg.seed, int(batch[0])])
+        rows, step = batch[0], int(batch[1][0])
+        start, count = int(rows[0]), len(rows)  # this (micro-)batch's slice of the global batch
+        rng = np.random.default_rng([cfg.seed, step])
         w, beta = sample_conditions(cfg, model.task.n_obj, cfg.batch_size, rng)
         w, beta = w[start:start + count].to(d.device), beta[start:start + count].to(d.device)
         cond = model.encode(w, beta)
         xs, acts, x = rollout(model, cond, rng, cfg.eps, cfg.batch_size, start)
         if cfg.replay > 0:
-            xs, acts, x = replay(xs, acts, x, np.random.default_rng([cfg.seed, int(batch[0]), 1]))
+            xs, acts, x = replay(xs, acts, x, np.random.default_rng([cfg.seed, step, 1]), start, count)
         loss, log_z, log_r = tb_loss(net, model, xs, acts, x, w, beta, cond)
         return loss, {"log_z": log_z.mean(), "log_r": log_r.mean(), "traj_len": (acts >= 0).sum(0).float().mean()}
 
-    def replay(xs, acts, x, rng):
+    def replay(xs, acts, x, rng, start, count):
         """Replace rows by P_B trajectories into archived states (TB is off-policy; they keep this batch's
         preferences), then add the sampled terminal states of ALL ranks to the archive."""
         n_arc = int(model.archive_n)
@@ -798,34 +813,49 @@ def train_step_fn(model: MOGFN, cfg: Config, d: common.Dist):
         return xs, acts, x
 
     def data(step0):
+        start, count = common.rank_split(cfg.batch_size, d)
         for step in itertools.count(step0):
-            yield [torch.tensor(step)]
+            yield [torch.arange(start, start + count), torch.full((count,), step)]
     return loss_fn, data
 
 
-def main():
+def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[MOGFN, Config]:
+    """A trained model ready to sample (eval mode) and its config; `overrides` may change run-time fields."""
+    state = common.load_checkpoint(path)
+    cfg = common.config_from_checkpoint(Config, state, overrides, what=str(path))
+    model = build(cfg, device)
+    return common.load_weights(model, state, ema=False).eval(), cfg
+
+
+def _preference(s: str) -> torch.Tensor:
+    w = torch.tensor([float(v) for v in s.split(",")])  # a ValueError here makes argparse name --pref
+    if not torch.isfinite(w).all():
+        raise ValueError(s)
+    return w
+
+
+_preference.__name__ = "preference"  # argparse's "invalid preference value"
+
+
+def main(argv=None):
     def extra(p):
-        p.add_argument("--pref", type=str, default=None, help="--sample: one preference, e.g. 0.3,0.7 (default: the "
-                       "evaluation grid, cycled)")
+        p.add_argument("--pref", type=_preference, default=None, help="--sample: one preference, e.g. 0.3,0.7 "
+                       "(default: the evaluation grid, cycled)")
         p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                        help="--eval: also report uniform random and evolutionary search at the same reward calls")
-    cfg, args, overrides = common.parse_config(Config, PRESETS, doc=__doc__, extra=extra)
-    cfg.out_dir = cfg.out_dir or "out/mogfn"
+    cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=extra, doc=__doc__)
     d = common.setup_distributed(cfg.device)
     ckpt = args.ckpt or str(Path(cfg.out_dir) / "ckpt.pt")
 
     if args.sample or args.eval:
-        state = common.load_checkpoint(ckpt)
-        cfg = common.config_from_checkpoint(Config, state, overrides)
-        model = build(cfg, d.device)
-        common.load_weights(model, state, ema=False).eval()
+        model, cfg = from_checkpoint(ckpt, d.device, **overrides)
         if args.eval:
             res = evaluate(model, cfg, cfg.seed, args.baselines) if d.is_main else {}
             common.print0(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in res.items()}))
             return
         start, count = common.rank_split(args.n, d)
-        if args.pref:
-            w = torch.tensor([float(v) for v in args.pref.split(",")]).expand(count, -1)
+        if args.pref is not None:
+            w = check_pref(args.pref, model.task.n_obj).expand(count, -1)  # checked once, not per sample
         else:
             grid = simplex_grid(model.task.n_obj, cfg.n_div)
             w = grid[torch.arange(start, start + count) % len(grid)]
@@ -853,10 +883,11 @@ def main():
         return res
 
     t0 = time.time()
-    common.train(cfg, model, loss_fn, data, d, resume=ckpt if args.resume else None, evaluate=on_eval,
-                 optimizer=optimizer(model, cfg))
-    common.print0(f"done in {time.time() - t0:.0f}s: {cfg.out_dir}/ckpt.pt, {cfg.out_dir}/front.png, "
-                  f"{cfg.out_dir}/log.jsonl")
+    common.train(cfg, model, loss_fn, data, d, resume=ckpt if args.resume else None, overwrite=args.overwrite,
+                 evaluate=on_eval, optimizer=optimizer(model, cfg))
+    out = Path(cfg.out_dir)
+    common.print0(f"done in {time.time() - t0:.0f}s: "
+                  + common.existing(out / "ckpt.pt", out / "front.png", out / "log.jsonl"))
 
 
 if __name__ == "__main__":

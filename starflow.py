@@ -48,41 +48,53 @@ INV_SOFTPLUS_1 = math.log(math.e - 1)  # softplus(a + 0.5413) = 1 at a = 0: ever
 @dataclass
 class Config(common.TrainConfig):
     # data
-    data: str = "digits"  # digits | .npz: images (N,H,W,C) [labels, text, text_mask] | image folder | latent folder
-    img_size: int = 8  # image side in pixels
-    channels: int = 1  # image channels
+    data: str = "digits"  # digits | .npz: images (N,H,W,C) uint8 [labels, text, text_mask] | image or latent folder
+    img_size: int = common.opt(8, min=1)  # image side in pixels
+    channels: int = common.opt(1, min=1)  # image channels
     num_classes: int = 10  # class labels (0 = none); label num_classes is the null label of guidance
     txt_dim: int = 0  # width of precomputed text embeddings (0 = no text conditioning)
     txt_len: int = 0  # text tokens per caption
-    vae: str = ""  # VAE weights for latent space (diffusers folder or single file); empty = pixel space
-    vae_family: str = "none"  # sd | sdxl | flux | none (pixel space)
+    vae: str = ""  # VAE weights (diffusers folder or single file) | digits (a small VAE trained once) | "" = pixels
+    vae_family: str = common.opt("none", choices=tuple(common.VAE_FAMILIES))  # sd | sdxl | flux | none (pixel space)
     # model
-    param: str = "starflow"  # tarflow (shifted outputs, sigma = exp) | starflow (start token, sigma = softplus)
-    patch_size: int = 2  # patch side; tokens are patches of the image (or latent)
-    width: int = 64  # transformer width
-    head_dim: int = 16  # attention head width
-    layers: tuple = (2, 2, 2, 4)  # transformer layers per flow block; the last (deep) block sits next to the prior
+    param: str = common.opt("starflow", choices=("tarflow", "starflow"))  # tarflow (sigma = exp) | starflow (softplus)
+    patch_size: int = common.opt(2, min=1)  # patch side; tokens are patches of the image (or latent)
+    width: int = common.opt(64, min=1)  # transformer width
+    head_dim: int = common.opt(16, min=1)  # attention head width
+    layers: tuple = common.opt((2, 2, 2, 4), min=1)  # layers per flow block; the last (deep) one is next to the prior
     cond_deep_only: bool = True  # conditioning in the deep block only (STARFlow) or in every block (TARFlow)
     rope: bool = False  # 2D RoPE instead of learned positions
     soft_clip: float = 4.0  # STARFlow's soft clip c*tanh(./c) on the predicted (mu, a); 0 = off
     noise_std: float = 0.1  # Gaussian noise augmentation sigma (TARFlow 0.05-0.15 in pixels, STARFlow 0.3 in latents)
-    label_drop: float = 0.1  # probability of the null condition in training (classifier-free guidance)
+    label_drop: float = common.opt(0.1, max=1)  # probability of the null condition in training (for guidance)
     grad_ckpt: bool = False  # gradient checkpointing of the transformer layers
     # sampler
-    sampler: str = "jacobi"  # sequential | jacobi
-    jacobi_chunk: int = 16  # tokens per Jacobi chunk
-    jacobi_max_iter: int = 16  # iterations per chunk at most
+    sampler: str = common.opt("jacobi", choices=("sequential", "jacobi"))  # sequential | jacobi
+    jacobi_chunk: int = common.opt(16, min=1)  # tokens per Jacobi chunk
+    jacobi_max_iter: int = common.opt(16, min=1)  # iterations per chunk at most
     jacobi_threshold: float = 1e-7  # stop when mean((new - old)^2) / mean(new^2) falls below this
     guidance: float = 1.0  # guidance weight w (0 = none)
-    guidance_rule: str = "starflow"  # starflow (Gaussian product p_c^(1+w)/p_u^w) | tarflow (linear extrapolation)
-    guide_what: str = "ab"  # tarflow rule: extrapolate a (log sigma), b (mu) or both
+    guidance_rule: str = common.opt("starflow", choices=("starflow", "tarflow"))  # p_c^(1+w)/p_u^w | extrapolation
+    guide_what: str = common.opt("ab", choices=("a", "b", "ab"))  # tarflow rule: extrapolate a (log sigma), b (mu)
     guidance_anneal: bool = False  # ramp w linearly over the tokens (TARFlow's annealed schedule)
     guide_all_blocks: bool = False  # guide every conditioned block, not only the deep one
     denoise: bool = True  # score-based denoising of the final sample: x + noise_std^2 * grad log p(x)
 
+    NAME = "starflow"
     RUNTIME = ("data", "vae", "sampler", "jacobi_chunk", "jacobi_max_iter", "jacobi_threshold", "guidance",
                "guidance_rule", "guide_what", "guidance_anneal", "guide_all_blocks", "denoise", "grad_ckpt",
                "label_drop")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.width % self.head_dim:
+            raise ValueError(f"--width {self.width} is not divisible by --head_dim {self.head_dim}")
+        if not self.layers:
+            raise ValueError("--layers needs at least one flow block")
+        if bool(self.txt_dim) != bool(self.txt_len):
+            raise ValueError(f"text needs both --txt_dim and --txt_len (got {self.txt_dim}, {self.txt_len})")
+        if self.vae and self.vae_family == "none":
+            raise ValueError(f"--vae {self.vae} needs a latent --vae_family (sd, sdxl or flux)")
 
 
 PRESETS = {
@@ -90,7 +102,7 @@ PRESETS = {
     "digits": dict(steps=2000, batch_size=64, lr=2e-3, warmup=100, eval_every=1000, ckpt_every=500, log_every=50,
                    ema_decay=0.999),
     # The same in the latent space of a small VAE trained on the digits (16x16 -> 8x8x4), as STARFlow does at scale.
-    "digits-latent": dict(img_size=16, vae="out/vae", vae_family="sd", noise_std=0.3, steps=2000, batch_size=64,
+    "digits-latent": dict(img_size=16, vae="digits", vae_family="sd", noise_std=0.3, steps=2000, batch_size=64,
                           lr=2e-3, warmup=100, eval_every=1000, ckpt_every=500, log_every=50),
     # STARFlow ImageNet 256: SD-VAE f8 latents 32x32x4, 1.4B deep-shallow [2,2,2,2,2,18] at width 2048.
     "imagenet256": dict(data="latents", img_size=256, channels=3, num_classes=1000, vae_family="sd", width=2048,
@@ -220,13 +232,14 @@ class FlowBlock(nn.Module):
 
     # -- inverse ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def reverse(self, z: torch.Tensor, cond: dict, guidance: float = 0.0, chunk: int = 1, max_iter: int = 1,
-                threshold: float = 0.0) -> tuple[torch.Tensor, int]:
+    def reverse(self, z: torch.Tensor, cond: dict, guidance: float = 0.0, rule: str = "starflow", what: str = "ab",
+                anneal: bool = False, chunk: int = 1, max_iter: int = 1, threshold: float = 0.0
+                ) -> tuple[torch.Tensor, int]:
         """z (B, T, D) -> x, and the number of network evaluations. Jacobi decoding over chunks of `chunk` stream
         positions: iterate x_chunk <- mu(x_<) + sigma(x_<) z_chunk on top of the cached prefix, rewinding the cache
-        between iterations. chunk = 1 is the sequential sampler (one step per token is then exact). Guidance runs the
-        conditional and null branches as one batch of 2B."""
-        cfg, B, T = self.cfg, z.shape[0], z.shape[1]
+        between iterations. chunk = 1 is the sequential sampler (one step per token is then exact). Guidance (`guide`
+        with `rule`, `what`; `anneal` ramps w over the tokens) runs the conditional and null branches as one batch."""
+        B, T = z.shape[0], z.shape[1]
         z = _fp32(z.flip(1) if self.flip else z)
         guided = guidance > 0 and self.prefix > 0
         if guided:
@@ -246,10 +259,9 @@ class FlowBlock(nn.Module):
                 mu, log_sigma = self.run(u, s, prefix if s == 0 else None, mask, caches)
                 nfe += 1
                 if guided:
-                    w = guidance * ((torch.arange(s, e, device=z.device) + 1) / P)[None, :, None] \
-                        if cfg.guidance_anneal else guidance
-                    mu, log_sigma = guide(mu[:B], log_sigma[:B], mu[B:], log_sigma[B:], w, cfg.guidance_rule,
-                                          cfg.guide_what)
+                    w = guidance * ((torch.arange(s, e, device=z.device) + 1) / P)[None, :, None] if anneal \
+                        else guidance
+                    mu, log_sigma = guide(mu[:B], log_sigma[:B], mu[B:], log_sigma[B:], w, rule, what)
                 t0, t1 = s + self.shift, e + self.shift
                 new = mu + log_sigma.exp() * z[:, t0:t1]
                 delta = (new - x[:, t0:t1]).square().mean() / new.square().mean().clamp(min=1e-12)
@@ -363,8 +375,14 @@ class STARFlow(nn.Module):
 # Loss
 
 
-def nll_loss(model, x, cond) -> torch.Tensor:
-    """TARFlow's objective: mean over dimensions of 0.5 z^2 - log|det| (up to the Gaussian constant)."""
+def nll_loss(model, x, cond, noise_std: float = 0.0) -> torch.Tensor:
+    """TARFlow's objective: mean over dimensions of 0.5 z^2 - log|det| (up to the Gaussian constant).
+
+    x: clean model-space inputs (pixels in [-1, 1], or scaled VAE latents); `noise_std` adds TARFlow's Gaussian noise
+    augmentation x + sigma eps, which training needs (pass cfg.noise_std: the sampler's denoising step assumes it).
+    cond: `model.make_cond(y, null=torch.rand(B) < cfg.label_drop)`, so the null branch of guidance is trained too."""
+    if noise_std > 0:
+        x = x + noise_std * torch.randn_like(x)
     z, logdet = model(x, cond)
     return 0.5 * _fp32(z).square().mean() - logdet.mean() / z[0].numel()
 
@@ -393,7 +411,8 @@ def sample(model: STARFlow, cond: dict, cfg: Config, generator=None, z: torch.Te
     x, nfe = z, 0
     for i, block in reversed(list(enumerate(model.blocks))):
         w = cfg.guidance if (i == len(model.blocks) - 1 or cfg.guide_all_blocks) else 0.0
-        x, n = block.reverse(x, cond, w, chunk, iters, cfg.jacobi_threshold)
+        x, n = block.reverse(x, cond, w, cfg.guidance_rule, cfg.guide_what, cfg.guidance_anneal, chunk, iters,
+                             cfg.jacobi_threshold)
         nfe += n
     x = model.unpatchify(x)
     if cfg.denoise and cfg.noise_std > 0:
@@ -418,7 +437,8 @@ def load_vae(cfg: Config, device):
         return None
     if not cfg.vae:
         raise ValueError(f"--vae_family {cfg.vae_family} needs --vae PATH to the VAE weights")
-    return common.load_vae(cfg.vae, family=cfg.vae_family, device=device).eval()
+    path = common.digits_vae(cfg.img_size) if cfg.vae == "digits" else cfg.vae  # trained once, about a minute
+    return common.load_vae(path, family=cfg.vae_family, device=device).eval()
 
 
 def latent_shape(cfg: Config, vae=None) -> tuple[int, int]:
@@ -448,6 +468,9 @@ def load_data(cfg: Config, split: str = "train"):
         return common.ImageFolder(path, cfg.img_size)
     a = common.load_arrays(path, ("images", "labels", "text", "text_mask"))
     images = a["images"]
+    if images.dtype != np.uint8:  # float arrays would pass for latents downstream: say so instead
+        raise ValueError(f"{path}: images must be uint8 (N, H, W, C), got {images.dtype} (precomputed latents go in "
+                         f"a latent folder: see --precompute)")
     if images.ndim != 4 or images.shape[1:] != (cfg.img_size, cfg.img_size, cfg.channels):
         raise ValueError(f"{path}: images must be (N, {cfg.img_size}, {cfg.img_size}, {cfg.channels}) uint8, got "
                          f"{images.shape}")
@@ -539,7 +562,7 @@ def evaluate(model, cfg: Config, vae, d: common.Dist, n_samples: int = 500) -> d
             imgs, nfe = generate(model, c, labels, vae, seed=cfg.seed + 7 + d.rank)
             imgs, labs = _gather(imgs, d), _gather(labels, d)
             if d.is_main:
-                m = common.digits_metrics(imgs, labs, cache=Path(cfg.out_dir).parent / "digits_classifier.pt")
+                m = common.digits_metrics(imgs, labs)
                 out.update({f"{k}_{name}": v for k, v in m.items() if k != "fd_floor"}, fd_floor=m["fd_floor"])
                 out[f"nfe_{name}"] = nfe
     model.train()
@@ -559,8 +582,6 @@ def _gather(t: torch.Tensor, d: common.Dist) -> torch.Tensor:
 
 
 def build(cfg: Config, device) -> tuple[STARFlow, object]:
-    if cfg.data == "digits" and cfg.vae and not Path(cfg.vae).exists():
-        common.train_vae(Path(cfg.vae).parent, size=cfg.img_size)  # the digits VAE: trained once, about a minute
     vae = load_vae(cfg, device)
     return STARFlow(cfg, *latent_shape(cfg, vae)).to(device), vae
 
@@ -587,14 +608,24 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
         common.print0(f"wrote {out}/latents.npy and labels.npy")
 
 
-def main():
+def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[STARFlow, Config]:
+    """A trained model ready to sample (EMA weights, eval mode) and its config; `overrides` may change run-time fields
+    (sampler, guidance, ...). `model.vae` is the VAE of a latent model (None in pixel space); it is kept out of the
+    module tree, so the flow's state dict stays the flow's."""
+    state = common.load_checkpoint(path)
+    cfg = common.config_from_checkpoint(Config, state, overrides, what=str(path))
+    model, vae = build(cfg, device)
+    model.__dict__["vae"] = vae
+    return common.load_weights(model, state).eval(), cfg
+
+
+def main(argv=None):
     def extra(p):
         p.add_argument("--precompute", metavar="IMAGES", default=None,
                        help="encode IMAGES (folder or .npz) through --vae into the latent folder --data")
         p.add_argument("--captions", metavar="NPZ", default=None,
                        help="text embeddings (`text`, `text_mask`) to --sample a text-conditional model from")
-    cfg, args, overrides = common.parse_config(Config, PRESETS, doc=__doc__, extra=extra)
-    cfg.out_dir = cfg.out_dir or "out/starflow"
+    cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=extra, doc=__doc__)
     d = common.setup_distributed(cfg.device)
     ckpt = args.ckpt or str(Path(cfg.out_dir) / "ckpt.pt")
 
@@ -602,11 +633,8 @@ def main():
         return precompute_latents(cfg, args.precompute, d)
 
     if args.sample or args.eval:
-        state = common.load_checkpoint(ckpt)
-        cfg = common.config_from_checkpoint(Config, state, overrides)
-        cfg.out_dir = cfg.out_dir or "out/starflow"
-        model, vae = build(cfg, d.device)
-        common.load_weights(model, state).eval()
+        model, cfg = from_checkpoint(ckpt, d.device, **overrides)
+        vae = model.vae
         if args.eval:
             res = evaluate(model, cfg, vae, d)
             common.print0(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
@@ -638,8 +666,7 @@ def main():
 
     def loss_fn(net, batch):
         x = to_model_space(batch[0], vae)
-        x = x + cfg.noise_std * torch.randn_like(x)  # TARFlow's Gaussian noise augmentation
-        loss = nll_loss(net, x, batch_cond(model, batch, cfg.label_drop))
+        loss = nll_loss(net, x, batch_cond(model, batch, cfg.label_drop), cfg.noise_std)
         return loss, {"bpd": bits_per_dim(loss.detach(), vae is None)}
 
     def on_eval(step, model, ema):
@@ -654,8 +681,10 @@ def main():
         common.print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
         return res
 
-    common.train(cfg, model, loss_fn, data, d, resume=ckpt if args.resume else None, evaluate=on_eval)
-    common.print0(f"done: {cfg.out_dir}/ckpt.pt, {cfg.out_dir}/samples.png, {cfg.out_dir}/log.jsonl")
+    common.train(cfg, model, loss_fn, data, d, resume=ckpt if args.resume else None, overwrite=args.overwrite,
+                 evaluate=on_eval)
+    out = Path(cfg.out_dir)
+    common.print0("done: " + common.existing(out / "ckpt.pt", out / "samples.png", out / "log.jsonl"))
 
 
 if __name__ == "__main__":

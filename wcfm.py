@@ -86,37 +86,52 @@ SAMPLERS = ("euler", "midpoint", "heun", "rk4", "dopri5")
 
 @dataclass
 class Config(common.TrainConfig):
-    source: str = "8gaussians"  # 2D source toy (the names of --target); images always start from N(0, I)
-    target: str = "moons"  # gaussian 8gaussians moons checkerboard circles 2spirals mog 5gaussians | digits | cifar10
+    source: str = common.opt("8gaussians", choices=TOYS)  # 2D source toy; images always start from N(0, I)
+    target: str = common.opt("moons", choices=TOYS + ("digits", "cifar10"))  # a 2D toy | digits | cifar10
     data_path: str = ""  # cifar10: an .npz with images uint8 (N, H, W, C) [+ labels], or a folder of class folders
-    image_size: int = 32  # image side (folders are resized, digits upsampled)
+    image_size: int = common.opt(32, min=1)  # image side (folders are resized, digits upsampled)
     hflip: bool = False  # random horizontal flips of the images (training, and the pruning PCA)
     coupling: str = "wcfm"  # icfm | otcfm | wcfm; a comma-separated list trains each side by side
     sigma: float = 0.1  # std of the Gaussian around the straight conditional path
-    kappa: float = 2.5  # W-CFM: eps = kappa * sqrt(d) (see --select-kappa)
-    cost: str = "sqeuclidean"  # W-CFM cost c(x0, x1): sqeuclidean | euclidean
-    weights: str = "mean"  # W-CFM weights: mean (divided by their batch mean, in log space) | raw (exp(-c/eps))
-    ot_solver: str = "auto"  # OT-CFM: auto (exact if scipy is installed) | exact | sinkhorn
+    kappa: float = common.opt(2.5, gt=0)  # W-CFM: eps = kappa * sqrt(d) (see --select-kappa)
+    cost: str = common.opt("sqeuclidean", choices=("sqeuclidean", "euclidean"))  # W-CFM cost c(x0, x1)
+    weights: str = common.opt("mean", choices=("mean", "raw"))  # W-CFM weights: / their batch mean | exp(-c/eps)
+    ot_solver: str = common.opt("auto", choices=("auto", "exact", "sinkhorn"))  # OT-CFM (auto: exact with scipy)
     norm_align: bool = False  # SourceFM: train on x1 * E|x0|/E|x1|, undone at sampling
-    width: int = 64  # MLP width (2D) or U-Net base channels (images)
-    depth: int = 3  # MLP hidden layers
-    ch_mult: tuple = (1, 2, 2, 2)  # U-Net channel multipliers per resolution
-    num_res_blocks: int = 2  # U-Net residual blocks per resolution
+    width: int = common.opt(64, min=1)  # MLP width (2D) or U-Net base channels (images)
+    depth: int = common.opt(3, min=1)  # MLP hidden layers
+    ch_mult: tuple = common.opt((1, 2, 2, 2), min=1)  # U-Net channel multipliers per resolution
+    num_res_blocks: int = common.opt(2, min=1)  # U-Net residual blocks per resolution
     attn_res: tuple = (16,)  # U-Net resolutions with self-attention
-    dropout: float = 0.1  # U-Net dropout
+    dropout: float = common.opt(0.1, max=0.99)  # U-Net dropout
     num_classes: int = 0  # class-conditional with this many classes (0 = unconditional)
-    p_uncond: float = 0.1  # label dropout, for classifier-free guidance
-    sampler: str = "euler"  # euler | midpoint | heun | rk4 | dopri5
-    sample_steps: int = 100  # steps of the fixed-step samplers
-    atol: float = 1e-4  # dopri5 absolute tolerance
-    rtol: float = 1e-4  # dopri5 relative tolerance
+    p_uncond: float = common.opt(0.1, max=1)  # label dropout, for classifier-free guidance
+    sampler: str = common.opt("euler", choices=SAMPLERS)  # euler | midpoint | heun | rk4 | dopri5
+    sample_steps: int = common.opt(100, min=1)  # steps of the fixed-step samplers
+    atol: float = common.opt(1e-4, gt=0)  # dopri5 absolute tolerance
+    rtol: float = common.opt(1e-4, gt=0)  # dopri5 relative tolerance
     guidance: float = 1.0  # classifier-free guidance weight (1 = plain conditional)
     prune: bool = False  # SourceFM: sample x0 from the directionally pruned Gaussian
     prune_tau: float = 0.01  # a direction is pruned if no normalised data point projects above this
     prune_tau_r: float = 0.048  # reject x0 if its direction projects above this on a pruned direction
-    eval_n: int = 2000  # samples for --eval (and the side-by-side table)
+    eval_n: int = common.opt(2000, min=2)  # samples for --eval (and the side-by-side table)
 
+    NAME = "wcfm"
     RUNTIME = ("sampler", "sample_steps", "atol", "rtol", "guidance", "prune", "prune_tau", "prune_tau_r", "eval_n")
+
+    def __post_init__(self):
+        super().__post_init__()
+        bad = [c for c in self.coupling.split(",") if c.strip() not in COUPLINGS]
+        if bad:
+            raise ValueError(f"--coupling {bad[0].strip()!r} is not one of: {', '.join(COUPLINGS)}")
+        if self.num_classes and not is_image(self):
+            raise ValueError("class conditioning (--num_classes) is for image targets only")
+        if self.guidance != 1.0 and not self.num_classes:
+            raise ValueError("--guidance needs a class-conditional model (--num_classes > 0)")
+
+    @property
+    def couplings(self) -> list[str]:  # "icfm,otcfm,wcfm" trains the three side by side
+        return [c.strip() for c in self.coupling.split(",")]
 
 
 _TOY_2D = dict(steps=20000, batch_size=256, lr=1e-3, lr_schedule="constant", warmup=0, weight_decay=0.0, beta2=0.999,
@@ -126,42 +141,19 @@ PRESETS = {
     # torchcfm's 2D protocol: sigma 0.1, batch 256, 20k plain Adam steps at 1e-3, 3x64 SELU MLP; plus an EMA of the
     # weights for sampling (training is unchanged): the last constant-lr iterate's W2 swings 0.4-0.9 from seed to seed
     # (--ema_decay 0 for the bare protocol). kappa: the --select-kappa choice for each pair of distributions.
-    "8gaussians-moons": dict(_TOY_2D, out_dir="out/wcfm", kappa=6.3),
-    "mog-5gaussians": dict(_TOY_2D, out_dir="out/wcfm_mog-5gaussians", source="mog", target="5gaussians", kappa=4.0),
-    "digits": dict(out_dir="out/wcfm_digits", target="digits", image_size=8, coupling="wcfm", sigma=0.0, kappa=2.5,
+    "8gaussians-moons": dict(_TOY_2D, kappa=6.3),
+    "mog-5gaussians": dict(_TOY_2D, source="mog", target="5gaussians", kappa=4.0),
+    "digits": dict(target="digits", image_size=8, coupling="wcfm", sigma=0.0, kappa=2.5,
                    width=32, ch_mult=(1, 2), num_res_blocks=1, attn_res=(4,), dropout=0.0, num_classes=10,
                    steps=2000, batch_size=64, lr=1e-3, warmup=200, ema_decay=0.999, eval_every=500,
                    ckpt_every=500, eval_n=1000, prune_tau_r=0.33),  # 0.048 * sqrt(3072 / 64): see SourcePruner
     # torchcfm's CIFAR-10 recipe: 128 channels, [1, 2, 2, 2], attention at 16, dropout 0.1, Adam 2e-4, warmup 5k,
     # grad clip 1, EMA 0.9999, batch 128, sigma 0
-    "cifar10": dict(out_dir="out/wcfm_cifar10", target="cifar10", image_size=32, hflip=True, coupling="wcfm",
+    "cifar10": dict(target="cifar10", image_size=32, hflip=True, coupling="wcfm",
                     sigma=0.0, kappa=2.5, width=128, steps=400000, batch_size=128, lr=2e-4, lr_schedule="constant",
                     warmup=5000, weight_decay=0.0, beta2=0.999, grad_clip=1.0, ema_decay=0.9999, eval_every=20000,
                     ckpt_every=20000, sampler="dopri5", atol=1e-5, rtol=1e-5, eval_n=2000),
 }
-
-
-def check_config(cfg: Config) -> list[str]:
-    """Every user-fixable mistake as one ValueError line; returns the couplings to train."""
-    couplings = [c.strip() for c in cfg.coupling.split(",") if c.strip()]
-    for name, value, allowed in [("coupling", couplings or [""], COUPLINGS), ("source", [cfg.source], TOYS),
-                                 ("target", [cfg.target], TOYS + ("digits", "cifar10")),
-                                 ("cost", [cfg.cost], ("sqeuclidean", "euclidean")),
-                                 ("weights", [cfg.weights], ("mean", "raw")),
-                                 ("ot_solver", [cfg.ot_solver], ("auto", "exact", "sinkhorn")),
-                                 ("sampler", [cfg.sampler], SAMPLERS)]:
-        bad = [v for v in value if v not in allowed]
-        if bad:
-            raise ValueError(f"--{name} {bad[0]!r} is not one of {', '.join(allowed)}")
-    if not cfg.kappa > 0:
-        raise ValueError(f"--kappa must be > 0 (eps = kappa * sqrt(d) must be positive), got {cfg.kappa}")
-    if cfg.sigma < 0 or cfg.sample_steps < 1 or not (cfg.atol > 0 and cfg.rtol > 0):
-        raise ValueError("need --sigma >= 0, --sample_steps >= 1, --atol > 0 and --rtol > 0")
-    if cfg.num_classes and not is_image(cfg):
-        raise ValueError("class conditioning (--num_classes) is for image targets only")
-    if cfg.guidance != 1.0 and not cfg.num_classes:
-        raise ValueError("--guidance needs a class-conditional model (--num_classes > 0)")
-    return couplings
 
 
 def is_image(cfg: Config) -> bool:
@@ -819,7 +811,7 @@ def build(cfg: Config) -> Flow:
     return Flow(cfg, shape)
 
 
-def train_one(cfg: Config, d: common.Dist, resume: str | None) -> Flow:
+def train_one(cfg: Config, d: common.Dist, resume: str | None, overwrite: bool = False) -> Flow:
     common.seed_all(cfg.seed)
     model = build(cfg)
     if is_image(cfg):
@@ -857,15 +849,17 @@ def train_one(cfg: Config, d: common.Dist, resume: str | None) -> Flow:
             return {"eval_npe": npe(res, x0)}
         return {"eval_w2": w2(x, target_samples(cfg, 1000, cfg.seed + 2))[0], "eval_npe": npe(res, x0)}
 
-    model, ema = common.train(cfg, model, loss_fn, data, d, resume=resume, evaluate=periodic_eval)
+    model, ema = common.train(cfg, model, loss_fn, data, d, resume=resume, overwrite=overwrite,
+                              evaluate=periodic_eval)
     common.load_weights(model, {"model": model.state_dict(), "ema": ema.state_dict()})
     return model.eval()
 
 
-def load_model(path: str, overrides: dict, device) -> tuple[Flow, Config]:
+def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[Flow, Config]:
+    """A trained model ready to sample (EMA weights, eval mode) and its config; `overrides` may change run-time fields
+    (sampler, steps, guidance, pruning)."""
     state = common.load_checkpoint(path)
-    cfg = common.config_from_checkpoint(Config, state, overrides)
-    check_config(cfg)
+    cfg = common.config_from_checkpoint(Config, state, overrides, what=str(path))
     model = common.load_weights(build(cfg), state).to(device).eval()
     return model, cfg
 
@@ -877,8 +871,7 @@ def add_args(p: argparse.ArgumentParser):
 
 def main(argv=None):
     cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=add_args, doc=__doc__)
-    cfg.out_dir = cfg.out_dir or "out/wcfm"
-    couplings = check_config(cfg)
+    couplings = cfg.couplings
     d = common.setup_distributed(cfg.device)
     if not is_image(cfg) and d.device.type == "cpu":
         torch.set_num_threads(1)  # a 64-wide MLP gains nothing from intra-op threads, and loses a lot on shared cores
@@ -905,7 +898,7 @@ def main(argv=None):
         if args.sample:
             if multi and not args.ckpt:
                 raise ValueError(f"this config trains {', '.join(couplings)}: pick one with --ckpt")
-            model, mcfg = load_model(next(iter(ckpts.values())), overrides, d.device)
+            model, mcfg = from_checkpoint(next(iter(ckpts.values())), d.device, **overrides)
             start, count = common.rank_split(args.n, d)
             pruner = make_pruner(mcfg) if mcfg.prune else None
             x0, rate = draw_source(mcfg, model.shape, count, mcfg.seed + 7919 * (d.rank + 1), d.device, pruner)
@@ -922,18 +915,21 @@ def main(argv=None):
         else:
             metrics = {}
             for c, path in ckpts.items():
-                model, mcfg = load_model(path, overrides, d.device)
+                model, mcfg = from_checkpoint(path, d.device, **overrides)
                 metrics[c] = evaluate(model, mcfg, out_dir=str(Path(path).parent))
             common.print0(json.dumps(metrics if multi and not args.ckpt else next(iter(metrics.values()))))
-        common.cleanup_distributed()
         return
 
+    subs = [dataclasses.replace(cfg, coupling=c, out_dir=str(out / c) if multi else cfg.out_dir) for c in couplings]
+    for sub in subs:  # before any training: never clobber one run after training another
+        common.check_fresh(sub.out_dir, args.resume, args.overwrite)
+    if args.resume and not args.ckpt and not any((Path(s.out_dir) / "ckpt.pt").exists() for s in subs):
+        raise FileNotFoundError(f"no checkpoint to resume in {out}")
     panels = {}  # the side-by-side comparison (2D)
-    for c in couplings:
-        sub = dataclasses.replace(cfg, coupling=c, out_dir=str(out / c) if multi else cfg.out_dir)
+    for c, sub in zip(couplings, subs):
         ckpt = Path(sub.out_dir) / "ckpt.pt"
         resume = str(args.ckpt or ckpt) if args.resume and (ckpt.exists() or not multi) else None
-        model = train_one(sub, d, resume)
+        model = train_one(sub, d, resume, args.overwrite)
         if not multi or is_image(cfg):
             continue
         if common.load_checkpoint(ckpt)["step"] < sub.steps:
@@ -951,7 +947,8 @@ def main(argv=None):
         print(f"{'coupling':10} {'W2':>7} {'NPE':>7} {'NPE_ot':>7} {'NFE(dopri5)':>12}")
         for c, m in table.items():
             print(f"{c:10} {m['w2']:7.3f} {m['npe']:7.3f} {m['npe_ot']:7.3f} {m['nfe_dopri5']:12d}")
-    common.cleanup_distributed()
+    common.print0("done: " + common.existing(*[Path(s.out_dir) / n for s in subs for n in ("ckpt.pt", "log.jsonl")],
+                                             out / "compare.png"))
 
 
 if __name__ == "__main__":

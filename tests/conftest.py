@@ -1,6 +1,7 @@
 import importlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,3 +18,8 @@ def need(module: str):
         if os.environ.get("FLOWZOO_REQUIRE_OPTIONAL"):
             pytest.fail(f"optional package {module} is required in CI")
         pytest.skip(f"needs {module}")
+
+
+# caches shared by the runs (digits classifier, digits VAE) go to one temporary folder per test session, which the
+# subprocesses of the tests inherit
+os.environ.setdefault("FLOWZOO_CACHE", tempfile.mkdtemp(prefix="flowzoo-cache-"))

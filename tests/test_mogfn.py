@@ -291,9 +291,9 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
 
 def test_bad_inputs_give_one_clear_line(tmp_path):
     r = _cli(["--side", "1", "--steps", "1", "--out_dir", str(tmp_path)], ok=False)
-    assert r.stderr.strip().splitlines()[-1] == "error: hypergrid side H must be >= 2, got 1"
+    assert r.stderr.strip().splitlines()[-1] == "error: --side must be >= 2, got 1"
     r = _cli(["--objectives", "branin,rosenbrock", "--steps", "1", "--out_dir", str(tmp_path)], ok=False)
-    assert r.stderr.strip().splitlines()[-1].startswith("error: unknown objective rosenbrock")
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --objectives 'rosenbrock' is not one of")
     m, cfg = _model()
     with pytest.raises(ValueError, match="not on the simplex"):
         mg.sample(m, torch.tensor([[0.5, 0.6]]), 8.0)

@@ -20,9 +20,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
             str(ROOT / "tests" / "tiny_train.py")]
 
 
-def _run(cmd, **kw):
+def _run(cmd, rc=0, **kw):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == rc, r.stderr[-3000:]
     return r
 
 
@@ -41,7 +41,8 @@ def _assert_same_params(a, b, atol):
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_torchrun_two_processes_match_single_process(tmp_path, fsdp):
     _run(TINY + [str(tmp_path / "single")])
-    _run(TORCHRUN + [str(tmp_path / "two")] + (["--fsdp"] if fsdp else []))
+    # two ranks, each accumulating two micro-batches (DDP's no_sync / FSDP2's deferred reduce-scatter on the first)
+    _run(TORCHRUN + [str(tmp_path / "two"), "--grad_accum", "2"] + (["--fsdp"] if fsdp else []))
     a, b = _ckpt(tmp_path / "single"), _ckpt(tmp_path / "two")
     assert a["step"] == b["step"] == 12
     _assert_same_params(a["model"], b["model"], 1e-5)
@@ -61,7 +62,7 @@ def _init_out_weight():
 
 def test_sigterm_saves_and_resume_equals_uninterrupted_run(tmp_path):
     _run(TINY + [str(tmp_path / "straight"), "--noise"])
-    r = _run(TINY + [str(tmp_path / "split"), "--noise", "--sigterm_at", "5"])
+    r = _run(TINY + [str(tmp_path / "split"), "--noise", "--sigterm_at", "5"], rc=128 + signal.SIGTERM)
     assert "stopped at step 5" in r.stdout + r.stderr
     assert _ckpt(tmp_path / "split")["step"] == 5
     _run(TINY + [str(tmp_path / "split"), "--noise", "--resume"])
@@ -74,7 +75,7 @@ def test_sigterm_saves_and_resume_equals_uninterrupted_run(tmp_path):
     assert steps == [4, 8, 12]  # the resumed run appended to the log
 
 
-def test_sigterm_from_outside_stops_cleanly(tmp_path):
+def test_sigterm_from_outside_saves_and_exits_nonzero(tmp_path):
     out = tmp_path / "run"
     p = subprocess.Popen(TINY + [str(out), "--steps", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
@@ -84,9 +85,39 @@ def test_sigterm_from_outside_stops_cleanly(tmp_path):
         time.sleep(0.2)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err[-2000:]
+    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]  # schedulers requeue on a non-zero status
+    assert "Traceback" not in err
     step = _ckpt(out)["step"]
     assert 4 <= step < 1000000
+
+
+def test_grad_accum_equals_one_step_on_the_full_batch(tmp_path):
+    """K micro-batches of B/K, gradients accumulated, equal one step on the batch of B (and log the same loss)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 3, generator=g)
+    data = common.ArrayDataset(x, x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.1 * torch.randn(60, 1, generator=g))
+    runs = {}
+    for k in (1, 2, 4):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        init = model[0].weight.detach().clone()
+        cfg = _Cfg(out_dir=str(tmp_path / f"k{k}"), steps=4, batch_size=12, grad_accum=k, log_every=1, warmup=1,
+                   lr=0.05, ema_decay=0.0)
+        calls = [0]
+
+        def loss_fn(net, batch):
+            calls[0] += 1
+            return (net(batch[0]) - batch[1]).square().mean(), {}
+        common.train(cfg, model, loss_fn, data, common.Dist())
+        assert calls[0] == 4 * k
+        losses = [json.loads(line)["loss"] for line in (tmp_path / f"k{k}" / "log.jsonl").read_text().splitlines()]
+        runs[k] = (model.state_dict(), losses)
+    first = runs[1][0]
+    assert (first["0.weight"] - init).abs().max() > 1e-2  # the steps moved the weights
+    for k in (2, 4):
+        for name, v in runs[k][0].items():
+            torch.testing.assert_close(v, first[name], rtol=0, atol=1e-6, msg=f"grad_accum {k}: {name}")
+        assert runs[k][1] == pytest.approx(runs[1][1], abs=1e-6)
 
 
 def test_crash_between_write_and_rename_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -155,10 +186,16 @@ def test_nonfinite_steps_are_skipped_and_never_saved(tmp_path):
     state = common.load_checkpoint(tmp_path / "ckpt.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert state["optimizer"]["state"]["weight"]["step"] == 8  # two steps skipped
-    with pytest.raises(RuntimeError, match="non-finite"):
+    with pytest.raises(common.Diverged, match="non-finite gradients.*no checkpoint was written"):
         common.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "diverged")), model,
                      lambda net, b: (net(b[0]).sum() * float("inf"), {}), data, d, max_bad_steps=3)
     assert not (tmp_path / "diverged" / "ckpt.pt").exists()
+    # finite gradients that make the weights infinite (a huge learning rate) stop the run at once
+    big = dataclasses.replace(cfg, out_dir=str(tmp_path / "huge_lr"), lr=1e38, warmup=0, grad_clip=0.0)
+    lin = torch.nn.Linear(3, 1)
+    with pytest.raises(common.Diverged, match="weights became non-finite at step 1;.*no checkpoint"):
+        common.train(big, lin, lambda net, b: ((net(b[0]) - b[1]).square().mean() * 1e10, {}), data, d,
+                     optimizer=torch.optim.SGD(lin.parameters(), lr=1e38))
     model.weight.data[0, 0] = float("nan")
     with pytest.raises(RuntimeError, match="non-finite weights"):
         common.save_checkpoint(tmp_path / "nan.pt", model, cfg, 0)
@@ -186,9 +223,9 @@ def test_config_cli_presets_overrides_and_errors(capsys):
 
 def test_checkpoint_of_another_config_is_refused_naming_fields():
     saved = dataclasses.asdict(_Cfg(width=64, layers=(2, 2)))
-    common.check_config(saved, _Cfg(width=64, layers=(2, 2), guidance=3.0, lr=1.0))  # runtime fields may differ
+    common.check_config({"config": saved}, _Cfg(width=64, layers=(2, 2), guidance=3.0, lr=1.0))  # runtime may differ
     with pytest.raises(ValueError, match=r"width=64 \(now 32\), layers=\(2, 2\) \(now \(2, 2, 8\)\)"):
-        common.check_config(saved, _Cfg())
+        common.check_config({"config": saved}, _Cfg())
     cfg = common.config_from_checkpoint(_Cfg, {"config": saved}, {"guidance": 2.0})
     assert cfg.width == 64 and cfg.layers == (2, 2) and cfg.guidance == 2.0
     with pytest.raises(ValueError, match="width"):

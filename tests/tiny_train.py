@@ -1,6 +1,6 @@
 """A tiny model trained through common.train, for the distributed / resume / SIGTERM tests.
 
-    python tests/tiny_train.py OUT_DIR [--fsdp] [--steps N] [--sigterm_at K] [--resume] [--noise]
+    python tests/tiny_train.py OUT_DIR [--fsdp] [--steps N] [--grad_accum K] [--sigterm_at K] [--resume] [--noise]
     torchrun --nproc_per_node=2 tests/tiny_train.py OUT_DIR ...
 """
 import argparse
@@ -32,13 +32,14 @@ def main(argv=None):
     p.add_argument("out_dir")
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--grad_accum", type=int, default=1)
     p.add_argument("--sigterm_at", type=int, default=-1)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--noise", action="store_true", help="random noise in the loss (exercises RNG restore)")
     a = p.parse_args(argv)
     d = common.setup_distributed("cpu")
     cfg = common.TrainConfig(out_dir=a.out_dir, steps=a.steps, batch_size=8, lr=1e-2, warmup=3, log_every=4,
-                             eval_every=1000, ckpt_every=1000, fsdp=a.fsdp, ema_decay=0.9)
+                             eval_every=1000, ckpt_every=1000, fsdp=a.fsdp, ema_decay=0.9, grad_accum=a.grad_accum)
     common.seed_all(0)
     model = Tiny()
     g = torch.Generator().manual_seed(1)
@@ -56,9 +57,8 @@ def main(argv=None):
         return (net(xb) - yb).square().mean(), {}
 
     resume = str(Path(a.out_dir) / "ckpt.pt") if a.resume else None
-    common.train(cfg, model, loss_fn, data, d, resume=resume)
-    common.cleanup_distributed()
+    common.train(cfg, model, loss_fn, data, d, resume=resume, overwrite=True)
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)
