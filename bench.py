@@ -267,6 +267,51 @@ def bench_mogfn(device):
         yield dict(ratio=f"mogfn vectorised environment over per-object Python stepping at B={B}", value=obj / vec)
 
 
+def _wanvae_peak(arch, T, size, device):
+    """(peak MB above the weights and the input, ms) of one encode + decode of a (1, C, T, size, size) video."""
+    import resource
+    torch.manual_seed(0)
+    ae = common.AutoencoderKLWan(**arch).to(device).eval()
+    x = torch.rand(1, ae.channels, T, size, size, device=device) * 2 - 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    t = time.perf_counter()
+    with torch.no_grad():
+        ae.decode(ae.encode(x)[0])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return (peak - base) / 2**20, (time.perf_counter() - t) * 1e3
+
+
+@bench("wanvae")
+def bench_wanvae(device):
+    """Wan2.1 video VAE encode + decode of 17 and 65 frames: chunked causal processing keeps peak memory flat
+    apart from the video itself. CPU: a fresh process per run (max RSS is a per-process high-water mark)."""
+    import multiprocessing as mp
+    cuda = device.type == "cuda"
+    arch, size = (common.VIDEO_VAE_FAMILIES["wan2.1"]["arch"], 256) if cuda else (dict(base_dim=32), 64)
+    peak = {}
+    for T in (17, 65):
+        if cuda:
+            mb, ms = _wanvae_peak(arch, T, size, device)
+        else:
+            with mp.get_context("spawn").Pool(1) as pool:
+                mb, ms = pool.apply(_wanvae_peak, (arch, T, size, device))
+        peak[T] = mb
+        video = 2 * 3 * T * size * size * 4 / 2**20  # input + output video, fp32
+        yield dict(model="wanvae", variant=f"Wan2.1{'' if cuda else ' base_dim 32'} enc+dec {T}x{size}x{size}",
+                   ms=ms, per_s=T / ms * 1e3, mem=mb,
+                   note=f"{'' if cuda else 'max RSS '}above weights+input; video in+out {video:.1f} MB; 1 run, cold")
+    yield dict(ratio="wanvae peak memory 65 / 17 frames", value=peak[65] / peak[17])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=list(GROUPS), nargs="*", help="groups to run (default: all)")

@@ -1,13 +1,17 @@
 """
 flowzoo/common.py -- the plumbing every model file shares, and nothing model-specific.
 
-    1. Attention: SDPA multi-head attention, masks, a preallocated KV cache with rewind, RoPE (1D/2D/3D).
-    2. VAE loading: a diffusers-exact AutoencoderKL, `load_vae` for diffusers folders and single files
-       (diffusers, legacy-diffusers and original LDM key names), a dependency-free safetensors reader, and
-       `train_vae`, a one-minute VAE on the digits data so latent models have a real latent space on CPU.
-    3. Distributed + training: torchrun setup (NCCL/gloo), DDP or FSDP2, per-rank seeding, EMA, a dataclass config
-       CLI, atomic rank-0 checkpoints, SIGTERM-safe training loop, data helpers, PNG grids, JSONL logs, and a
-       digits classifier that stands in for Inception (accuracy + Frechet distance) since no weights can be downloaded.
+    1. Attention: SDPA multi-head attention (`Attention`, `Block`), `causal_mask`, a preallocated `KVCache` with
+       rewind, `RoPE` (1D/2D/3D).
+    2. VAE loading: a diffusers-exact `AutoencoderKL` and `load_vae` (diffusers folders and single files with
+       diffusers, legacy-diffusers or original LDM key names), a dependency-free safetensors reader/writer; the
+       Wan2.1 / Wan2.2 video VAE (`AutoencoderKLWan`, `load_video_vae`), chunked and causal; `train_vae` /
+       `digits_vae`, a one-minute VAE on the digits so latent models have a real latent space on CPU.
+    3. Distributed + training: torchrun setup (NCCL/gloo), DDP or FSDP2, EMA; the config CLI (`TrainConfig`, `opt`
+       for validated fields, `parse_config`, checkpoint configs checked against the model file); atomic rank-0
+       checkpoints; the training loop (`train`: gradient accumulation, non-finite guards, SIGTERM, resume, no
+       clobbering); data helpers; PNG grids and JSONL logs; `run`, the one-line-error entry point; and a digits
+       classifier that stands in for Inception (accuracy + Frechet distance), since no weights can be downloaded.
 
 A model file does `import common` and nothing else of ours.
 """
@@ -444,6 +448,33 @@ def infer_vae_config(sd):
 
 # --- loading
 
+def _read_weights(weights: str, convert: Callable) -> dict:
+    """A state dict from a .safetensors or torch file, converted to diffusers names; one line naming a bad file."""
+    try:
+        sd = read_safetensors(weights) if weights.endswith(".safetensors") else \
+            torch.load(weights, map_location="cpu", weights_only=True)
+        return convert(sd)
+    except Exception as e:  # a text file, a torn download, a pickle of something else
+        raise ValueError(f"cannot read VAE weights from {weights}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:150] if str(e) else ''}") from None
+
+
+def _load_exact(module: nn.Module, sd: dict, what: str) -> nn.Module:
+    """load_state_dict, with missing, unexpected and mis-shaped tensors named in one line."""
+    ref = module.state_dict()
+
+    def few(keys):
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+    problems = {"missing": [k for k in ref if k not in sd], "unexpected": [k for k in sd if k not in ref],
+                "shape": [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}"
+                          for k, v in ref.items() if k in sd and sd[k].shape != v.shape]}
+    if any(problems.values()):
+        raise ValueError(f"{what} do not match the architecture: "
+                         + "; ".join(f"{p} {few(ks)}" for p, ks in problems.items() if ks))
+    module.load_state_dict(sd)
+    return module
+
+
 VAE_FAMILIES = {  # latent scale/shift: z_model = (z_vae - shift) * scale, giving roughly unit variance
     "sd": dict(latent_channels=4, scaling_factor=0.18215, shift_factor=0.0),
     "sdxl": dict(latent_channels=4, scaling_factor=0.13025, shift_factor=0.0),
@@ -521,13 +552,7 @@ def load_vae(path, family="sd", scaling_factor=None, shift_factor=None, device="
         weights = path
     else:
         raise FileNotFoundError(f"VAE weights not found: {path}")
-    try:
-        sd = read_safetensors(weights) if weights.endswith(".safetensors") else \
-            torch.load(weights, map_location="cpu", weights_only=True)
-        sd = convert_vae_state_dict(sd)
-    except Exception as e:  # a text file, a torn download, a pickle of something else: one line naming the file
-        raise ValueError(f"cannot read VAE weights from {weights}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:150] if str(e) else ''}") from None
+    sd = _read_weights(weights, convert_vae_state_dict)
     try:
         arch = infer_vae_config(sd)
     except ValueError as e:
@@ -536,22 +561,439 @@ def load_vae(path, family="sd", scaling_factor=None, shift_factor=None, device="
     if fam["latent_channels"] != arch["latent_channels"]:
         raise ValueError(f"VAE family {family!r} has {fam['latent_channels']} latent channels but {weights} has "
                          f"{arch['latent_channels']}; pass the right family")
-    ae = AutoencoderKL(**arch)
-    ref = ae.state_dict()
-
-    def few(keys):
-        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-    problems = {"missing": [k for k in ref if k not in sd], "unexpected": [k for k in sd if k not in ref],
-                "shape": [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}"
-                          for k, v in ref.items() if k in sd and sd[k].shape != v.shape]}
-    if any(problems.values()):
-        raise ValueError(f"VAE weights in {weights} do not match the architecture: "
-                         + "; ".join(f"{p} {few(ks)}" for p, ks in problems.items() if ks))
-    ae.load_state_dict(sd)
+    ae = _load_exact(AutoencoderKL(**arch), sd, f"VAE weights in {weights}")
 
     def pick(arg, key):
         return arg if arg is not None else cfg[key] if cfg.get(key) is not None else fam[key]
     return VAE(ae.to(device, dtype), pick(scaling_factor, "scaling_factor"), pick(shift_factor, "shift_factor"))
+
+
+# --- Wan2.1 / Wan2.2 video VAE, with diffusers' AutoencoderKLWan key names. Every layer is causal in time, so a video
+# runs through in chunks (its first frame, then 4 frames at a time; decoding, one latent frame at a time), each layer
+# keeping the few frames it still needs in a per-video `cache` dict: memory stays that of one chunk.
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d padded in time at the front only (output frame t sees input frames <= t), "same" padding in space.
+    In `cache` the last kernel_t - 1 input frames of one chunk stand in for the zero padding of the next."""
+
+    def __init__(self, cin, cout, k):
+        k = (k, k, k) if isinstance(k, int) else k
+        super().__init__(cin, cout, k, padding=(0, k[1] // 2, k[2] // 2))
+
+    def forward(self, x, cache=None):  # (B, C, T, H, W); 1x1x1 convs need no cache
+        if n := self.kernel_size[0] - 1:
+            prev = cache.get(self)
+            x = torch.cat([x.new_zeros(*x.shape[:2], n, *x.shape[3:]) if prev is None else prev, x], dim=2)
+            cache[self] = x[:, :, -n:].clone()  # a copy, so the chunk itself can be freed
+        return super().forward(x)
+
+
+class WanRMSNorm(nn.Module):
+    """x / |x| * sqrt(C) * gamma over channels: RMS norm without eps, in fp32 for half inputs."""
+
+    def __init__(self, c, spatial_dims):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(c, *[1] * spatial_dims))  # (C, 1, 1, 1) for video, (C, 1, 1) for frames
+
+    def forward(self, x):
+        return F.normalize(x.float(), dim=1).to(x.dtype) * self.gamma.shape[0] ** 0.5 * self.gamma
+
+
+class WanResBlock(nn.Module):
+    """RMSNorm -> SiLU -> causal conv, twice, plus a (1x1x1 conv when channels change) skip."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1, self.conv1 = WanRMSNorm(cin, 3), CausalConv3d(cin, cout, 3)
+        self.norm2, self.conv2 = WanRMSNorm(cout, 3), CausalConv3d(cout, cout, 3)
+        self.conv_shortcut = CausalConv3d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x, cache):
+        h = self.conv1(F.silu(self.norm1(x)), cache)
+        h = self.conv2(F.silu(self.norm2(h)), cache)
+        return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
+
+
+class WanAttention(nn.Module):
+    """Single-head self-attention over the H*W positions of each frame on its own (so it stays causal)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = WanRMSNorm(c, 2)
+        self.to_qkv, self.proj = nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, T, H, W = x.shape
+        h = self.norm(x.transpose(1, 2).reshape(B * T, C, H, W))  # frames as a batch of images
+        q, k, v = self.to_qkv(h).flatten(2).transpose(1, 2).chunk(3, dim=-1)  # 3 x (BT, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B * T, C, H, W)
+        return x + self.proj(h).view(B, T, C, H, W).transpose(1, 2)
+
+
+class WanMidBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.resnets = nn.ModuleList([WanResBlock(c, c), WanResBlock(c, c)])
+        self.attentions = nn.ModuleList([WanAttention(c)])
+
+    def forward(self, x, cache):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x, cache)), cache)
+
+
+class WanResample(nn.Module):
+    """2x down/upsampling of each frame; the "3d" modes also halve/double time with a conv along time. The first
+    frame is never resampled in time, which is why 1 + 4k frames map to 1 + k latent frames."""
+
+    def __init__(self, c, mode, cout=None):
+        super().__init__()
+        self.mode = mode
+        if mode.startswith("up"):  # Wan2.1 halves the channels here (cout = c // 2), Wan2.2 does not
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"),
+                                          nn.Conv2d(c, cout, 3, padding=1))
+        else:
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(c, c, 3, stride=2))
+        if mode == "up3d":
+            self.time_conv = CausalConv3d(c, 2 * c, (3, 1, 1))  # 2C channels = 2 output frames per input frame
+        elif mode == "down3d":
+            self.time_conv = nn.Conv3d(c, c, (3, 1, 1), stride=(2, 1, 1))  # unpadded: frames (2i, 2i+1, 2i+2) -> i+1
+
+    def forward(self, x, cache):  # (B, C, T, H, W)
+        B, C, T, H, W = x.shape
+        if self.mode == "up3d":
+            if self in cache:  # not the first chunk; time_conv starts on the second one, from zero padding
+                x = self.time_conv(x, cache).view(B, 2, C, T, H, W).permute(0, 2, 3, 1, 4, 5)
+                x = x.reshape(B, C, 2 * T, H, W)  # frame t -> frames 2t, 2t+1
+            cache[self] = True
+        x = self.resample(x.transpose(1, 2).flatten(0, 1))
+        x = x.view(B, -1, *x.shape[1:]).transpose(1, 2)
+        if self.mode == "down3d":
+            prev, cache[self] = cache.get(self), x[:, :, -1:].clone()
+            if prev is not None:  # the first chunk is the lone first frame: passed through
+                x = self.time_conv(torch.cat([prev, x], dim=2))
+        return x
+
+
+def _fold(x, ft, fs):
+    """(B, C, T, H, W) -> (B, C*ft*fs*fs, T/ft, H/fs, W/fs): blocks of ft x fs x fs moved into channels."""
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C, T // ft, ft, H // fs, fs, W // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)
+    return x.reshape(B, C * ft * fs * fs, T // ft, H // fs, W // fs)
+
+
+def _unfold(x, ft, fs):
+    """The inverse of _fold."""
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C // (ft * fs * fs), ft, fs, fs, T, H, W).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(B, C // (ft * fs * fs), T * ft, H * fs, W * fs)
+
+
+class WanDownBlock(nn.Module):
+    """Wan2.2 encoder level: resnets and a downsampler, plus a parameter-free shortcut, the input folded into
+    channels (_fold) and averaged over channel groups down to the output width."""
+
+    def __init__(self, cin, cout, n, down, t_down):
+        super().__init__()
+        self.resnets = nn.ModuleList([WanResBlock(cin if i == 0 else cout, cout) for i in range(n)])
+        self.downsampler = WanResample(cout, "down3d" if t_down else "down2d") if down else None
+        self.ft, self.fs = 1 + t_down, 1 + down
+
+    def forward(self, x, cache):
+        h = x
+        for r in self.resnets:
+            h = r(h, cache)
+        if self.downsampler is not None:
+            h = self.downsampler(h, cache)
+        s = _fold(F.pad(x, (0, 0, 0, 0, -x.shape[2] % self.ft, 0)), self.ft, self.fs)  # the lone first frame: pad
+        return h + s.view(s.shape[0], h.shape[1], -1, *s.shape[2:]).mean(2)
+
+
+class WanUpBlock(nn.Module):
+    """Decoder level: n resnets and an upsampler. Wan2.2 (residual) adds a parameter-free shortcut, the input's
+    channels repeated and unfolded into space and time (_unfold)."""
+
+    def __init__(self, cin, cout, n, mode, residual):
+        super().__init__()
+        self.resnets = nn.ModuleList([WanResBlock(cin if i == 0 else cout, cout) for i in range(n)])
+        up = WanResample(cout, mode, cout if residual else cout // 2) if mode else None
+        self.residual, self.ft = residual, 1 + (mode == "up3d")
+        if residual:  # diffusers names the upsampler differently in the two families
+            self.upsampler, self.repeats = up, cout * self.ft * 4 // cin
+        else:
+            self.upsamplers = nn.ModuleList([up] if up else [])
+
+    def forward(self, x, cache):
+        h = x
+        for r in self.resnets:
+            h = r(h, cache)
+        up = self.upsampler if self.residual else next(iter(self.upsamplers), None)
+        if up is None:
+            return h
+        h = up(h, cache)
+        if self.residual:
+            s = _unfold(x.repeat_interleave(self.repeats, dim=1), self.ft, 2)
+            h = h + (s if self in cache else s[:, :, self.ft - 1:])  # first chunk: one frame, as the upsampler's
+            cache[self] = True
+        return h
+
+
+class WanEncoder(nn.Module):
+    def __init__(self, cin, dim, zc, mult, n, t_down, residual):
+        super().__init__()
+        dims, last = [dim] + [dim * m for m in mult], len(mult) - 1
+        self.conv_in = CausalConv3d(cin, dims[0], 3)
+        blocks = []
+        for i in range(len(mult)):
+            a, b, t = dims[i], dims[i + 1], i < last and t_down[i]
+            if residual:
+                blocks.append(WanDownBlock(a, b, n, i < last, t))
+            else:  # Wan2.1: one flat list of resnets and downsamplers
+                blocks += [WanResBlock(a if j == 0 else b, b) for j in range(n)]
+                blocks += [WanResample(b, "down3d" if t else "down2d")] if i < last else []
+        self.down_blocks = nn.ModuleList(blocks)
+        self.mid_block = WanMidBlock(dims[-1])
+        self.norm_out, self.conv_out = WanRMSNorm(dims[-1], 3), CausalConv3d(dims[-1], zc, 3)
+
+    def forward(self, x, cache):
+        x = self.conv_in(x, cache)
+        for block in self.down_blocks:
+            x = block(x, cache)
+        x = self.mid_block(x, cache)
+        return self.conv_out(F.silu(self.norm_out(x)), cache)
+
+
+class WanDecoder(nn.Module):
+    def __init__(self, zc, cout, dim, mult, n, t_up, residual):
+        super().__init__()
+        dims, last = [dim * m for m in [mult[-1], *mult[::-1]]], len(mult) - 1
+        self.conv_in = CausalConv3d(zc, dims[0], 3)
+        self.mid_block = WanMidBlock(dims[0])
+        # Wan2.1's upsamplers halve the channels, so its levels after the first take dims[i] // 2
+        self.up_blocks = nn.ModuleList([
+            WanUpBlock(dims[i] // (1 if i == 0 or residual else 2), dims[i + 1], n + 1,
+                       ("up3d" if t_up[i] else "up2d") if i < last else None, residual) for i in range(len(mult))])
+        self.norm_out, self.conv_out = WanRMSNorm(dims[-1], 3), CausalConv3d(dims[-1], cout, 3)
+
+    def forward(self, x, cache):
+        x = self.mid_block(self.conv_in(x, cache), cache)
+        for block in self.up_blocks:
+            x = block(x, cache)
+        return self.conv_out(F.silu(self.norm_out(x)), cache)
+
+
+class AutoencoderKLWan(nn.Module):
+    """diffusers' AutoencoderKLWan (same parameter names and numerics) for Wan2.1 and Wan2.2, without tiling/slicing.
+    in_channels/out_channels count patchified channels (Wan2.2: 3 x 2 x 2 = 12), as in diffusers' config.
+    Spatial factor f = self.downsample (8; Wan2.2 16), 4x in time: 1 + 4k frames <-> 1 + k latent frames."""
+
+    def __init__(self, base_dim=96, decoder_base_dim=None, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2,
+                 temporal_downsample=(False, True, True), is_residual=False, in_channels=3, out_channels=3,
+                 patch_size=1):
+        super().__init__()
+        decoder_base_dim = decoder_base_dim or base_dim
+        self.config = dict(base_dim=base_dim, decoder_base_dim=decoder_base_dim, z_dim=z_dim, dim_mult=list(dim_mult),
+                           num_res_blocks=num_res_blocks, temporal_downsample=list(temporal_downsample),
+                           is_residual=is_residual, in_channels=in_channels, out_channels=out_channels,
+                           patch_size=patch_size)
+        args = dim_mult, num_res_blocks
+        self.encoder = WanEncoder(in_channels, base_dim, 2 * z_dim, *args, temporal_downsample, is_residual)
+        self.quant_conv, self.post_quant_conv = CausalConv3d(2 * z_dim, 2 * z_dim, 1), CausalConv3d(z_dim, z_dim, 1)
+        self.decoder = WanDecoder(z_dim, out_channels, decoder_base_dim, *args, temporal_downsample[::-1], is_residual)
+        self.patch, self.channels = patch_size, in_channels // patch_size ** 2
+        self.downsample = patch_size * 2 ** (len(dim_mult) - 1)  # H_latent = H / downsample
+
+    def _check(self, x, what):
+        c = self.channels if what == "encode" else self.config["z_dim"]
+        if x.ndim != 5 or x.shape[1] != c:
+            raise ValueError(f"Wan VAE {what} expects (B, {c}, T, H, W) input, got shape {tuple(x.shape)}")
+        if what == "encode" and x.shape[2] % 4 != 1:
+            raise ValueError(f"Wan VAE encode needs 1 + 4k frames (1, 5, 9, ...), got {x.shape[2]}")
+        if what == "encode" and (x.shape[3] % self.downsample or x.shape[4] % self.downsample):
+            raise ValueError(f"Wan VAE encode needs height and width divisible by {self.downsample}, "
+                             f"got {x.shape[3]}x{x.shape[4]}")
+
+    def encode(self, x):
+        """(B, C, 1 + 4k, H, W) -> posterior (mean, logvar), each (B, z_dim, 1 + k, H/f, W/f)."""
+        self._check(x, "encode")
+        if self.patch > 1:  # Wan2.2 packs p x p pixels into channels ordered (channel, column, row): H, W swapped
+            x = _fold(x.transpose(3, 4), 1, self.patch).transpose(3, 4)
+        cache = {}
+        chunks = [x[:, :, :1]] + [x[:, :, i:i + 4] for i in range(1, x.shape[2], 4)]
+        h = torch.cat([self.encoder(c, cache) for c in chunks], dim=2)
+        mean, logvar = self.quant_conv(h).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z):
+        """(B, z_dim, T, h, w) -> video (B, C, 1 + 4(T-1), h*f, w*f), clamped to [-1, 1]."""
+        self._check(z, "decode")
+        z, cache = self.post_quant_conv(z), {}
+        x = torch.cat([self.decoder(z[:, :, i:i + 1], cache) for i in range(z.shape[2])], dim=2)
+        if self.patch > 1:
+            x = _unfold(x.transpose(3, 4), 1, self.patch).transpose(3, 4)
+        return x.clamp(-1.0, 1.0)
+
+
+# --- checkpoint key names: original Wan (Wan-Video/Wan2.1 wan/modules/vae.py, Wan2.2 vae2_2.py) <-> diffusers
+
+_WAN_RENAMES = [(".residual.0.", ".norm1."), (".residual.2.", ".conv1."), (".residual.3.", ".norm2."),
+                (".residual.6.", ".conv2."), (".shortcut.", ".conv_shortcut."), (".middle.0.", ".mid_block.resnets.0."),
+                (".middle.1.", ".mid_block.attentions.0."), (".middle.2.", ".mid_block.resnets.1."),
+                (".head.0.", ".norm_out."), (".head.2.", ".conv_out.")]  # by substring, either direction
+_WAN_PREFIXES = [("conv1.", "quant_conv."), ("conv2.", "post_quant_conv."), ("encoder.conv1.", "encoder.conv_in."),
+                 ("decoder.conv1.", "decoder.conv_in.")]  # whole-name prefixes
+
+
+def convert_wan_vae_state_dict(sd):
+    """Original Wan VAE key names -> diffusers' (diffusers names pass unchanged). Wan2.1 keeps one flat list of
+    resnets and resamplers per side, which diffusers cuts into levels on the decoder side; Wan2.2 nests one list per
+    level, which diffusers splits into resnets and a resampler."""
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if "encoder.conv1.weight" not in sd:
+        return sd
+    # Wan2.1 decoder: n resnets then an upsampler per level, so the first upsampler's index is n
+    n = min([int(m[1]) for k in sd if (m := re.match(r"decoder\.upsamples\.(\d+)\.resample\.", k))] or [1 << 30])
+    out = {}
+    for k, v in sd.items():
+        k = next((b + k[len(a):] for a, b in _WAN_PREFIXES if k.startswith(a)), k)
+        if m := re.match(r"(encoder|decoder)\.(down|up)samples\.(\d+)\.(?:(?:down|up)samples\.(\d+)\.)?(.*)", k):
+            side, d, i, j, rest = m.groups()
+            if j is None and side == "encoder":  # Wan2.1's encoder: diffusers keeps the flat list
+                k = f"encoder.down_blocks.{i}.{rest}"
+            else:
+                wan21 = j is None
+                if wan21:
+                    i, j = divmod(int(i), n + 1)
+                sampler = "upsamplers.0." if wan21 else f"{d}sampler."
+                k = f"{side}.{d}_blocks.{i}." + (sampler if rest.startswith(("resample.", "time_conv.")) else
+                                                 f"resnets.{j}.") + rest
+        for a, b in _WAN_RENAMES:
+            k = k.replace(a, b)
+        out[k] = v
+    return out
+
+
+def infer_wan_vae_config(sd):
+    """AutoencoderKLWan kwargs from the tensors of a (diffusers-named) state dict."""
+    def get(k):
+        if k not in sd:
+            raise ValueError(f"cannot infer the Wan VAE architecture: missing tensor {k}")
+        return sd[k].shape
+
+    residual = "encoder.down_blocks.0.resnets.0.conv1.weight" in sd
+    levels = 1 + max([int(m[1]) for k in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))] or [0])
+    n = max([int(m[1]) for k in sd if (m := re.match(r"decoder\.up_blocks\.0\.resnets\.(\d+)\.", k))] or [1])
+    # encoder level i: its first resnet and its downsampler
+    first = [f"encoder.down_blocks.{i}.resnets.0." if residual else f"encoder.down_blocks.{i * (n + 1)}."
+             for i in range(levels)]
+    sampler = [f"encoder.down_blocks.{i}.downsampler." if residual else f"encoder.down_blocks.{i * (n + 1) + n}."
+               for i in range(levels - 1)]
+    base, cin = get("encoder.conv_in.weight")[:2]
+    mult = [get(f + "conv1.weight")[0] // base for f in first]
+    patch = round((cin / 3) ** 0.5)  # RGB in, patchified to 3 * p * p channels
+    if 3 * patch ** 2 != cin:
+        raise ValueError(f"cannot infer the Wan VAE patch size from {cin} input channels (expected 3 * p * p)")
+    return dict(base_dim=base, decoder_base_dim=get("decoder.conv_out.weight")[1] // mult[0],
+                z_dim=get("decoder.conv_in.weight")[1], dim_mult=mult, num_res_blocks=n,
+                temporal_downsample=[s + "time_conv.weight" in sd for s in sampler], is_residual=residual,
+                in_channels=cin, out_channels=get("decoder.conv_out.weight")[0], patch_size=patch)
+
+
+# --- loading (video)
+
+# per-channel latent statistics, z_model = (z_vae - mean) / std: WanVAE in Wan-Video/Wan2.1 wan/modules/vae.py and
+# Wan2_2_VAE in Wan-Video/Wan2.2 wan/modules/vae2_2.py (diffusers' configs "latents_mean"/"latents_std" repeat them)
+WAN21_LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
+WAN21_LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
+WAN22_LATENTS_MEAN = [-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813,
+                      0.0891, 0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108,
+                      -0.2158, 0.2502, -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313,
+                      -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944,
+                      0.3573, -0.0548, -0.1681, -0.0667]
+WAN22_LATENTS_STD = [0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+                     0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+                     0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+                     0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744]
+
+VIDEO_VAE_FAMILIES = {  # the released architectures (AutoencoderKLWan kwargs) and their latent statistics
+    "wan2.1": dict(arch=dict(base_dim=96, z_dim=16), latents_mean=WAN21_LATENTS_MEAN, latents_std=WAN21_LATENTS_STD),
+    "wan2.2": dict(arch=dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12,
+                             out_channels=12, patch_size=2),
+                   latents_mean=WAN22_LATENTS_MEAN, latents_std=WAN22_LATENTS_STD),
+}
+
+
+class VideoVAE(nn.Module):
+    """A frozen AutoencoderKLWan plus per-channel latent normalisation z = (z_vae - mean) / std.
+    ae.encode / ae.decode are the raw (un-normalised) forms."""
+
+    def __init__(self, ae, latents_mean, latents_std):
+        super().__init__()
+        self.ae = ae.eval().requires_grad_(False)
+        self.in_channels, self.latent_channels, self.downsample = ae.channels, ae.config["z_dim"], ae.downsample
+        if not len(latents_mean) == len(latents_std) == self.latent_channels:
+            raise ValueError(f"need {self.latent_channels} latent means and stds, got {len(latents_mean)}, "
+                             f"{len(latents_std)}")
+        shape = (1, self.latent_channels, 1, 1, 1)
+        self.register_buffer("latents_mean", torch.tensor(latents_mean).view(shape), persistent=False)
+        self.register_buffer("latents_std", torch.tensor(latents_std).view(shape), persistent=False)
+
+    @torch.no_grad()
+    def encode(self, video, sample=False):
+        """Video in [-1, 1] (B, C, 1 + 4k, H, W) -> normalised latents (B, z, 1 + k, H/f, W/f): the posterior
+        mean, or a sample of the posterior."""
+        p = next(self.ae.parameters())
+        mean, logvar = self.ae.encode(video.to(p.device, p.dtype))
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+        return ((z - self.latents_mean) / self.latents_std).to(video.device, video.dtype)
+
+    @torch.no_grad()
+    def decode(self, z):
+        """Normalised latents (B, z, T, h, w) -> video (B, C, 1 + 4(T-1), h*f, w*f) in [-1, 1]."""
+        self.ae._check(z, "decode")  # before the channel-wise scaling can fail less clearly
+        p = next(self.ae.parameters())
+        x = self.ae.decode(z.to(p.device, p.dtype) * self.latents_std + self.latents_mean)
+        return x.to(z.device, z.dtype)
+
+
+def load_video_vae(path, family="wan2.1", device="cpu", dtype=torch.float32):
+    """Load a Wan video VAE: a diffusers folder (config.json + diffusion_pytorch_model.safetensors; a pipeline
+    folder's vae/), the original Wan2.1_VAE.pth / Wan2.2_VAE.pth, or a single .safetensors with either naming.
+    The architecture comes from the tensors (config.json wins); latent mean/std from config.json, else the family."""
+    if family not in VIDEO_VAE_FAMILIES:
+        raise ValueError(f"unknown video VAE family {family!r}; choose from {', '.join(VIDEO_VAE_FAMILIES)}")
+    fam, path = VIDEO_VAE_FAMILIES[family], str(path)
+    if os.path.isdir(os.path.join(path, "vae")):
+        path = os.path.join(path, "vae")
+    cfg = {}
+    if os.path.isdir(path):
+        cfg_path, weights = os.path.join(path, "config.json"), os.path.join(path, "diffusion_pytorch_model.safetensors")
+        if not os.path.isfile(cfg_path) or not os.path.isfile(weights):
+            raise FileNotFoundError(f"{path} is not a diffusers VAE folder (needs config.json and {weights})")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        if cfg.get("_class_name") != "AutoencoderKLWan":
+            raise ValueError(f"{cfg_path}: expected an AutoencoderKLWan, not {cfg.get('_class_name')}")
+        cfg["temporal_downsample"] = cfg.get("temperal_downsample")  # sic in diffusers
+    elif os.path.isfile(path):
+        weights = path
+    else:
+        raise FileNotFoundError(f"video VAE weights not found: {path}")
+    sd = _read_weights(weights, convert_wan_vae_state_dict)
+    try:
+        arch = infer_wan_vae_config(sd)
+    except ValueError as e:
+        raise ValueError(f"{weights}: {e}") from None
+    arch.update({k: cfg[k] for k in arch if cfg.get(k) is not None})
+    if arch["z_dim"] != fam["arch"]["z_dim"]:
+        fits = "".join(f"; pass family={f!r}" for f, v in VIDEO_VAE_FAMILIES.items()
+                       if v["arch"]["z_dim"] == arch["z_dim"])
+        raise ValueError(f"{weights} holds a Wan VAE with {arch['z_dim']} latent channels, but family {family!r} has "
+                         f"{fam['arch']['z_dim']}{fits}")
+    ae = _load_exact(AutoencoderKLWan(**arch), sd, f"Wan VAE weights in {weights}")
+    mean, std = cfg.get("latents_mean") or fam["latents_mean"], cfg.get("latents_std") or fam["latents_std"]
+    return VideoVAE(ae, mean, std).to(device, dtype)
 
 
 # --- a tiny VAE trained on the digits, so latent-space flows can be tested end to end on CPU
