@@ -1371,6 +1371,7 @@ def parse_config(cls, presets: dict[str, dict], argv=None, extra: Callable | Non
                    help="number of samples for --sample (default: %(default)s); under torchrun spell it --num_samples, "
                         "as torchrun's own parser takes --n for one of its options")
     g.add_argument("--out", type=str, default="samples.npz", help="output file for --sample (default: %(default)s)")
+    g.add_argument("--plot", metavar="LOG", default=None, help="draw the training curves of a log.jsonl to LOG.png")
     if extra is not None:
         extra(p)
     args = p.parse_args(argv)
@@ -1381,8 +1382,8 @@ def parse_config(cls, presets: dict[str, dict], argv=None, extra: Callable | Non
     cfg = cls(**{**presets[args.preset], **overrides})
     if not cfg.out_dir:
         cfg.out_dir = f"out/{cls.NAME}" + ("" if args.preset == default else f"-{args.preset}")
-    if sum((args.resume, args.sample, args.eval)) > 1 or (args.overwrite and args.resume):
-        raise ValueError("pick one of --resume, --sample, --eval (and --overwrite or --resume, not both)")
+    if sum((args.resume, args.sample, args.eval, bool(args.plot))) > 1 or (args.overwrite and args.resume):
+        raise ValueError("pick one of --resume, --sample, --eval, --plot (and --overwrite or --resume, not both)")
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.sample:
@@ -1391,7 +1392,7 @@ def parse_config(cls, presets: dict[str, dict], argv=None, extra: Callable | Non
         check_writable(args.out, "--out")
         if Path(args.out).exists() and not args.overwrite:
             raise ValueError(f"--out {args.out} exists; pass --overwrite to replace it")
-    elif not args.eval:
+    elif not args.eval and not args.plot:
         check_writable(cfg.out_dir, "--out_dir")
     return cfg, args, overrides
 
@@ -1747,6 +1748,65 @@ def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
         r, col = divmod(i, nrow)
         grid[:, pad + r * (h + pad):][:, :h, pad + col * (w + pad):][:, :, :w] = x[i]
     return grid.permute(1, 2, 0).numpy()
+
+
+def pyplot():
+    """matplotlib.pyplot (headless) when it is installed; else None and a one-line note, and the caller writes its
+    bare PNG instead (matplotlib is optional: `pip install matplotlib` or the `demo` extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print0("note: writing a bare figure; pip install matplotlib for the labelled one")
+        return None
+
+
+_LOG_KEYS = {"step", "time", "skipped", "lr", "grad_norm"}  # bookkeeping, not curves of their own
+
+
+def plot_log(log_path: str | Path, out: str | Path | None = None) -> Path:
+    """Training curves of a log.jsonl: the loss (and what the loss function logs), each evaluation metric, and the
+    learning rate, against the step; one panel each. Writes out (default: the log's name with .png)."""
+    plt = _need("matplotlib.pyplot", "plotting a log")
+    log_path = Path(log_path)
+    if not log_path.is_file():
+        raise FileNotFoundError(f"no log at {log_path}")
+    try:
+        rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{log_path} is not a JSONL log ({e})") from None
+    train = [r for r in rows if "loss" in r]
+    series = {}  # name -> (steps, values, from training or evaluation)
+    for r in rows:
+        for k, v in r.items():
+            if k not in _LOG_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                series.setdefault(k, ([], [], "loss" in r))[0].append(r["step"])
+                series[k][1].append(v)
+    if not series:
+        raise ValueError(f"{log_path} has no numeric series to plot")
+    names = sorted(series, key=lambda k: (k != "loss", not series[k][2], k))[:11]
+    panels = names + (["lr"] if train and "lr" in train[0] else [])
+    cols = min(3, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 2.8 * rows_n), squeeze=False)
+    for ax, name in zip(axes.flat, panels):
+        steps, values = ([r["step"] for r in train], [r["lr"] for r in train]) if name == "lr" else series[name][:2]
+        ax.plot(steps, values, "-" if len(steps) > 20 else "o-", ms=3)
+        ax.set_title(name + ("" if name == "lr" or series[name][2] else " (evaluation)"), fontsize=10)
+        ax.set_xlabel("step")
+        if name == "loss" and min(values) > 0:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(str(log_path), fontsize=9)
+    fig.tight_layout()
+    out = Path(out) if out else log_path.with_suffix(".png")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 class JsonlLog:

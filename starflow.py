@@ -626,6 +626,8 @@ def main(argv=None):
         p.add_argument("--captions", metavar="NPZ", default=None,
                        help="text embeddings (`text`, `text_mask`) to --sample a text-conditional model from")
     cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=extra, doc=__doc__)
+    if args.plot:
+        return common.print0(f"wrote {common.plot_log(args.plot)}")
     d = common.setup_distributed(cfg.device)
     ckpt = args.ckpt or str(Path(cfg.out_dir) / "ckpt.pt")
 
