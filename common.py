@@ -448,6 +448,27 @@ def infer_vae_config(sd):
 
 # --- loading
 
+def _vae_files(path, class_name: str, what: str) -> tuple[dict, str]:
+    """(config.json or {}, weights file) of a diffusers folder (or a pipeline folder's vae/), or of a single file."""
+    path = str(path)
+    if os.path.isdir(os.path.join(path, "vae")):  # a whole pipeline folder
+        path = os.path.join(path, "vae")
+    if os.path.isfile(path):
+        return {}, path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} weights not found: {path}")
+    cfg_path = os.path.join(path, "config.json")
+    files = [os.path.join(path, "diffusion_pytorch_model" + e) for e in (".safetensors", ".bin")]
+    weights = next((f for f in files if os.path.isfile(f)), None)
+    if not os.path.isfile(cfg_path) or weights is None:
+        raise FileNotFoundError(f"{path} is not a diffusers VAE folder (needs config.json and {files[0]})")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("_class_name", class_name) != class_name:
+        raise ValueError(f"{cfg_path}: expected an {class_name}, not {cfg['_class_name']}")
+    return cfg, weights
+
+
 def _read_weights(weights: str, convert: Callable) -> dict:
     """A state dict from a .safetensors or torch file, converted to diffusers names; one line naming a bad file."""
     try:
@@ -534,24 +555,7 @@ def load_vae(path, family="sd", scaling_factor=None, shift_factor=None, device="
     fam = VAE_FAMILIES[family]
     if family == "none":
         return VAE(None, channels=channels)
-    path = str(path)
-    if os.path.isdir(os.path.join(path, "vae")):  # a whole pipeline folder
-        path = os.path.join(path, "vae")
-    cfg = {}
-    if os.path.isdir(path):
-        cfg_path = os.path.join(path, "config.json")
-        files = [os.path.join(path, "diffusion_pytorch_model" + e) for e in (".safetensors", ".bin")]
-        weights = next((f for f in files if os.path.isfile(f)), None)
-        if not os.path.isfile(cfg_path) or weights is None:
-            raise FileNotFoundError(f"{path} is not a diffusers VAE folder (needs config.json and {files[0]})")
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        if cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ValueError(f"{cfg_path}: only AutoencoderKL is supported, not {cfg['_class_name']}")
-    elif os.path.isfile(path):
-        weights = path
-    else:
-        raise FileNotFoundError(f"VAE weights not found: {path}")
+    cfg, weights = _vae_files(path, "AutoencoderKL", "VAE")
     sd = _read_weights(weights, convert_vae_state_dict)
     try:
         arch = infer_vae_config(sd)
@@ -963,23 +967,9 @@ def load_video_vae(path, family="wan2.1", device="cpu", dtype=torch.float32):
     The architecture comes from the tensors (config.json wins); latent mean/std from config.json, else the family."""
     if family not in VIDEO_VAE_FAMILIES:
         raise ValueError(f"unknown video VAE family {family!r}; choose from {', '.join(VIDEO_VAE_FAMILIES)}")
-    fam, path = VIDEO_VAE_FAMILIES[family], str(path)
-    if os.path.isdir(os.path.join(path, "vae")):
-        path = os.path.join(path, "vae")
-    cfg = {}
-    if os.path.isdir(path):
-        cfg_path, weights = os.path.join(path, "config.json"), os.path.join(path, "diffusion_pytorch_model.safetensors")
-        if not os.path.isfile(cfg_path) or not os.path.isfile(weights):
-            raise FileNotFoundError(f"{path} is not a diffusers VAE folder (needs config.json and {weights})")
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        if cfg.get("_class_name") != "AutoencoderKLWan":
-            raise ValueError(f"{cfg_path}: expected an AutoencoderKLWan, not {cfg.get('_class_name')}")
-        cfg["temporal_downsample"] = cfg.get("temperal_downsample")  # sic in diffusers
-    elif os.path.isfile(path):
-        weights = path
-    else:
-        raise FileNotFoundError(f"video VAE weights not found: {path}")
+    fam = VIDEO_VAE_FAMILIES[family]
+    cfg, weights = _vae_files(path, "AutoencoderKLWan", "video VAE")
+    cfg["temporal_downsample"] = cfg.get("temperal_downsample")  # sic in diffusers
     sd = _read_weights(weights, convert_wan_vae_state_dict)
     try:
         arch = infer_wan_vae_config(sd)
