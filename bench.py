@@ -9,7 +9,10 @@ Each group yields rows (model, variant, train step ms, samples/s, peak memory MB
 model files add their group with the @bench decorator below.
 """
 import argparse
+import dataclasses
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -97,27 +100,49 @@ def bench_common(device):
     yield dict(ratio="KV-cache decoding speed-up over recomputing the prefix", value=recompute / cached)
 
 
+STEPS = int(os.environ.get("TARFLOW_BENCH_STEPS", 200))  # training steps of the two TARFlows compared
+PARTS = os.environ.get("STARFLOW_BENCH_PARTS", "train,samplers,tarflow,gpu").split(",")
+
+
+def _train(model, loss, steps: int, device, batch: int = 64, lr: float = 2e-3, seed: int = 0):
+    """The same short loop for every model here: AdamW on 8x8 digits with Gaussian noise 0.05, labels dropped 10%."""
+    x, y = common.load_digits("train", 8)
+    x, y = common.to_float(x).to(device), y.to(device)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        i = torch.randint(len(x), (batch,), generator=g).to(device)
+        drop = (torch.rand(batch, generator=g) < 0.1).to(device)
+        loss(model, x[i] + 0.05 * torch.randn_like(x[i]), y[i], drop).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def _trained_demo(sf, device):
+    """The demo model, trained: $STARFLOW_BENCH_CKPT or out/starflow/ckpt.pt, else 300 steps here."""
+    ckpt = Path(os.environ.get("STARFLOW_BENCH_CKPT", "out/starflow/ckpt.pt"))
+    if ckpt.exists():
+        model, cfg = sf.from_checkpoint(ckpt, device)
+        return model, cfg, f"checkpoint {ckpt}"
+    cfg = sf.Config()
+    torch.manual_seed(0)
+    model = sf.STARFlow(cfg, *sf.latent_shape(cfg)).to(device)
+
+    def loss(m, x, y, drop):
+        return sf.nll_loss(m, x, m.make_cond(y, null=drop))
+    return _train(model, loss, 300, device), cfg, "trained 300 steps here"
+
+
 @bench("starflow")
 def bench_starflow(device):
-    """Train step of the digits demo; sampling latency, sequential (KV cache) vs Jacobi, at batch 1 and 16; on GPU
-    tokens/s and model FLOP utilisation of a 1.4B deep-shallow model in bf16."""
-    import dataclasses
-
+    """Train step of the digits demo; sequential vs Jacobi on a trained model at batch 1/16/64 with and without
+    guidance; sequential decoding vs ml-tarflow's on the same TARFlow config; on GPU the 1.4B bf16 train step."""
     import starflow as sf
-    ckpt = Path("out/starflow/ckpt.pt")
-    if ckpt.exists():  # Jacobi's speed depends on the trained model's dependencies, so prefer the demo checkpoint
-        state = common.load_checkpoint(ckpt)
-        cfg = common.config_from_checkpoint(sf.Config, state)
-        model = common.load_weights(sf.build(cfg, device)[0], state).eval()
-        note = "demo checkpoint"
-    else:
-        cfg = sf.Config()
-        torch.manual_seed(0)
-        model = sf.STARFlow(cfg, *sf.latent_shape(cfg)).to(device)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        note = "random weights (run `python starflow.py` first for trained ones)"
+    cfg = sf.Config()
+    torch.manual_seed(0)
+    model = sf.STARFlow(cfg, *sf.latent_shape(cfg)).to(device)
     x = torch.randn(cfg.batch_size, cfg.channels, cfg.img_size, cfg.img_size, device=device)
     y = torch.arange(cfg.batch_size, device=device) % cfg.num_classes
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -127,27 +152,86 @@ def bench_starflow(device):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    model.train()
-    ms = timeit(step, device)
-    model.eval()
-    yield dict(model="starflow", variant="digits train step", ms=ms, per_s=cfg.batch_size / ms * 1e3,
-               mem=peak_mb(device), note=f"B={cfg.batch_size}")
-    for B in (1, 16):
+    if "train" in PARTS:
+        ms = timeit(step, device)
+        yield dict(model="starflow", variant="digits train step", ms=ms, per_s=cfg.batch_size / ms * 1e3,
+                   mem=peak_mb(device), note=f"B={cfg.batch_size}")
+    if "samplers" in PARTS:
+        yield from _samplers(sf, device)
+    if "tarflow" in PARTS:
+        yield from _vs_ml_tarflow(sf, device)
+    if "gpu" in PARTS and device.type == "cuda":
+        yield from _big(sf, device)
+
+
+def _samplers(sf, device):
+    """Sequential vs Jacobi on a trained model, each ratio with the condition it was measured under."""
+    model, cfg, how = _trained_demo(sf, device)
+    for B in (1, 16, 64):
         cond = model.make_cond(torch.arange(B, device=device) % 10)
         z = torch.randn(B, model.T, model.D, device=device, generator=torch.Generator(device).manual_seed(0))
-        res = {}
-        for name in ("sequential", "jacobi"):
-            c = dataclasses.replace(cfg, sampler=name, denoise=False)
-            res[name] = sf.sample(model, cond, c, z=z)
-            t = timeit(lambda: sf.sample(model, cond, c, z=z), device, 1, 5)
-            yield dict(model="starflow", variant=f"sample B={B}, {name}", ms=t, per_s=B / t * 1e3, mem=peak_mb(device),
-                       note=f"{res[name][1]} network evals, {note}")
-            res[name + "_ms"] = t
-        diff = (res["jacobi"][0] - res["sequential"][0]).abs().max().item()
-        yield dict(ratio=f"starflow Jacobi speed-up over sequential at B={B} (max |diff| {diff:.1e})",
-                   value=res["sequential_ms"] / res["jacobi_ms"])
-    if device.type != "cuda":
-        return
+        for w in (0.0, 1.0):
+            res = {}
+            for name in ("sequential", "jacobi"):
+                c = dataclasses.replace(cfg, sampler=name, guidance=w, denoise=False)
+                res[name] = sf.sample(model, cond, c, z=z)
+                res[name + "_ms"] = timeit(lambda: sf.sample(model, cond, c, z=z), device, 1, 5)
+                yield dict(model="starflow", variant=f"sample B={B} w={w:g}, {name}", ms=res[name + "_ms"],
+                           per_s=B / res[name + "_ms"] * 1e3, mem=peak_mb(device),
+                           note=f"{res[name][1]} network evals; {how}")
+            diff = (res["jacobi"][0] - res["sequential"][0]).abs().max().item()
+            yield dict(ratio=f"starflow Jacobi over sequential, B={B}, guidance {w:g}, {how} (max |diff| {diff:.1e})",
+                       value=res["sequential_ms"] / res["jacobi_ms"])
+
+
+def _vs_ml_tarflow(sf, device):
+    """Sequential decoding against the official ml-tarflow code: identical TARFlow config, the same training loop."""
+    ref = Path(os.environ.get("TARFLOW_REF", "/tmp/tarflow_ref"))
+    if (ref / "transformer_flow.py").exists():
+        sys.path.insert(0, str(ref))
+        try:
+            import transformer_flow as tf_ref
+        finally:
+            sys.path.remove(str(ref))
+        tcfg = sf.Config(param="tarflow", patch_size=1, width=128, head_dim=64, layers=(2, 2, 2, 2),
+                         cond_deep_only=False, soft_clip=0.0, noise_std=0.05, sampler="sequential", denoise=False,
+                         guidance_rule="tarflow")
+        torch.manual_seed(0)
+        ours = _train(sf.STARFlow(tcfg, 1, 8).to(device),
+                      lambda m, x, y, drop: sf.nll_loss(m, x, m.make_cond(y, null=drop)), STEPS, device)
+        torch.manual_seed(0)
+        theirs = tf_ref.Model(in_channels=1, img_size=8, patch_size=1, channels=128, num_blocks=4,
+                              layers_per_block=2, nvp=True, num_classes=10).to(device)
+
+        def ref_loss(m, x, y, drop):
+            z, _, logdets = m(x, torch.where(drop, -1, y))  # y < 0: ml-tarflow's null label (mean class embedding)
+            return m.get_loss(z, logdets)
+        theirs = _train(theirs, ref_loss, STEPS, device)
+        x, y = common.load_digits("train", 8)
+        x, y = common.to_float(x[:64]).to(device), y[:64].to(device)
+        ref_step = timeit(lambda: ref_loss(theirs.train(), x, y, y < 0).backward(), device, 2, 5)
+        our_step = timeit(lambda: sf.nll_loss(ours.train(), x, ours.make_cond(y)).backward(), device, 2, 5)
+        ours.eval(), theirs.eval()
+        yield dict(ratio="starflow train step (fwd+bwd) speed over ml-tarflow's, same TARFlow config, B=64",
+                   value=ref_step / our_step)
+        for B in (1, 16, 64):
+            labels = torch.arange(B, device=device) % 10
+            z = torch.randn(B, 64, 1, device=device, generator=torch.Generator(device).manual_seed(0))
+            cond = ours.make_cond(labels)
+            for w in (0.0, 2.0):
+                c = dataclasses.replace(tcfg, guidance=w)
+                t_ours = timeit(lambda: sf.sample(ours, cond, c, z=z), device, 1, 5)
+                with torch.no_grad():
+                    t_ref = timeit(lambda: theirs.reverse(z.clone(), labels, guidance=w), device, 1, 5)
+                yield dict(model="starflow", variant=f"TARFlow decode B={B} w={w:g}, ours", ms=t_ours,
+                           per_s=B / t_ours * 1e3, mem=peak_mb(device), note="8x8 digits, p1, w128, 4x2 layers")
+                yield dict(model="ml-tarflow", variant=f"TARFlow decode B={B} w={w:g}, official", ms=t_ref,
+                           per_s=B / t_ref * 1e3, mem=peak_mb(device), note="same config, same training loop")
+                yield dict(ratio=f"starflow sequential decoding speed over ml-tarflow's, B={B}, guidance {w:g} "
+                                 f"(both trained {STEPS} steps)", value=t_ref / t_ours)
+
+
+def _big(sf, device):
     big = sf.Config(**{**sf.PRESETS["imagenet256"], "grad_ckpt": False})
     model = sf.STARFlow(big, 4, 32).to(device)
     n_params = sum(p.numel() for p in model.parameters())

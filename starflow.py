@@ -11,19 +11,25 @@ token t, a shift mu_t and a scale sigma_t from the tokens before it, and maps z_
 order flips from block to block. The log-determinant is -sum log sigma, so the exact likelihood is one forward pass.
 Sampling inverts the blocks one token at a time (x_t = mu_t + sigma_t z_t) with a KV cache, or in parallel chunks by
 Jacobi iteration. STARFlow adds a learned start token (token 0 is transformed too), sigma = softplus, a deep-shallow
-stack whose deep block (next to the Gaussian prior) carries the conditioning, latent space, and a guidance rule.
+stack whose deep block (next to the Gaussian prior) carries the conditioning, latent space, a guidance rule (Sec. 3.2)
+and a VAE decoder fine-tuned on noisy latents (Sec. 3.3) in place of the score-based denoising step.
 
     python starflow.py                                        # CPU demo: class-conditional digits, a few minutes
-    python starflow.py --eval --ckpt out/starflow/ckpt.pt     # bits/dim, sample accuracy and Frechet distance
+    python starflow.py --eval --ckpt out/starflow/ckpt.pt     # held-out bits/dim, sample accuracy, Frechet distance
     python starflow.py --sample --ckpt out/starflow/ckpt.pt --n 100 --out samples.npz --guidance 2
-    torchrun --nproc_per_node=8 starflow.py --preset imagenet256 --data latents/ --vae sd-vae/ --vae_family sd
     python starflow.py --preset imagenet256 --precompute imagenet/train --data latents/ --vae sd-vae/  # VAE latents
+    torchrun --nproc_per_node=8 starflow.py --preset imagenet256 --data latents/ --vae sd-vae/ --fsdp
+    python starflow.py --preset t2i256 --precompute captions.npz --data t2i/ --vae sd-vae/  # latents + captions
+    python starflow.py --preset digits-latent --finetune_decoder 500   # -> out/starflow-digits-latent/decoder.pt
+    python starflow.py --sample --ckpt CKPT --decoder out/starflow-digits-latent/decoder.pt   # no score step
 
 Text conditioning takes precomputed embeddings (no text encoder here): an .npz with `text` (N, L, txt_dim) float and
-`text_mask` (N, L) bool beside the images, from any encoder, e.g. the last hidden states of a T5 or Gemma model.
+optionally `text_mask` (N, L) bool (padding at the end) beside the images, from any encoder, e.g. the last hidden
+states of flan-t5-xl. Held-out data: digits' test split; else --val_data, or else a fixed --val_frac of --data.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -49,6 +55,8 @@ INV_SOFTPLUS_1 = math.log(math.e - 1)  # softplus(a + 0.5413) = 1 at a = 0: ever
 class Config(common.TrainConfig):
     # data
     data: str = "digits"  # digits | .npz: images (N,H,W,C) uint8 [labels, text, text_mask] | image or latent folder
+    val_data: str = ""  # held-out data in the same format ("" = carve --val_frac out of --data; digits: its test split)
+    val_frac: float = common.opt(0.02, gt=0, max=0.5)  # fraction of --data held out (a fixed seeded choice of rows)
     img_size: int = common.opt(8, min=1)  # image side in pixels
     channels: int = common.opt(1, min=1)  # image channels
     num_classes: int = 10  # class labels (0 = none); label num_classes is the null label of guidance
@@ -56,34 +64,43 @@ class Config(common.TrainConfig):
     txt_len: int = 0  # text tokens per caption
     vae: str = ""  # VAE weights (diffusers folder or single file) | digits (a small VAE trained once) | "" = pixels
     vae_family: str = common.opt("none", choices=tuple(common.VAE_FAMILIES))  # sd | sdxl | flux | none (pixel space)
+    decoder: str = ""  # fine-tuned VAE decoder (--finetune_decoder); sampling then skips the score denoising step
     # model
     param: str = common.opt("starflow", choices=("tarflow", "starflow"))  # tarflow (sigma = exp) | starflow (softplus)
     patch_size: int = common.opt(2, min=1)  # patch side; tokens are patches of the image (or latent)
     width: int = common.opt(64, min=1)  # transformer width
     head_dim: int = common.opt(16, min=1)  # attention head width
     layers: tuple = common.opt((2, 2, 2, 4), min=1)  # layers per flow block; the last (deep) one is next to the prior
+    seq_order: str = common.opt("R2L", choices=("R2L", "L2R"))  # R2L: block i reversed if i is odd | L2R: if even
     cond_deep_only: bool = True  # conditioning in the deep block only (STARFlow) or in every block (TARFlow)
     rope: bool = False  # 2D RoPE instead of learned positions
+    final_norm: bool = False  # RMSNorm before each block's output projection (ml-starflow's use_final_norm)
     soft_clip: float = 4.0  # STARFlow's soft clip c*tanh(./c) on the predicted (mu, a); 0 = off
     noise_std: float = 0.1  # Gaussian noise augmentation sigma (TARFlow 0.05-0.15 in pixels, STARFlow 0.3 in latents)
+    dequant: str = common.opt("gaussian", choices=("gaussian", "uniform"))  # + noise_std N(0,1) | + U[0,1) grey level
+    latent_reg: float = 0.0  # weight of mean z^2 of the states between blocks (ml-starflow latent_norm_regularization)
     label_drop: float = common.opt(0.1, max=1)  # probability of the null condition in training (for guidance)
     grad_ckpt: bool = False  # gradient checkpointing of the transformer layers
     # sampler
     sampler: str = common.opt("jacobi", choices=("sequential", "jacobi"))  # sequential | jacobi
     jacobi_chunk: int = common.opt(16, min=1)  # tokens per Jacobi chunk
     jacobi_max_iter: int = common.opt(16, min=1)  # iterations per chunk at most
-    jacobi_threshold: float = 1e-7  # stop when mean((new - old)^2) / mean(new^2) falls below this
-    guidance: float = 1.0  # guidance weight w (0 = none)
+    jacobi_threshold: float = 1e-7  # stop when every sample's mean((new - old)^2) / mean(new^2) is below this
+    guidance: float = 1.0  # guidance weight w (0 = none); needs a conditional model or --attn_temp != 1
     guidance_rule: str = common.opt("starflow", choices=("starflow", "tarflow"))  # p_c^(1+w)/p_u^w | extrapolation
     guide_what: str = common.opt("ab", choices=("a", "b", "ab"))  # tarflow rule: extrapolate a (log sigma), b (mu)
     guidance_anneal: bool = False  # ramp w linearly over the tokens (TARFlow's annealed schedule)
     guide_all_blocks: bool = False  # guide every conditioned block, not only the deep one
+    attn_temp: float = common.opt(1.0, gt=0)  # TARFlow's attention temperature of the unconditional branch
     denoise: bool = True  # score-based denoising of the final sample: x + noise_std^2 * grad log p(x)
+    sample_batch: int = 0  # samples per sampling batch (0 = auto: the largest whose KV cache fits, at most 256)
 
     NAME = "starflow"
-    RUNTIME = ("data", "vae", "sampler", "jacobi_chunk", "jacobi_max_iter", "jacobi_threshold", "guidance",
-               "guidance_rule", "guide_what", "guidance_anneal", "guide_all_blocks", "denoise", "grad_ckpt",
-               "label_drop")
+    RUNTIME = ("data", "val_data", "val_frac", "vae", "decoder", "dequant", "latent_reg", "sampler", "jacobi_chunk",
+               "jacobi_max_iter", "jacobi_threshold", "guidance", "guidance_rule", "guide_what", "guidance_anneal",
+               "guide_all_blocks", "attn_temp", "denoise", "sample_batch", "grad_ckpt", "label_drop")
+    # what checkpoints written before a model field existed were trained with (filled in by from_checkpoint)
+    LEGACY = {"seq_order": "R2L", "final_norm": False}
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,6 +112,13 @@ class Config(common.TrainConfig):
             raise ValueError(f"text needs both --txt_dim and --txt_len (got {self.txt_dim}, {self.txt_len})")
         if self.vae and self.vae_family == "none":
             raise ValueError(f"--vae {self.vae} needs a latent --vae_family (sd, sdxl or flux)")
+        if self.dequant == "uniform" and self.vae_family != "none":
+            raise ValueError("--dequant uniform dequantises 8-bit pixels; a latent model takes --dequant gaussian")
+        if self.decoder and self.vae_family == "none":
+            raise ValueError(f"--decoder {self.decoder} needs a latent model (--vae, --vae_family)")
+        if self.guidance > 0 and not (self.num_classes or self.txt_dim) and self.attn_temp == 1:
+            raise ValueError(f"--guidance {self.guidance} needs a class- or text-conditional model (or TARFlow's "
+                             f"--attn_temp != 1 for the unconditional branch); pass --guidance 0")
 
 
 PRESETS = {
@@ -104,24 +128,35 @@ PRESETS = {
     # The same in the latent space of a small VAE trained on the digits (16x16 -> 8x8x4), as STARFlow does at scale.
     "digits-latent": dict(img_size=16, vae="digits", vae_family="sd", noise_std=0.3, steps=2000, batch_size=64,
                           lr=2e-3, warmup=100, eval_every=1000, ckpt_every=500, log_every=50),
-    # STARFlow ImageNet 256: SD-VAE f8 latents 32x32x4, 1.4B deep-shallow [2,2,2,2,2,18] at width 2048.
-    "imagenet256": dict(data="latents", img_size=256, channels=3, num_classes=1000, vae_family="sd", width=2048,
-                        head_dim=64, layers=(2, 2, 2, 2, 2, 18), rope=True, noise_std=0.3, batch_size=256, lr=1e-4,
-                        warmup=10000, steps=1_000_000, weight_decay=1e-4, grad_clip=1.0, ema_decay=0.9999,
-                        eval_every=10000, ckpt_every=5000, log_every=100, jacobi_chunk=32, jacobi_max_iter=32,
-                        jacobi_threshold=1e-3, guidance=3.0),
-    # STARFlow text-to-image 256: deep block 24 layers at width 3072, text prefix of precomputed embeddings.
-    "t2i256": dict(data="captions.npz", img_size=256, channels=3, num_classes=0, txt_dim=2304, txt_len=128,
-                   vae_family="sd", width=3072, head_dim=64, layers=(2, 2, 2, 2, 2, 24), rope=True, noise_std=0.3,
-                   batch_size=512, lr=1e-4, warmup=10000, steps=1_000_000, ema_decay=0.9999, eval_every=10000,
-                   ckpt_every=5000, log_every=100, jacobi_chunk=32, jacobi_max_iter=32, jacobi_threshold=1e-3,
-                   guidance=4.0),
-    # TARFlow in pixels: ImageNet 64x64, 8 flow blocks of 8 layers, conditioning in every block, annealed guidance.
+    # STARFlow ImageNet 256 (paper Sec. 4: 1.4B deep-shallow [2,2,2,2,2,18] at width 2048 on SD-VAE f8 latents
+    # 32x32x4). Patch 1 as in ml-starflow (configs/starflow_3B_t2i_256x256.yaml:8 `patch_size: 1`, the only image
+    # config it ships): 1,024 tokens of 4 dims. noise 0.3 and soft clip 4 as that file's lines 12 and 31.
+    "imagenet256": dict(data="latents", img_size=256, channels=3, num_classes=1000, vae_family="sd", patch_size=1,
+                        width=2048, head_dim=64, layers=(2, 2, 2, 2, 2, 18), rope=True, noise_std=0.3,
+                        batch_size=256, lr=1e-4, warmup=10000, steps=1_000_000, weight_decay=1e-4, grad_clip=1.0,
+                        ema_decay=0.9999, eval_every=10000, ckpt_every=5000, log_every=100, jacobi_chunk=32,
+                        jacobi_max_iter=32, jacobi_threshold=1e-3, guidance=3.0),
+    # STARFlow text-to-image 256, ml-starflow configs/starflow_3B_t2i_256x256.yaml (line): txt_size 128 (6),
+    # patch_size 1 (8), channels 3072 (9), layers_per_block 2 2 2 2 2 24 (11), noise_std 0.3 (12), batch_size 1024
+    # (13), lr 6.4e-5 (14), rope (17), seq_order L2R (20), use_softplus (22), cond_top_only (23), use_final_norm (24),
+    # text google/flan-t5-xl (27: d_model 2048 -> txt_dim), cfg 2.5 (28, the guidance of its training-time samples;
+    # sample.py:366 defaults to --cfg 5 at sampling time), drop_label 0.1 (29), soft_clip 4 (31),
+    # latent_norm_regularization 1e-4 (32); head_dim 64 is train.py:486's default.
+    "t2i256": dict(data="captions.npz", img_size=256, channels=3, num_classes=0, txt_dim=2048, txt_len=128,
+                   vae_family="sd", patch_size=1, width=3072, head_dim=64, layers=(2, 2, 2, 2, 2, 24),
+                   seq_order="L2R", final_norm=True, rope=True, soft_clip=4.0, noise_std=0.3, latent_reg=1e-4,
+                   label_drop=0.1, batch_size=1024, lr=6.4e-5, warmup=10000, steps=1_000_000, ema_decay=0.9999,
+                   eval_every=10000, ckpt_every=5000, log_every=100, jacobi_chunk=32, jacobi_max_iter=32,
+                   jacobi_threshold=1e-3, guidance=2.5),
+    # TARFlow conditional ImageNet 64 in pixels, ml-tarflow README.md (line): patch_size 2, channels 768, 8 blocks x
+    # 8 layers (58), noise_std 0.05, batch 256, lr 1e-4, drop_label 0.1 (59); sampling --cfg 2.3 (104) with annealed
+    # guidance (evaluate_fid.py:77) and the denoising step. Conditioning in every block; ml-tarflow adds a class
+    # embedding to every token, here it is a prefix token (which subsumes it); head_dim 64 as transformer_flow.py:131.
     "imagenet64-pixel": dict(data="imagenet64", img_size=64, channels=3, num_classes=1000, param="tarflow",
-                             patch_size=2, width=1024, head_dim=64, layers=(8,) * 8, cond_deep_only=False,
-                             soft_clip=0.0, noise_std=0.05, batch_size=256, lr=1e-4, warmup=5000, steps=1_000_000,
-                             ema_decay=0.9999, eval_every=10000, ckpt_every=5000, log_every=100,
-                             guidance_rule="tarflow", guidance_anneal=True, guide_all_blocks=True,
+                             patch_size=2, width=768, head_dim=64, layers=(8,) * 8, cond_deep_only=False,
+                             soft_clip=0.0, noise_std=0.05, label_drop=0.1, batch_size=256, lr=1e-4, warmup=5000,
+                             steps=1_000_000, ema_decay=0.9999, eval_every=10000, ckpt_every=5000, log_every=100,
+                             guidance=2.3, guidance_rule="tarflow", guidance_anneal=True, guide_all_blocks=True,
                              sampler="sequential"),
 }
 
@@ -150,6 +185,7 @@ class FlowBlock(nn.Module):
         W = cfg.width
         self.proj_in = nn.Linear(token_dim, W)
         self.layers = nn.ModuleList([common.Block(W, W // cfg.head_dim) for _ in range(n_layers)])
+        self.norm_out = nn.RMSNorm(W) if cfg.final_norm else None
         self.proj_out = nn.Linear(W, 2 * token_dim)
         nn.init.zeros_(self.proj_out.weight)  # (mu, a) = 0: the block starts as the identity
         nn.init.zeros_(self.proj_out.bias)
@@ -167,48 +203,49 @@ class FlowBlock(nn.Module):
 
     # -- conditioning prefix ---------------------------------------------------------------------------------------
     def embed_cond(self, cond: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """cond: {"y": (B,) labels, or "text": (B, L, txt_dim) + "text_mask": (B, L) bool; "null": (B,) bool}.
-        Returns the prefix (B, L, W) and a key mask (B, 1, 1, L) (None when every key is visible)."""
+        """cond: {"y": (B,) labels, or "text": (B, L, txt_dim) [+ "text_mask": (B, L) bool]; "null": (B,) bool}.
+        Returns the prefix (B, L, W) and a key mask (B, 1, 1, L), None when there is no padding (so attention keeps
+        its fused kernels). The null caption is the learned null token at every text position, all visible."""
         if not self.prefix:
             return None, None
         null = cond["null"]
         if self.cfg.txt_dim:
-            c = self.proj_txt(cond["text"])  # (B, L, W)
-            keep = cond["text_mask"].clone()
-            c = torch.where(null[:, None, None], self.null_txt.expand_as(c), c)
-            keep[null] = False
-            keep[:, 0] |= null  # the null caption is one learned token
-            return c, keep[:, None, None, :]
+            c = self.proj_txt(cond["text"].to(self.proj_txt.weight.dtype))  # (B, L, W)
+            c = torch.where(null[:, None, None], self.null_txt.to(c.dtype).expand_as(c), c)
+            keep = cond.get("text_mask")
+            return c, None if keep is None else (keep | null[:, None])[:, None, None, :]
         y = torch.where(null, self.cfg.num_classes, cond["y"])
         return self.class_emb(y)[:, None], None  # (B, 1, W)
 
-    def run(self, u: torch.Tensor, start: int, prefix=None, mask=None, caches=None):
-        """The network on stream positions start..start+n of input u (B, n, D) -> (mu, log sigma), each (B, n, D).
-        With caches the prefix and earlier positions are already in them."""
-        B, n, _ = u.shape
-        h = self.proj_in(u.to(self.proj_in.weight.dtype))  # the flow's state is fp32; the network may be bf16
-        if not self.cfg.rope:
-            h = h + self.pos[start:start + n]
-        L = 0
-        if prefix is not None:
-            h, L = torch.cat([prefix, h], 1), prefix.shape[1]
-        if mask is not None:  # image keys are always visible
-            mask = torch.cat([mask, mask.new_ones(B, 1, 1, self.seq_len)], -1)
-        p0 = 0 if prefix is not None else self.prefix + start  # absolute position of h[:, 0]
-        pos = slice(p0, p0 + h.shape[1])
-        for i, layer in enumerate(self.layers):
-            kw = dict(causal=True, mask=mask, rope=getattr(self, "rope", None), pos=pos,
-                      cache=None if caches is None else caches[i])
-            if self.cfg.grad_ckpt and self.training:
-                h = checkpoint(lambda x, lyr=layer, k=kw: lyr(x, **k), h, use_reentrant=False)
-            else:
-                h = layer(h, **kw)
-        out = self.proj_out(h[:, L:])  # (B, n, 2D)
+    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network output (B, n, W) -> (mu, log sigma) in fp32, each (B, n, D)."""
+        out = F.linear(h if self.norm_out is None else self.norm_out(h), self.proj_out.weight, self.proj_out.bias)
         if self.cfg.soft_clip > 0:
             out = self.cfg.soft_clip * torch.tanh(out / self.cfg.soft_clip)
         a, mu = _fp32(out).chunk(2, -1)
         log_sigma = a if self.cfg.param == "tarflow" else F.softplus(a + INV_SOFTPLUS_1).log()
         return mu, log_sigma
+
+    def run(self, u: torch.Tensor, prefix=None, mask=None):
+        """The network on all stream positions: input u (B, P, D) -> (mu, log sigma), each (B, P, D). Training and
+        likelihood path, through the shared transformer blocks (so FSDP's per-block hooks apply)."""
+        n = u.shape[1]
+        h = self.proj_in(u.to(self.proj_in.weight.dtype))  # the flow's state is fp32; the network may be bf16
+        if not self.cfg.rope:
+            h = h + self.pos[:n]
+        L = 0
+        if prefix is not None:
+            h, L = torch.cat([prefix.to(h.dtype), h], 1), prefix.shape[1]
+        if mask is not None:  # image keys are always visible
+            mask = torch.cat([mask, mask.new_ones(h.shape[0], 1, 1, n)], -1)
+        pos = slice(0, h.shape[1])
+        for layer in self.layers:
+            kw = dict(causal=True, mask=mask, rope=getattr(self, "rope", None), pos=pos)
+            if self.cfg.grad_ckpt and self.training:
+                h = checkpoint(lambda x, lyr=layer, k=kw: lyr(x, **k), h, use_reentrant=False)
+            else:
+                h = layer(h, **kw)
+        return self.head(h[:, L:])
 
     def stream(self, x: torch.Tensor, s: int = 0, e: int | None = None) -> torch.Tensor:
         """Positions s..e of the network's input: STARFlow [sos, x_0..x_{T-2}] (position p predicts x_p);
@@ -224,53 +261,150 @@ class FlowBlock(nn.Module):
         """x (B, T, D) -> z (B, T, D) in fp32 (or fp64), log|det dz/dx| (B,)."""
         x = x.flip(1) if self.flip else x
         prefix, mask = self.embed_cond(cond)
-        mu, log_sigma = self.run(self.stream(x), 0, prefix, mask)
+        mu, log_sigma = self.run(self.stream(x), prefix, mask)
         if self.shift:  # TARFlow: token 0 maps by the identity
             mu, log_sigma = F.pad(mu, (0, 0, 1, 0)), F.pad(log_sigma, (0, 0, 1, 0))
         z = (_fp32(x) - mu) * torch.exp(-log_sigma)
         return (z.flip(1) if self.flip else z), -log_sigma.sum((1, 2))
 
-    # -- inverse ---------------------------------------------------------------------------------------------------
+    # -- decoding --------------------------------------------------------------------------------------------------
+    # The inverse runs the blocks' weights directly (not the blocks' forward): one preallocated K/V buffer per layer
+    # in the network's compute dtype (bf16 under autocast; no per-token cast of the cache), positions written in
+    # place (a Jacobi iteration rewrites its chunk's slots, nothing to rewind), no mask at all for one-token steps
+    # without padding (SDPA's fused kernels), one causal mask built per call and sliced, RoPE tables cast once, the
+    # conditioning prefix through the layers once per call, and no module hooks per token (an FSDP2 model is
+    # gathered once per sampling call by `sample`).
+    def start(self, nb: int, prefix, mask, device, temp: float = 1.0, n_temp: int = 0) -> dict:
+        """Decoding state for nb sequences; the prefix (nb, L, W) goes into the caches now. `temp` divides the
+        attention logits of the last `n_temp` sequences (TARFlow's temperature of the unconditional branch)."""
+        dt = _compute_dtype(self, device)
+        Lmax, a = self.prefix + self.seq_len, self.layers[0].attn
+        st = dict(dtype=dt, kv=[torch.empty(2, nb, a.n_heads, Lmax, a.head_dim, device=device, dtype=dt)
+                                for _ in self.layers],  # (K | V, nb, H, positions, Dh) per layer
+                  key_mask=None if mask is None else torch.cat([mask, mask.new_ones(nb, 1, 1, self.seq_len)], -1),
+                  tril=torch.ones(Lmax, Lmax, dtype=torch.bool, device=device).tril(), qscale=None, cs=None,
+                  w=self._weights(dt))
+        if n_temp and temp != 1.0:
+            st["qscale"] = torch.cat([torch.ones(nb - n_temp), torch.full((n_temp,), 1 / temp)]).to(
+                device, dt).view(nb, 1, 1, 1)
+        if self.cfg.rope:
+            st["cs"] = (self.rope.cos.to(dt), self.rope.sin.to(dt))
+        if self.prefix:
+            self._layers(prefix, 0, st)
+        return st
+
+    def step(self, u: torch.Tensor, s: int, st: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stream positions s..s+n of input u (nb, n, D), after positions < s are in the caches -> (mu, log sigma)."""
+        n = u.shape[1]
+        h = F.linear(u.to(st["dtype"]), self.proj_in.weight, self.proj_in.bias)  # no module dispatch per token
+        if not self.cfg.rope:
+            h = h + self.pos[s:s + n]  # dtypes as in the training forward (fp32 after this add under autocast)
+        return self.head(self._layers(h, self.prefix + s, st))
+
+    def _layers(self, h: torch.Tensor, p0: int, st: dict) -> torch.Tensor:
+        """h (nb, n, W) at absolute positions p0..p0+n (prefix included) through every layer, writing the caches.
+        Plain matmuls on weights transposed and cast once per call (`_weights`): no module dispatch and no weight
+        cast per token, which dominate small batches."""
+        nb, n, W = h.shape
+        m = p0 + n
+        mask = st["key_mask"][..., :m] if st["key_mask"] is not None else None
+        if n > 1:  # the last n queries of m keys: causal among themselves
+            mask = st["tril"][p0:m, :m] if mask is None else mask & st["tril"][p0:m, :m]
+        h = h.reshape(nb * n, W)
+        for (n1, wqkv, bqkv, wo, bo, n2, w1, b1, w2, b2), KV in zip(st["w"], st["kv"]):
+            H, Dh = KV.shape[2], KV.shape[4]
+            qkv = torch.addmm(bqkv, F.layer_norm(h, (W,), *n1), wqkv).view(nb, n, 3, H, Dh).permute(2, 0, 3, 1, 4)
+            if st["cs"] is not None:  # (3, nb, H, n, Dh): rotate q and k together
+                qkv = torch.cat([_rotate(qkv[:2], st["cs"][0][p0:m], st["cs"][1][p0:m]), qkv[2:]])
+            KV[:, :, :, p0:m] = qkv[1:]  # keys and values in one write
+            q = qkv[0] if st["qscale"] is None else qkv[0] * st["qscale"]
+            y = F.scaled_dot_product_attention(q, KV[0, :, :, :m], KV[1, :, :, :m], attn_mask=mask)  # (nb, H, n, Dh)
+            h = h + torch.addmm(bo, y.transpose(1, 2).reshape(nb * n, W), wo)
+            h = h + torch.addmm(b2, F.gelu(torch.addmm(b1, F.layer_norm(h, (W,), *n2), w1)), w2)
+        return h.view(nb, n, W)
+
+    def _weights(self, dt: torch.dtype) -> list:
+        """Per layer: (norm1 args, W_qkv^T, b_qkv, W_o^T, b_o, norm2 args, W_1^T, b_1, W_2^T, b_2) in dtype dt."""
+        out = []
+        for layer in self.layers:
+            fc1, fc2 = layer.mlp[0], layer.mlp[2]
+            lin = [(lin.weight.t().to(dt), lin.bias.to(dt)) for lin in (layer.attn.qkv, layer.attn.proj, fc1, fc2)]
+            out.append(((layer.norm1.weight, layer.norm1.bias, layer.norm1.eps), *lin[0], *lin[1],
+                        (layer.norm2.weight, layer.norm2.bias, layer.norm2.eps), *lin[2], *lin[3]))
+        return out
+
     @torch.no_grad()
     def reverse(self, z: torch.Tensor, cond: dict, guidance: float = 0.0, rule: str = "starflow", what: str = "ab",
-                anneal: bool = False, chunk: int = 1, max_iter: int = 1, threshold: float = 0.0
-                ) -> tuple[torch.Tensor, int]:
+                anneal: bool = False, chunk: int = 1, max_iter: int = 1, threshold: float = 0.0,
+                attn_temp: float = 1.0) -> tuple[torch.Tensor, int]:
         """z (B, T, D) -> x, and the number of network evaluations. Jacobi decoding over chunks of `chunk` stream
-        positions: iterate x_chunk <- mu(x_<) + sigma(x_<) z_chunk on top of the cached prefix, rewinding the cache
-        between iterations. chunk = 1 is the sequential sampler (one step per token is then exact). Guidance (`guide`
-        with `rule`, `what`; `anneal` ramps w over the tokens) runs the conditional and null branches as one batch."""
+        positions: iterate x_chunk <- mu(x_<) + sigma(x_<) z_chunk on top of the cached prefix. chunk = 1 is the
+        sequential sampler. Guidance (`guide` with `rule`, `what`; `anneal` ramps w over the tokens) runs the
+        conditional and null branches as one batch; `attn_temp` != 1 tempers the null branch's attention (TARFlow),
+        which also gives an unconditional block a second branch to guide against.
+
+        Jacobi stops a chunk when every sample's relative change is below `threshold` (a batch mean lets one
+        large-scale sample hide the others' unconverged tokens), treats a non-finite iterate as unconverged (and
+        zeroes it so it cannot poison later positions), and redoes a chunk one token at a time if its last iterate
+        is still non-finite, so it never returns a non-finite sample where the sequential sampler would not."""
         B, T = z.shape[0], z.shape[1]
         z = _fp32(z.flip(1) if self.flip else z)
-        guided = guidance > 0 and self.prefix > 0
+        guided = guidance > 0 and (self.prefix > 0 or attn_temp != 1.0)
         if guided:
             cond = {**{k: torch.cat([v, v]) for k, v in cond.items()},
                     "null": torch.cat([cond["null"], torch.ones_like(cond["null"])])}
         nb = 2 * B if guided else B
         prefix, mask = self.embed_cond(cond)
-        dtype = self.proj_in.weight.dtype
-        caches = [layer.attn.new_cache(nb, self.prefix + T, z.device, dtype) for layer in self.layers]
+        st = self.start(nb, prefix, mask, z.device, attn_temp, B if guided else 0)
         x = z.clone()  # x_0 = z_0 for TARFlow; every other token is overwritten
         P, nfe = T - self.shift, 0  # stream positions
+
+        def update(s, e):  # one network evaluation of stream positions s..e -> the new tokens s+shift..e+shift
+            u = self.stream(x, s, e)
+            mu, log_sigma = self.step(torch.cat([u, u]) if guided else u, s, st)
+            if guided:
+                w = guidance * ((torch.arange(s, e, device=z.device) + 1) / P)[None, :, None] if anneal else guidance
+                mu, log_sigma = guide(mu[:B], log_sigma[:B], mu[B:], log_sigma[B:], w, rule, what)
+            return mu + log_sigma.exp() * z[:, s + self.shift:e + self.shift]
+
         for s in range(0, P, chunk):
             e = min(s + chunk, P)
-            for it in range(min(max_iter, e - s)):  # a chunk of n tokens is exact after n iterations
-                u = self.stream(x, s, e).to(dtype)
-                u = torch.cat([u, u]) if guided else u
-                mu, log_sigma = self.run(u, s, prefix if s == 0 else None, mask, caches)
+            t0, t1 = s + self.shift, e + self.shift
+            if e - s == 1:  # one token: exact in one step, no convergence test (no host sync)
+                x[:, t0:t1] = update(s, e)
                 nfe += 1
-                if guided:
-                    w = guidance * ((torch.arange(s, e, device=z.device) + 1) / P)[None, :, None] if anneal \
-                        else guidance
-                    mu, log_sigma = guide(mu[:B], log_sigma[:B], mu[B:], log_sigma[B:], w, rule, what)
-                t0, t1 = s + self.shift, e + self.shift
-                new = mu + log_sigma.exp() * z[:, t0:t1]
-                delta = (new - x[:, t0:t1]).square().mean() / new.square().mean().clamp(min=1e-12)
+                continue
+            n_iter = min(max_iter, e - s)  # a chunk of n tokens is exact after n iterations
+            for it in range(n_iter):
+                new = update(s, e)
+                nfe += 1
+                finite = torch.isfinite(new).all(2).all(1)  # (B,)
+                new = torch.nan_to_num(new, nan=0.0, posinf=0.0, neginf=0.0)
+                change = (new - x[:, t0:t1]).double().square().mean((1, 2)) / \
+                    new.double().square().mean((1, 2)).clamp(min=1e-12)
                 x[:, t0:t1] = new
-                if it == min(max_iter, e - s) - 1 or _all_ranks_done(delta < threshold):
+                if it == n_iter - 1 or _all_ranks_done((finite & (change < threshold)).all()):
                     break
-                for c in caches:  # forget this iteration's keys (and a prefix written with chunk 0): recompute them
-                    c.rewind(e - s + (self.prefix if s == 0 else 0))
+            if not _all_ranks_done(finite.all()):  # rare: finish this chunk exactly, one token at a time
+                for p in range(s, e):
+                    x[:, p + self.shift:p + self.shift + 1] = update(p, p + 1)
+                    nfe += 1
         return (x.flip(1) if self.flip else x), nfe
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """common.RoPE's rotation ("half split" pairs) with tables already sliced and cast: x (B, H, n, Dh)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def _compute_dtype(module: nn.Module, device) -> torch.dtype:
+    """The network's compute dtype: autocast's when it is on (bf16 sampling), else the weights' (bf16 under FSDP's
+    mixed precision, fp64 in tests)."""
+    dev = torch.device(device).type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return next(module.parameters()).dtype
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
@@ -307,7 +441,9 @@ def guide(mu_c, log_sigma_c, mu_u, log_sigma_u, w, rule: str = "starflow", what:
 
 
 class STARFlow(nn.Module):
-    """Patchify, then K FlowBlocks with alternating token order; the last (deep) block is next to the prior."""
+    """Patchify, then K FlowBlocks with alternating token order; the last (deep) block is next to the prior.
+    seq_order R2L: block i reads the tokens reversed when i is odd (TARFlow); L2R: when i is even, so the deep block
+    of an even stack reads them in raster order (ml-starflow transformer_flow.py:1083 and :1100)."""
 
     def __init__(self, cfg: Config, latent_channels: int, latent_size: int):
         super().__init__()
@@ -322,7 +458,7 @@ class STARFlow(nn.Module):
         self.T, self.D = side * side, latent_channels * cfg.patch_size ** 2
         K = len(cfg.layers)
         self.blocks = nn.ModuleList([
-            FlowBlock(cfg, n, self.T, self.D, (side, side), flip=i % 2 == 1,
+            FlowBlock(cfg, n, self.T, self.D, (side, side), flip=(i + (cfg.seq_order == "L2R")) % 2 == 1,
                       conditioned=(i == K - 1 or not cfg.cond_deep_only) and bool(cfg.num_classes or cfg.txt_dim))
             for i, n in enumerate(cfg.layers)])
 
@@ -337,8 +473,10 @@ class STARFlow(nn.Module):
         p, s = self.cfg.patch_size, self.S // self.cfg.patch_size
         return x.view(-1, s, s, p, p, self.C).permute(0, 5, 1, 3, 2, 4).reshape(-1, self.C, self.S, self.S)
 
-    def make_cond(self, y=None, text=None, text_mask=None, null=None, batch: int | None = None) -> dict:
-        """The conditioning dict every block takes; `null` marks samples given the null condition."""
+    def make_cond(self, y=None, text=None, text_mask=None, null=None, batch: int | None = None,
+                  check: bool = True) -> dict:
+        """The conditioning dict every block takes; `null` marks samples given the null condition. text_mask None =
+        no padding. check=False skips the label range check (a host sync; the trainer checks the data once)."""
         cfg = self.cfg
         B = batch or (y.shape[0] if y is not None else text.shape[0])
         dev = next(self.parameters()).device
@@ -348,21 +486,23 @@ class STARFlow(nn.Module):
                 raise ValueError(f"text embeddings must be (B, {cfg.txt_len}, {cfg.txt_dim}), got "
                                  f"{None if text is None else tuple(text.shape)}")
             cond["text"] = text
-            cond["text_mask"] = torch.ones(text.shape[:2], dtype=torch.bool, device=dev) if text_mask is None \
-                else text_mask.bool()
+            if text_mask is not None:
+                cond["text_mask"] = text_mask.bool()
         elif cfg.num_classes:
-            if y is None or y.min() < 0 or y.max() >= cfg.num_classes:
+            if y is None or (check and (y.min() < 0 or y.max() >= cfg.num_classes)):
                 raise ValueError(f"class labels must be in [0, {cfg.num_classes}), got "
                                  f"{None if y is None else (int(y.min()), int(y.max()))}")
             cond["y"] = y
         return cond
 
-    def forward(self, x: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, C, H, W) -> z (B, T, D), log|det| (B,) summed over blocks."""
+    def forward(self, x: torch.Tensor, cond: dict, states: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, C, H, W) -> z (B, T, D), log|det| (B,) summed over blocks; `states` collects each block's output."""
         z, logdet = self.patchify(x), 0.0
         for block in self.blocks:
             z, ld = block(z, cond)
             logdet = logdet + ld
+            if states is not None:
+                states.append(z)
         return z, logdet
 
     def log_prob(self, x, cond) -> torch.Tensor:
@@ -375,23 +515,38 @@ class STARFlow(nn.Module):
 # Loss
 
 
-def nll_loss(model, x, cond, noise_std: float = 0.0) -> torch.Tensor:
+def nll_loss(model, x, cond, noise_std: float = 0.0, latent_reg: float = 0.0) -> torch.Tensor:
     """TARFlow's objective: mean over dimensions of 0.5 z^2 - log|det| (up to the Gaussian constant).
 
     x: clean model-space inputs (pixels in [-1, 1], or scaled VAE latents); `noise_std` adds TARFlow's Gaussian noise
-    augmentation x + sigma eps, which training needs (pass cfg.noise_std: the sampler's denoising step assumes it).
-    cond: `model.make_cond(y, null=torch.rand(B) < cfg.label_drop)`, so the null branch of guidance is trained too."""
+    augmentation x + sigma eps, which training needs (pass cfg.noise_std: the sampler's denoising step assumes it;
+    pass 0 for inputs dequantised already, `dequantize_pixels`).
+    cond: `model.make_cond(y, null=torch.rand(B) < cfg.label_drop)`, so the null branch of guidance is trained too.
+    latent_reg: + latent_reg * sum of mean z^2 over the states between blocks (ml-starflow train.py:259-260, which
+    also sums the input's, a constant)."""
     if noise_std > 0:
         x = x + noise_std * torch.randn_like(x)
-    z, logdet = model(x, cond)
-    return 0.5 * _fp32(z).square().mean() - logdet.mean() / z[0].numel()
+    states = [] if latent_reg > 0 else None
+    z, logdet = model(x, cond, states)
+    loss = 0.5 * _fp32(z).square().mean() - logdet.mean() / z[0].numel()
+    if latent_reg > 0:
+        loss = loss + latent_reg * sum(_fp32(s).square().mean() for s in states[:-1])
+    return loss
 
 
-def bits_per_dim(nll_per_dim, pixels: bool):
-    """Per-dimension NLL in nats (without the Gaussian constant) -> bits/dim. For pixels in [-1, 1] from 8 bits the
-    density of the 0..255 scale adds log(127.5) per dimension."""
-    nats = nll_per_dim + 0.5 * math.log(2 * math.pi) + (math.log(127.5) if pixels else 0.0)
-    return nats / math.log(2)
+def dequantize_pixels(u: torch.Tensor, generator=None) -> torch.Tensor:
+    """TARFlow's uniform dequantisation of 8-bit pixels: (u + U[0,1)) / 128 - 1, in [-1, 1). Its density, times
+    128^D, is a lower bound on the discrete likelihood: the bits/dim published for pixel flows."""
+    noise = torch.rand(u.shape, generator=generator).to(u.device) if generator is not None else \
+        torch.rand(u.shape, device=u.device)
+    return (u.float() + noise) / 128.0 - 1
+
+
+def bits_per_dim(nll_per_dim, pixels: bool, uniform: bool = False):
+    """Per-dimension NLL in nats (without the Gaussian constant) -> bits/dim. Pixels in [-1, 1] from 8 bits add the
+    density of the 0..255 scale: log(127.5) per dimension, log(128) for uniformly dequantised ones."""
+    scale = (128.0 if uniform else 127.5) if pixels else 1.0
+    return (nll_per_dim + 0.5 * math.log(2 * math.pi) + math.log(scale)) / math.log(2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -405,27 +560,54 @@ def sample(model: STARFlow, cond: dict, cfg: Config, generator=None, z: torch.Te
     (B, C, H, W) and the number of sequential network evaluations."""
     B = cond["null"].shape[0]
     dev = next(model.parameters()).device
+    if cfg.guidance > 0 and cfg.attn_temp == 1 and not any(b.prefix for b in model.blocks):
+        raise ValueError(f"guidance {cfg.guidance} asked of a model without a condition (pass guidance 0, or "
+                         f"attn_temp != 1 for TARFlow's tempered unconditional branch)")
     if z is None:
         z = torch.randn(B, model.T, model.D, device=dev, generator=generator)
     chunk, iters = (cfg.jacobi_chunk, cfg.jacobi_max_iter) if cfg.sampler == "jacobi" else (1, 1)
     x, nfe = z, 0
-    for i, block in reversed(list(enumerate(model.blocks))):
-        w = cfg.guidance if (i == len(model.blocks) - 1 or cfg.guide_all_blocks) else 0.0
-        x, n = block.reverse(x, cond, w, cfg.guidance_rule, cfg.guide_what, cfg.guidance_anneal, chunk, iters,
-                             cfg.jacobi_threshold)
-        nfe += n
+    with _gathered(model):
+        for i, block in reversed(list(enumerate(model.blocks))):
+            w = cfg.guidance if (i == len(model.blocks) - 1 or cfg.guide_all_blocks) else 0.0
+            x, n = block.reverse(x, cond, w, cfg.guidance_rule, cfg.guide_what, cfg.guidance_anneal, chunk, iters,
+                                 cfg.jacobi_threshold, cfg.attn_temp)
+            nfe += n
     x = model.unpatchify(x)
-    if cfg.denoise and cfg.noise_std > 0:
+    # the score step undoes the Gaussian training noise; a fine-tuned decoder (STARFlow) takes noisy latents instead
+    if cfg.denoise and cfg.noise_std > 0 and cfg.dequant == "gaussian" and not cfg.decoder:
         x = denoise(model, x, cond, cfg.noise_std)
     return x, nfe
 
 
-def denoise(model: STARFlow, x: torch.Tensor, cond: dict, sigma: float) -> torch.Tensor:
-    """TARFlow's denoising, Tweedie's formula with the flow's own score: E[x_clean | x] = x + sigma^2 grad log p(x)."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        (score,) = torch.autograd.grad(model.log_prob(x, cond).sum(), x)
-    return (x + sigma ** 2 * score).detach()
+@contextlib.contextmanager
+def _gathered(model: nn.Module):
+    """An FSDP2-sharded model's weights gathered once for a whole sampling call (the decoder calls the blocks'
+    layers directly, so no per-token all-gather); a no-op for a plain module."""
+    mods = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+    for m in mods:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+
+
+def denoise(model: STARFlow, x: torch.Tensor, cond: dict, sigma: float, parts: int = 4) -> torch.Tensor:
+    """TARFlow's denoising, Tweedie's formula with the flow's own score: E[x_clean | x] = x + sigma^2 grad log p(x).
+    In `parts` sub-batches (ml-tarflow evaluate_fid.py:19 uses batch/4), in fp32, so it fits where sampling fits."""
+    out, B = [], x.shape[0]
+    n = max(1, -(-B // parts))
+    dev = x.device.type
+    for i in range(0, B, n):
+        c = {k: v[i:i + n] for k, v in cond.items()}
+        with torch.enable_grad(), torch.autocast(dev, enabled=False):
+            xb = x[i:i + n].detach().float() if x.dtype in (torch.float16, torch.bfloat16) else x[i:i + n].detach()
+            xb.requires_grad_(True)
+            (score,) = torch.autograd.grad(model.log_prob(xb, c).sum(), xb)
+        out.append((xb + sigma ** 2 * score).detach())
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -438,7 +620,13 @@ def load_vae(cfg: Config, device):
     if not cfg.vae:
         raise ValueError(f"--vae_family {cfg.vae_family} needs --vae PATH to the VAE weights")
     path = common.digits_vae(cfg.img_size) if cfg.vae == "digits" else cfg.vae  # trained once, about a minute
-    return common.load_vae(path, family=cfg.vae_family, device=device).eval()
+    vae = common.load_vae(path, family=cfg.vae_family, device=device).eval()
+    if cfg.decoder:  # STARFlow's decoder fine-tuned on noisy latents (--finetune_decoder)
+        state = common.load_checkpoint(cfg.decoder)
+        if state.get("kind") != "starflow-decoder":
+            raise ValueError(f"--decoder {cfg.decoder} is not a decoder written by --finetune_decoder")
+        vae.ae.load_state_dict({**vae.ae.state_dict(), **state["decoder"]})
+    return vae
 
 
 def latent_shape(cfg: Config, vae=None) -> tuple[int, int]:
@@ -453,31 +641,86 @@ def latent_shape(cfg: Config, vae=None) -> tuple[int, int]:
     return ch, cfg.img_size // down
 
 
+class _Rows(common.ArrayDataset):
+    """Rows `rows` (sorted) of an ArrayDataset, without copying memory-mapped arrays; sorted batch indices stay
+    sorted, so reads stay sequential."""
+
+    def __init__(self, data: common.ArrayDataset, rows: np.ndarray):
+        self.base, self.rows, self.arrays = data, rows, data.arrays
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, idx):
+        return self.base[self.rows[idx]]
+
+
 def load_data(cfg: Config, split: str = "train"):
-    """A Dataset of (image uint8 (C, H, W) or latent float (c, h, w), label[, text, text_mask])."""
+    """A Dataset of (image uint8 (C, H, W) or latent float (c, h, w), label[, text, text_mask]).
+
+    split: train | val | all. Held out: digits -> its fixed test split; else --val_data when given, or else a fixed
+    --val_frac of the rows of --data (seeded by 0, the same on every run and rank), which training never sees."""
     if cfg.data == "digits":
         if cfg.channels != 1:
             raise ValueError(f"digits have 1 channel, the config says {cfg.channels}")
-        x, y = common.load_digits(split, cfg.img_size)
+        x, y = common.load_digits("test" if split == "val" else "train", cfg.img_size)
         return common.ArrayDataset(x, y)
-    path = Path(cfg.data)
-    if path.is_dir() and (path / "latents.npy").exists():  # precomputed latents (memory-mapped)
-        a = common.load_arrays(path, ("latents", "labels"))
-        return common.ArrayDataset(a["latents"], a.get("labels", np.zeros(len(a["latents"]), dtype=np.int64)))
-    if path.is_dir():
+    if split == "val" and cfg.val_data:
+        return _read(cfg, cfg.val_data)
+    data = _read(cfg, cfg.data)
+    if split == "all" or (split == "train" and cfg.val_data):
+        return data
+    n = len(data)
+    val = np.sort(np.random.default_rng(0).permutation(n)[:max(1, round(cfg.val_frac * n))])
+    rows = val if split == "val" else np.setdiff1d(np.arange(n), val)
+    return _Rows(data, rows) if isinstance(data, common.ArrayDataset) else torch.utils.data.Subset(data, rows)
+
+
+def _read(cfg: Config, src: str):
+    path = Path(src)
+    keys = ("text", "text_mask") if cfg.txt_dim else ()
+    if path.is_dir() and (path / "latents.npy").exists():  # precomputed latents (memory-mapped, text too)
+        a = common.load_arrays(path, ("latents", "labels", *keys))
+        arrays = [a["latents"], a.get("labels", np.zeros(len(a["latents"]), dtype=np.int64))]
+    elif path.is_dir():
+        if cfg.txt_dim:
+            raise ValueError(f"{path}: an image folder has no captions; a text model takes an .npz or latent folder")
         return common.ImageFolder(path, cfg.img_size)
-    a = common.load_arrays(path, ("images", "labels", "text", "text_mask"))
-    images = a["images"]
-    if images.dtype != np.uint8:  # float arrays would pass for latents downstream: say so instead
-        raise ValueError(f"{path}: images must be uint8 (N, H, W, C), got {images.dtype} (precomputed latents go in "
-                         f"a latent folder: see --precompute)")
-    if images.ndim != 4 or images.shape[1:] != (cfg.img_size, cfg.img_size, cfg.channels):
-        raise ValueError(f"{path}: images must be (N, {cfg.img_size}, {cfg.img_size}, {cfg.channels}) uint8, got "
-                         f"{images.shape}")
-    arrays = [np.ascontiguousarray(images.transpose(0, 3, 1, 2)), a.get("labels", np.zeros(len(images), np.int64))]
+    else:
+        a = common.load_arrays(path, ("images", "labels", *keys))
+        images = a["images"]
+        if images.dtype != np.uint8:  # float arrays would pass for latents downstream: say so instead
+            raise ValueError(f"{path}: images must be uint8 (N, H, W, C), got {images.dtype} (precomputed latents go "
+                             f"in a latent folder: see --precompute)")
+        if images.ndim != 4 or images.shape[1:] != (cfg.img_size, cfg.img_size, cfg.channels):
+            raise ValueError(f"{path}: images must be (N, {cfg.img_size}, {cfg.img_size}, {cfg.channels}) uint8, "
+                             f"got {images.shape}")
+        arrays = [np.ascontiguousarray(images.transpose(0, 3, 1, 2)), a.get("labels", np.zeros(len(images), np.int64))]
     if cfg.txt_dim:
-        arrays += [a["text"].astype(np.float32), a["text_mask"].astype(bool)]
+        if "text" not in a or a["text"].shape[1:] != (cfg.txt_len, cfg.txt_dim):
+            raise ValueError(f"{path}: a text model needs `text` (N, {cfg.txt_len}, {cfg.txt_dim}), got "
+                             f"{a['text'].shape if 'text' in a else 'none'}")
+        mask = a.get("text_mask")
+        arrays += [a["text"], np.ones(a["text"].shape[:2], bool) if mask is None else mask]
     return common.ArrayDataset(*arrays)
+
+
+def text_padded(data) -> bool:
+    """Whether any caption of the data is padded (then attention needs key masks), read once, in slices."""
+    base = getattr(data, "base", getattr(data, "dataset", data))
+    if not isinstance(base, common.ArrayDataset) or len(base.arrays) < 4:
+        return False
+    m = base.arrays[3]
+    return not all(bool(np.all(m[i:i + 65536])) for i in range(0, len(m), 65536))
+
+
+def check_labels(cfg: Config, data):
+    """Class labels in range, checked once on the data (not per training step: that would be a host sync)."""
+    base = getattr(data, "base", getattr(data, "dataset", data))
+    if cfg.num_classes and isinstance(base, common.ArrayDataset):
+        y = np.asarray(base.arrays[1])
+        if len(y) and (y.min() < 0 or y.max() >= cfg.num_classes):
+            raise ValueError(f"class labels must be in [0, {cfg.num_classes}), the data has {y.min()}..{y.max()}")
 
 
 def _loader(data, start: int, count: int, bs: int, workers: int = 0):
@@ -494,34 +737,50 @@ def to_model_space(batch_x: torch.Tensor, vae) -> torch.Tensor:
     return x if vae is None else vae.encode(x)
 
 
-def batch_cond(model: STARFlow, batch, drop: float = 0.0) -> dict:
+def batch_cond(model: STARFlow, batch, drop: float = 0.0, padded: bool = True) -> dict:
+    """The condition of a data batch (x, y[, text, text_mask]); `padded` False drops the all-True text masks."""
     cfg = model.cfg
     y = batch[1].long() if cfg.num_classes else None
-    text, text_mask = (batch[2], batch[3]) if cfg.txt_dim else (None, None)
+    text, text_mask = (batch[2], batch[3] if padded else None) if cfg.txt_dim else (None, None)
     B = batch[0].shape[0]
     null = torch.rand(B, device=batch[0].device) < drop
-    return model.make_cond(y, text, text_mask, null, batch=B)
+    return model.make_cond(y, text, text_mask, null, batch=B, check=False)
+
+
+def eval_conditions(cfg: Config, data, n: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Labels and captions to sample for an evaluation: digits 0..9 in turn; otherwise those of the first n held-out
+    examples (repeated when fewer), so a text model samples from held-out captions."""
+    if cfg.data == "digits" or not len(data):
+        return torch.arange(n) % max(cfg.num_classes, 1), None, None
+    batch = data[np.arange(n) % len(data)] if isinstance(data, common.ArrayDataset) else \
+        [torch.stack([torch.as_tensor(data[i][k]) for i in np.arange(n) % len(data)]) for k in range(2)]
+    labels = torch.as_tensor(batch[1]).long() if cfg.num_classes else torch.zeros(n, dtype=torch.long)
+    if not cfg.txt_dim:
+        return labels, None, None
+    return labels, torch.as_tensor(batch[2]).float(), torch.as_tensor(batch[3]).bool()
 
 
 @torch.no_grad()
 def heldout_bpd(model: STARFlow, cfg: Config, data, vae, d: common.Dist, dequantize: bool, n_max: int = 2000,
                 bs: int = 256) -> float:
-    """Bits/dim on held-out data. Pixels: with uniform dequantisation, x = (u + U[0,1)) / 128 - 1 -- a proper bound
-    on the discrete likelihood (as ml-tarflow's evaluate_bpd.py); else with the training noise."""
+    """Bits/dim on held-out data. Pixels with `dequantize`: uniform dequantisation, x = (u + U[0,1)) / 128 - 1 -- a
+    bound on the discrete likelihood (as ml-tarflow's evaluate_bpd.py), the published kind; else the density of the
+    data with the training noise (Gaussian noise_std, or uniform under --dequant uniform)."""
     g = torch.Generator(device="cpu").manual_seed(1234)
     start, count = common.rank_split(min(len(data), n_max), d)
     tot = torch.zeros(2, device=d.device)
+    padded = text_padded(data)
+    uniform = dequantize or (cfg.dequant == "uniform" and vae is None)
     for batch in _loader(data, start, count, bs, cfg.num_workers):
         batch = [t.to(d.device) for t in batch]
-        if dequantize:
-            u = batch[0].float()
-            x = (u + torch.rand(u.shape, generator=g).to(d.device)) / 128.0 - 1
-            extra = math.log(128.0)
+        if uniform:
+            x = dequantize_pixels(batch[0], g)
         else:
             x = to_model_space(batch[0], vae)
             x = x + cfg.noise_std * torch.randn(x.shape, generator=g).to(d.device)
-            extra = math.log(127.5) if vae is None else 0.0
-        cond = batch_cond(model, batch)
+        extra = (math.log(128.0) if uniform else math.log(127.5)) if vae is None and batch[0].dtype == torch.uint8 \
+            else 0.0
+        cond = batch_cond(model, batch, padded=padded)
         nll = -model.log_prob(x, cond) / x[0].numel() + extra  # nats/dim, per sample
         tot += torch.stack([nll.sum(), torch.tensor(float(len(nll)), device=d.device)])
     if torch.distributed.is_initialized():
@@ -529,30 +788,52 @@ def heldout_bpd(model: STARFlow, cfg: Config, data, vae, d: common.Dist, dequant
     return (tot[0] / tot[1]).item() / math.log(2)
 
 
+def sample_batch(model: STARFlow, cfg: Config, device) -> int:
+    """The default sampling batch: the largest whose biggest KV cache (one block's, both guidance branches, in the
+    compute dtype) fits a quarter of the free accelerator memory, 4 GiB on CPU; at most 256. E.g. t2i256 in bf16:
+    24 layers x (K, V) x 1,152 positions x 3,072 x 2 bytes x 2 branches = 0.68 GB per sample -> about 30 on an
+    empty 80 GB H100 (in fp32 at the former fixed batch of 256 the cache alone would be 348 GB)."""
+    if cfg.sample_batch:
+        return cfg.sample_batch
+    dev = torch.device(device)
+    amp = cfg.amp and dev.type == "cuda"
+    nbytes = 2 if amp else next(model.parameters()).element_size()
+    per = max(2 * len(b.layers) * (b.prefix + b.seq_len) * cfg.width * nbytes * (2 if b.prefix or cfg.attn_temp != 1
+                                                                                  else 1) for b in model.blocks)
+    budget = torch.cuda.mem_get_info(dev)[0] / 4 if dev.type == "cuda" else 4 * 2 ** 30
+    return int(max(1, min(256, budget // per)))
+
+
 @torch.no_grad()
-def generate(model, cfg: Config, labels: torch.Tensor, vae, seed: int, text=None, text_mask=None, bs: int = 256):
-    """Samples as uint8 (N, C, H, W) for the given labels (or captions), in batches; returns (images, nfe)."""
+def generate(model, cfg: Config, labels: torch.Tensor, vae, seed: int, text=None, text_mask=None,
+             bs: int | None = None):
+    """Samples as uint8 (N, C, H, W) for the given labels (or captions), in batches (`sample_batch`); under --amp on
+    a GPU the network and its KV cache run in bf16, the flow's state in fp32. Returns (images, nfe)."""
     dev = next(model.parameters()).device
     g = torch.Generator(device=dev).manual_seed(seed)
+    bs = bs or sample_batch(model, cfg, dev)
+    padded = text_mask is not None and not bool(text_mask.all())
     out, nfe = [], 0
     for i in range(0, len(labels), bs):
         sl = slice(i, i + bs)
         cond = model.make_cond(labels[sl].to(dev) if cfg.num_classes else None,
                                None if text is None else text[sl].to(dev),
-                               None if text_mask is None else text_mask[sl].to(dev), batch=len(labels[sl]))
-        x, nfe = sample(model, cond, cfg, generator=g)
-        x = x if vae is None else vae.decode(x)
+                               text_mask[sl].to(dev) if padded else None, batch=len(labels[sl]))
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp and dev.type == "cuda"):
+            x, nfe = sample(model, cond, cfg, generator=g)
+        x = x.float() if vae is None else vae.decode(x.float())
         out.append(common.to_uint8(x).cpu())
     return torch.cat(out), nfe
 
 
 def evaluate(model, cfg: Config, vae, d: common.Dist, n_samples: int = 500) -> dict:
-    """Held-out bits/dim (+ dequantised for pixels); on digits also classifier accuracy and Frechet distance of
-    class-conditional samples, with the configured guidance and without."""
+    """Held-out bits/dim (load_data's "val" split): `bpd` with the training noise, and for 8-bit pixels
+    `bpd_dequantized` (uniform dequantisation: the published kind); on digits also classifier accuracy and Frechet
+    distance of class-conditional samples, with the configured guidance and without."""
     model.eval()
-    test = load_data(cfg, "test") if cfg.data == "digits" else load_data(cfg)
+    test = load_data(cfg, "val")
     out = {"bpd": heldout_bpd(model, cfg, test, vae, d, dequantize=False)}
-    if vae is None and cfg.data != "latents":
+    if vae is None and len(test) and test[0][0].dtype == torch.uint8:
         out["bpd_dequantized"] = heldout_bpd(model, cfg, test, vae, d, dequantize=True)
     if cfg.data == "digits" and cfg.num_classes:
         start, count = common.rank_split(n_samples, d)
@@ -587,11 +868,12 @@ def build(cfg: Config, device) -> tuple[STARFlow, object]:
 
 
 def precompute_latents(cfg: Config, src: str, d: common.Dist):
-    """Encode an image folder (or .npz) through the VAE once: <cfg.data>/latents.npy (N, c, h, w) + labels.npy."""
+    """Encode images (folder or .npz) through the VAE once: <cfg.data>/latents.npy (N, c, h, w) fp16 + labels.npy,
+    and the .npz's text.npy + text_mask.npy when it has captions (all memory-mapped when training)."""
     vae = load_vae(cfg, d.device)
     if vae is None:
         raise ValueError("--precompute needs --vae and --vae_family")
-    data = load_data(Config(**{**cfg.__dict__, "data": src}))
+    data = load_data(Config(**{**cfg.__dict__, "data": src, "val_data": ""}), "all")
     out = Path(cfg.data)
     out.mkdir(parents=True, exist_ok=True)
     start, count = common.rank_split(len(data), d)
@@ -605,7 +887,50 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
             np.save(out / "latents.npy", z["latents"])
             np.save(out / "labels.npy", z["labels"])
         (out / "latents.npz").unlink()
-        common.print0(f"wrote {out}/latents.npy and labels.npy")
+        written = ["latents.npy", "labels.npy"]
+        if isinstance(data, common.ArrayDataset) and len(data.arrays) == 4:  # captions, in the same row order
+            np.save(out / "text.npy", data.arrays[2])
+            np.save(out / "text_mask.npy", np.asarray(data.arrays[3], dtype=bool))
+            written += ["text.npy", "text_mask.npy"]
+        common.print0(f"wrote {out}/{{{','.join(written)}}}")
+
+
+def finetune_decoder(cfg: Config, steps: int, d: common.Dist) -> Path:
+    """STARFlow's decoder fine-tuning (paper Sec. 3.3; ml-starflow finetune_decoder.py:156-167): train the VAE decoder
+    to map noisy latents z + noise_std * eps to the image, so sampling can decode the flow's noisy samples directly
+    instead of taking the score step. Loss: MSE in [-1, 1] (ml-starflow adds LPIPS and a GAN loss, omitted here).
+    Writes <out_dir>/decoder.pt, for --decoder. Single process."""
+    vae = load_vae(dataclasses.replace(cfg, decoder=""), d.device)
+    if vae is None:
+        raise ValueError("--finetune_decoder needs a latent model (--vae, --vae_family)")
+    data = load_data(cfg)
+    if data[0][0].dtype != torch.uint8:
+        raise ValueError("--finetune_decoder needs images (an image folder, an .npz or digits), not latents")
+    ae = vae.ae
+    params = [p for m in (ae.decoder, ae.post_quant_conv) if m is not None for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, common.lr_lambda(dataclasses.replace(cfg, steps=steps)))
+    it, log = common.batches(data, cfg.batch_size, d, cfg.seed), []
+    for step in common.progress(range(steps), desc="decoder"):
+        x = common.to_float(next(it)[0].to(d.device))
+        z = vae.encode(x)
+        z = z + cfg.noise_std * torch.randn_like(z)
+        loss = F.mse_loss(ae.decode(z / vae.scaling_factor + vae.shift_factor), x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        log.append(loss.item())
+    path = Path(cfg.out_dir) / "decoder.pt"
+    keep = ("decoder.", "post_quant_conv.")
+    common.atomic_save({"kind": "starflow-decoder", "noise_std": cfg.noise_std, "steps": steps,
+                        "decoder": {k: v.detach().cpu() for k, v in ae.state_dict().items() if k.startswith(keep)}},
+                       path)
+    common.print0(f"decoder MSE {np.mean(log[:20]):.4f} -> {np.mean(log[-20:]):.4f} over {steps} steps; wrote {path}")
+    return path
 
 
 def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[STARFlow, Config]:
@@ -613,6 +938,8 @@ def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[STARFlow, Con
     (sampler, guidance, ...). `model.vae` is the VAE of a latent model (None in pixel space); it is kept out of the
     module tree, so the flow's state dict stays the flow's."""
     state = common.load_checkpoint(path)
+    if state.get("kind") == Config.NAME:  # checkpoints from before a model field existed
+        state["config"] = {**Config.LEGACY, **state["config"]}
     cfg = common.config_from_checkpoint(Config, state, overrides, what=str(path))
     model, vae = build(cfg, device)
     model.__dict__["vae"] = vae
@@ -625,6 +952,8 @@ def main(argv=None):
                        help="encode IMAGES (folder or .npz) through --vae into the latent folder --data")
         p.add_argument("--captions", metavar="NPZ", default=None,
                        help="text embeddings (`text`, `text_mask`) to --sample a text-conditional model from")
+        p.add_argument("--finetune_decoder", metavar="STEPS", type=int, default=0,
+                       help="fine-tune the VAE decoder on noisy latents for STEPS steps -> <out_dir>/decoder.pt")
     cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=extra, doc=__doc__)
     if args.plot:
         return common.print0(f"wrote {common.plot_log(args.plot)}")
@@ -633,6 +962,8 @@ def main(argv=None):
 
     if args.precompute:
         return precompute_latents(cfg, args.precompute, d)
+    if args.finetune_decoder:
+        return finetune_decoder(cfg, args.finetune_decoder, d)
 
     if args.sample or args.eval:
         model, cfg = from_checkpoint(ckpt, d.device, **overrides)
@@ -649,8 +980,9 @@ def main(argv=None):
                 raise ValueError("a text-conditional model samples from --captions NPZ (text, text_mask)")
             cap = common.load_arrays(args.captions, ("text", "text_mask"))
             idx = torch.arange(start, start + count) % len(cap["text"])  # captions repeat when n exceeds them
-            text, mask = (torch.as_tensor(cap[k][idx.numpy()]) for k in ("text", "text_mask"))
-            text = text.float()
+            text = torch.as_tensor(cap["text"][idx.numpy()]).float()
+            if "text_mask" in cap:
+                mask = torch.as_tensor(cap["text_mask"][idx.numpy()]).bool()
         imgs, nfe = generate(model, cfg, labels, vae, seed=cfg.seed + 1000 + d.rank, text=text, text_mask=mask)
         common.save_npz(args.out, d, images=imgs.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
         if d.is_main:  # and a look at the first ones
@@ -662,20 +994,29 @@ def main(argv=None):
     common.seed_all(cfg.seed)  # the same initial weights on every rank
     model, vae = build(cfg, d.device)
     data = load_data(cfg)
+    check_labels(cfg, data)
+    padded = text_padded(data)  # no padding anywhere: no key masks, fused attention kernels
+    held_out = load_data(cfg, "val")
     n_params = sum(p.numel() for p in model.parameters())
     common.print0(f"STARFlow ({cfg.param}) with {n_params / 1e6:.2f}M parameters, {model.T} tokens of {model.D} dims, "
-                  f"blocks {cfg.layers}")
+                  f"blocks {cfg.layers}; {len(data)} training / {len(held_out)} held-out examples")
+    uniform = cfg.dequant == "uniform"
 
     def loss_fn(net, batch):
-        x = to_model_space(batch[0], vae)
-        loss = nll_loss(net, x, batch_cond(model, batch, cfg.label_drop), cfg.noise_std)
-        return loss, {"bpd": bits_per_dim(loss.detach(), vae is None)}
+        if uniform and batch[0].dtype != torch.uint8:
+            raise ValueError("--dequant uniform needs 8-bit images")
+        x = dequantize_pixels(batch[0]) if uniform else to_model_space(batch[0], vae)
+        loss = nll_loss(net, x, batch_cond(model, batch, cfg.label_drop, padded), 0.0 if uniform else cfg.noise_std,
+                        cfg.latent_reg)
+        # the density of the training inputs: noise-augmented (gaussian) or dequantised (uniform) pixels / latents
+        pixels = vae is None and batch[0].dtype == torch.uint8
+        return loss, {f"bpd_{cfg.dequant}": bits_per_dim(loss.detach(), pixels, uniform)}
 
     def on_eval(step, model, ema):
         with ema.swap(model), common.full_params(model):
             res = evaluate(model, cfg, vae, d, n_samples=200)
-            labels = torch.arange(100) % max(cfg.num_classes, 1)
-            imgs, _ = generate(model, cfg, labels[:100], vae, seed=0)
+            labels, text, mask = eval_conditions(cfg, held_out, 100)  # held-out captions for a text model
+            imgs, _ = generate(model, cfg, labels, vae, seed=0, text=text, text_mask=mask)
         if d.is_main:
             zoom = max(1, 64 // imgs.shape[-1])  # tiny images: enlarge the grid so it can be looked at
             imgs = imgs.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
