@@ -351,6 +351,93 @@ def bench_mogfn(device):
         yield dict(ratio=f"mogfn vectorised environment over per-object Python stepping at B={B}", value=obj / vec)
 
 
+@bench("arflow")
+def bench_arflow(device):
+    """ARFlow: a training step with hybrid attention against the full-softmax baseline over the same S images, at the
+    digits demo size and as S grows (hybrid: linear in S; softmax: quadratic in its attention); then sampling time and
+    memory against the number of steps (hybrid: a fixed-size state; softmax: a KV cache that grows every step)."""
+    import dataclasses
+
+    import arflow as af
+
+    def model(cfg, perturb=0.02):
+        torch.manual_seed(0)
+        m = af.ARFlow(cfg, cfg.channels, cfg.img_size).to(device)
+        with torch.no_grad():  # off the identity init, so every branch computes something
+            for p in m.parameters():
+                p.add_(perturb * torch.randn_like(p))
+        return m
+
+    def train_ms(cfg, B):
+        m = model(cfg)
+        g = torch.Generator().manual_seed(0)
+        S, C, H = cfg.seq_len, cfg.channels, cfg.img_size
+        x, eps = (torch.randn(B, S, C, H, H, generator=g).to(device) for _ in range(2))
+        t = torch.rand(B, S, generator=g).sort(1).values.to(device)
+        y = torch.arange(B, device=device) % cfg.num_classes
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+        def step():
+            af.flow_loss(m, x, t, eps, y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return timeit(step, device, 1, 3), m
+
+    # 1. the digits demo (8x8, 16 tokens per image, S = 5)
+    demo = af.Config(**af.PRESETS["digits"])
+    ms = {}
+    for att in ("hybrid", "softmax"):
+        ms[att], _ = train_ms(dataclasses.replace(demo, attention=att), demo.batch_size)
+        yield dict(model="arflow", variant=f"digits train step, {att}", ms=ms[att],
+                   per_s=demo.batch_size / ms[att] * 1e3, mem=peak_mb(device),
+                   note=f"B={demo.batch_size} sequences x S=5 images x 4 tokens")
+    yield dict(ratio="arflow digits train step, full softmax / hybrid at S=5", value=ms["softmax"] / ms["hybrid"])
+
+    # 2. growth with S at 64 tokens per image (16x16, patch 2): where the cross-image attention is a real cost
+    big = dataclasses.replace(af.Config(data="synthetic.npz", img_size=16, channels=4, num_classes=10),
+                              width=128 if device.type == "cpu" else 512, heads=4 if device.type == "cpu" else 8,
+                              depth=2 if device.type == "cpu" else 8)
+    B = 4 if device.type == "cpu" else 16
+    grid = (5, 10, 20, 40) if device.type == "cpu" else (5, 10, 20, 40, 80)
+    times = {att: {} for att in ("hybrid", "softmax")}
+    for S in grid:
+        for att in times:
+            times[att][S], _ = train_ms(dataclasses.replace(big, attention=att, seq_len=S), B)
+            yield dict(model="arflow", variant=f"train step S={S}, {att}", ms=times[att][S],
+                       per_s=B * S / times[att][S] * 1e3, mem=peak_mb(device),
+                       note=f"images/s; B={B}, 64 tokens/image, width {big.width}, depth {big.depth}")
+    for att in times:
+        yield dict(ratio=f"arflow {att} train step time S={grid[-1]} / S=5 (S x{grid[-1] // 5})",
+                   value=times[att][grid[-1]] / times[att][5])
+    yield dict(ratio="arflow full softmax / hybrid train step at S=5 (64 tokens/image)",
+               value=times["softmax"][5] / times["hybrid"][5])
+    yield dict(ratio=f"arflow full softmax / hybrid train step at S={grid[-1]} (64 tokens/image)",
+               value=times["softmax"][grid[-1]] / times["hybrid"][grid[-1]])
+
+    # 3. sampling: time and memory against the number of steps (guided: 2B rows), 64 tokens per image
+    Bs = 16
+    y = torch.arange(Bs, device=device) % 10
+    res = {}
+    for att in ("hybrid", "softmax"):
+        m = model(dataclasses.replace(big, attention=att)).eval()
+        for steps in (25, 50, 100, 200):
+            cfg = dataclasses.replace(big, attention=att, sampler="euler", sample_steps=steps, guidance=2.0)
+            z = torch.randn(Bs, 4, 16, 16, device=device)
+            peak_mb(device)  # reset the peak
+            t = timeit(lambda m=m, cfg=cfg, z=z: af.sample(m, y, cfg, z=z), device, 0, 1)
+            state = m.new_state(2 * Bs, steps + 1)
+            state_mb = sum((s.k.numel() + s.v.numel()) * s.k.element_size() if att == "softmax"
+                           else 2 * Bs * big.heads * (big.width // big.heads) ** 2 * 4 for s in state) / 2**20
+            res[att, steps] = (t, state_mb)
+            yield dict(model="arflow", variant=f"sample {steps} steps, {att}", ms=t, per_s=Bs / t * 1e3,
+                       mem=peak_mb(device), note=f"B={Bs} guided; attention state {state_mb:.2f} MB")
+    for att in ("hybrid", "softmax"):
+        yield dict(ratio=f"arflow {att} sampling time 200 / 25 steps (x8 steps)",
+                   value=res[att, 200][0] / res[att, 25][0])
+        yield dict(ratio=f"arflow {att} attention-state memory 200 / 25 steps",
+                   value=res[att, 200][1] / res[att, 25][1])
+
+
 def _wanvae_peak(arch, T, size, device):
     """(peak MB above the weights and the input, ms) of one encode + decode of a (1, C, T, size, size) video."""
     import resource

@@ -1,0 +1,323 @@
+"""arflow.py: hybrid attention (parallel = recurrent, causal across images, bidirectional inside one), guidance,
+samplers, the sequence sampler, training, CLI (resume, sample, eval, torchrun), latents, bad inputs."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import arflow as af
+import common
+from conftest import ROOT
+
+TINY = dict(data="synthetic.npz", width=32, heads=4, depth=2, img_size=4, channels=2, patch_size=2, num_classes=5)
+MODES = ["hybrid", "softmax"]
+
+
+def _model(attention="hybrid", perturb=0.1, seed=0, **kw):
+    cfg = af.Config(**{**TINY, "attention": attention, **kw})
+    torch.manual_seed(seed)
+    m = af.ARFlow(cfg, cfg.channels, cfg.img_size).eval()
+    with torch.no_grad():  # away from adaLN-Zero's identity init, so the attention matters
+        for p in m.parameters():
+            p.add_(perturb * torch.randn_like(p))
+        for b in m.blocks:  # strong, varied gates: lambda_i far from 1, so a misplaced decay shows
+            if attention == "hybrid":
+                b.attn.gate.weight.mul_(40)
+    return m, cfg
+
+
+def _inputs(cfg, B=3, S=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, S, cfg.channels, cfg.img_size, cfg.img_size, generator=g)
+    t = torch.rand(B, S, generator=g).sort(1).values
+    return x, t, torch.tensor([1, 4, cfg.num_classes])[:B]  # the last one is the null label
+
+
+@pytest.mark.parametrize("attention", MODES)
+def test_parallel_form_equals_recurrent_form(attention):
+    m, cfg = _model(attention)
+    x, t, y = _inputs(cfg)
+    B, S = x.shape[:2]
+    with torch.no_grad():
+        # one layer: all images at once against one image per call with the carried state
+        attn = m.blocks[0].attn
+        h, c = torch.randn(B, S, m.N, cfg.width), torch.randn(B, S, cfg.width)
+        par = attn(h, c)
+        state = m.new_state(B, S)[0]
+        rec = torch.cat([attn(h[:, i:i + 1], c[:, i:i + 1], state) for i in range(S)], 1)
+        assert (par - rec).abs().max() < 1e-5
+        if attention == "hybrid":
+            lam = torch.exp(af.F.logsigmoid(attn.gate(h + c[:, :, None])).mean(2) / af.GATE_NORM)  # (B, S, H)
+            assert lam.min() < 0.5 < lam.max()  # the decays the test exercises are far from 1
+        # the whole network
+        par = m(x, t, y)
+        state = m.new_state(B, S)
+        rec = torch.cat([m(x[:, i:i + 1], t[:, i:i + 1], y, state) for i in range(S)], 1)
+        assert (par - rec).abs().max() < 1e-5
+        # and the state carries something: image 3 without its predecessors is another output
+        alone = m(x[:, 3:4], t[:, 3:4], y, m.new_state(B, S))
+        assert (alone[:, 0] - par[:, 3]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("attention", MODES)
+def test_image_depends_on_earlier_images_only(attention):
+    m, cfg = _model(attention)
+    x, t, y = _inputs(cfg)
+    x2 = x.clone()
+    x2[:, 2] += torch.randn_like(x2[:, 2])  # change image 2 only
+    with torch.no_grad():
+        a, b = m(x, t, y), m(x2, t, y)
+    diff = (a - b).abs().amax((0, 2, 3, 4))  # per image
+    assert diff[:2].max() < 1e-6, diff  # images before it do not see it
+    assert diff[3:].min() > 1e-2, diff  # images after it do
+
+
+@pytest.mark.parametrize("attention", MODES)
+def test_attention_within_an_image_is_bidirectional(attention):
+    m, cfg = _model(attention, img_size=6, data="synthetic.npz")  # 3x3 patches per image
+    x, t, y = _inputs(cfg)
+    x2 = x.clone()
+    x2[:, 1, :, -2:, -2:] += 1.0  # the last patch (bottom right) of image 1
+    with torch.no_grad():
+        a, b = m(x, t, y), m(x2, t, y)
+    assert (a[:, 1, :, :2, :2] - b[:, 1, :, :2, :2]).abs().max() > 1e-2  # reaches the first patch of image 1
+    assert (a[:, 0] - b[:, 0]).abs().max() < 1e-6
+
+
+def test_guidance_w1_is_the_conditional_prediction_and_guides_all_channels():
+    m, cfg = _model(channels=4)  # 4 channels, like SD latents: the reference would guide only 3
+    y = torch.tensor([0, 3])
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    c = dataclasses.replace(cfg, sampler="sde", sample_steps=6, guidance=1.0)
+    plain = af.sample(m, y, c, torch.Generator().manual_seed(5), z=z, guided=False)
+    batched = af.sample(m, y, c, torch.Generator().manual_seed(5), z=z, guided=True)  # cond + null batch, w = 1
+    torch.testing.assert_close(batched, plain, atol=1e-5, rtol=0)
+    # w = 2.5 over a few steps: v_u + w (v_c - v_u) against separate cond and null runs, every channel
+    w, null = 2.5, torch.full_like(y, cfg.num_classes)
+    sg, sc, su = m.new_state(4, 4), m.new_state(2, 4), m.new_state(2, 4)
+    for k, t in enumerate((0.0, 0.3, 0.6)):
+        x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(k))
+        v = af.velocity(m, x, t, y, sg, w, guided=True)
+        v_c, v_u = af.velocity(m, x, t, y, sc, w, False), af.velocity(m, x, t, null, su, w, False)
+        torch.testing.assert_close(v, v_u + w * (v_c - v_u), atol=1e-5, rtol=0)
+        assert ((v - v_c).abs().amax((0, 2, 3)) > 1e-3).all()  # every channel is guided
+
+
+def test_sde_without_noise_is_the_euler_ode():
+    m, cfg = _model()
+    y = torch.tensor([1, 2, 0])
+    z = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    base = dataclasses.replace(cfg, sample_steps=8, last_step=0.04)
+    euler = af.sample(m, y, dataclasses.replace(base, sampler="euler"), z=z)
+    quiet = af.sample(m, y, dataclasses.replace(base, sampler="sde", diffusion_norm=0.0), torch.Generator(), z=z)
+    assert torch.equal(quiet, euler)
+    noisy = af.sample(m, y, dataclasses.replace(base, sampler="sde"), torch.Generator().manual_seed(0), z=z)
+    heun = af.sample(m, y, dataclasses.replace(base, sampler="heun"), z=z)
+    assert (noisy - euler).abs().max() > 1e-2 and (heun - euler).abs().max() > 1e-3
+    ts = af.time_grid(250, 0.04)  # the reference grid: 249 uniform steps to 0.96, then one of 0.04
+    assert len(ts) == 251 and abs(ts[-2] - 0.96) < 1e-12 and ts[-1] == 1.0
+    assert af.time_grid(4, 0.0) == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+@pytest.mark.parametrize("attention", MODES)
+def test_sampling_state_is_flat_in_steps_for_hybrid_only(attention):
+    m, cfg = _model(attention)
+    y = torch.tensor([1, 2])
+    state = m.new_state(2, 40)
+
+    def size():
+        return sum(s.len * s.k[0, 0, 0].numel() * 2 if isinstance(s, common.KVCache) else s.S.numel() for s in state)
+    x = torch.randn(2, 2, 4, 4)
+    sizes = []
+    for k in range(30):
+        af.velocity(m, x, k / 30, y, state, 1.0, False)
+        sizes.append(size())
+    if attention == "hybrid":
+        assert sizes[1] == sizes[-1]  # the recurrent state does not grow
+    else:
+        assert sizes[-1] == 30 * sizes[0]  # the KV cache grows by one image per step
+
+
+def test_sequence_sampler_distinct_same_class_flips_world_size_and_resume():
+    g = np.random.default_rng(0)
+    n, S, C = 60, 4, 3
+    x = g.integers(0, 256, (n, 1, 4, 4), dtype=np.uint8)  # random images: each one and its mirror are unique
+    y = np.repeat(np.arange(C), n // C)
+    cfg = af.Config(data="synthetic.npz", img_size=4, num_classes=C, seq_len=S, batch_size=8, hflip=True, seed=3,
+                    label_drop=0.5)
+    one = af.SequenceSampler(x, None, y, cfg, (1, 4, 4))
+    ref, mir = torch.from_numpy(x).flatten(1), torch.from_numpy(x).flip(-1).flatten(1)
+    flips, classes, nulls = [], set(), []
+    for batch in (one.batch(s) for s in range(10)):
+        xb, yb, t, eps, null = batch
+        assert xb.shape == (8, S, 1, 4, 4) and eps.shape == (8, S, 1, 4, 4) and (t.diff(dim=1) >= 0).all()
+        for seq, label in zip(xb, yb):
+            hits = [(torch.where((ref == im.flatten()).all(1))[0], torch.where((mir == im.flatten()).all(1))[0])
+                    for im in seq]
+            idx = [int(a[0]) if len(a) else int(b[0]) for a, b in hits]
+            flips += [len(a) == 0 for a, _ in hits]
+            assert len(set(idx)) == S and all(y[i] == label for i in idx)  # S distinct images of its class
+        classes |= set(yb.tolist())
+        nulls += null.tolist()
+    assert 0.3 < np.mean(flips) < 0.7 and classes == set(range(C)) and 0.2 < np.mean(nulls) < 0.8
+    # the global batch does not depend on the world size; a restart at step 4 is the same stream
+    two = [af.SequenceSampler(x, None, y, cfg, (1, 4, 4), rank=r, world=2) for r in range(2)]
+    for a, b0, b1 in zip(one.batch(7), two[0].batch(7), two[1].batch(7)):
+        assert torch.equal(a, torch.cat([b0, b1]))
+    it = one(4)
+    for a, b in zip(next(it), one.batch(4)):
+        assert torch.equal(a, b)
+    plain = af.SequenceSampler(x, None, y, dataclasses.replace(cfg, hflip=False), (1, 4, 4)).batch(0)[0]
+    assert all((ref == im.flatten()).all(1).any() for im in plain.flatten(0, 1))  # no flips unless asked
+    with pytest.raises(ValueError, match="--seq_len 30: class 0 has only 20 images"):
+        af.SequenceSampler(x, None, y, dataclasses.replace(cfg, seq_len=30), (1, 4, 4))
+
+
+def test_short_training_lowers_heldout_loss(tmp_path):
+    cfg = af.Config(out_dir=str(tmp_path), steps=60, batch_size=16, lr=2e-3, warmup=10, width=32, heads=2, depth=2,
+                    log_every=0, eval_every=0, ckpt_every=0, ema_decay=0.0)
+    d = common.Dist()
+    common.seed_all(0)
+    model, vae = af.build(cfg, d.device)
+    before = af.heldout_loss(model, cfg, vae, d)
+    x, x_flip, y = af.load_data(cfg)
+    data = af.SequenceSampler(x, x_flip, y, cfg, (1, 8, 8))
+    common.train(cfg, model, lambda net, b: (af.batch_loss(net, b, 10), {}), data, d)
+    after = af.heldout_loss(model, cfg, vae, d)
+    assert before - after > 0.6, (before, after)  # measured: 1.72 -> 0.97 (a zero velocity scores 1.72)
+
+
+def test_sizes_and_presets():
+    assert af.ARCHS["XL/2"] == dict(depth=28, width=1152, heads=18, patch_size=2)  # 18 heads of 64
+    assert af.ARCHS["B/4"] == dict(depth=12, width=768, heads=12, patch_size=4) and len(af.ARCHS) == 12
+    big = af.Config(**af.PRESETS["imagenet128"])
+    assert (big.seq_len, big.lr, big.weight_decay, big.grad_clip_value, big.ema_decay) == (5, 1e-4, 0.02, 3.0, 0.9999)
+    assert af.latent_shape(big) == (4, 16) and af.latent_shape(af.Config(**af.PRESETS["imagenet256"])) == (4, 32)
+    demo = af.Config(**af.PRESETS["digits"])
+    assert af.ARFlow(demo, 1, 8).N == 4 and not demo.hflip  # mirrored digits are not digits
+
+
+def test_value_clipping_optimizer_clamps_each_gradient_element():
+    m, cfg = _model()
+    c = dataclasses.replace(cfg, grad_clip_value=1e-3, lr=0.1, weight_decay=0.0)
+    opt = af.ValueClippedAdamW(m, c)
+    ref = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for p in m.parameters():
+        p.grad = torch.randn_like(p) * 10
+    clamped = [p.grad.clamp(-1e-3, 1e-3) for p in m.parameters()]
+    twin = [torch.nn.Parameter(ref[n].clone()) for n, _ in m.named_parameters()]
+    for p, gr in zip(twin, clamped):
+        p.grad = gr
+    opt.step()
+    torch.optim.AdamW(twin, lr=0.1, betas=(c.beta1, c.beta2), weight_decay=0.0).step()
+    for (n, p), q in zip(m.named_parameters(), twin):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-7, rtol=0, msg=n)
+
+
+SMALL = ["--width", "32", "--heads", "2", "--depth", "1", "--batch_size", "8", "--log_every", "2", "--eval_every",
+         "0", "--ckpt_every", "0", "--eval_n", "20", "--eval_guidance", "1,2", "--sample_steps", "4", "--warmup", "2"]
+
+
+def _run(argv, capsys):
+    af.main([str(a) for a in argv])
+    return capsys.readouterr().out
+
+
+def test_cli_resume_equals_uninterrupted_then_sample_and_eval(tmp_path, capsys):
+    _run(SMALL + ["--steps", 6, "--out_dir", tmp_path / "a"], capsys)
+    _run(SMALL + ["--steps", 6, "--stop_after", 3, "--out_dir", tmp_path / "b"], capsys)
+    assert common.load_checkpoint(tmp_path / "b" / "ckpt.pt")["step"] == 3
+    _run(SMALL + ["--steps", 6, "--out_dir", tmp_path / "b", "--resume"], capsys)
+    a, b = (common.load_checkpoint(tmp_path / p / "ckpt.pt") for p in ("a", "b"))
+    assert b["step"] == 6 and a["model"].keys() == b["model"].keys()
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert (tmp_path / "a" / "samples.png").exists()
+    out = tmp_path / "s.npz"
+    _run(["--sample", "--ckpt", tmp_path / "a" / "ckpt.pt", "--n", 12, "--out", out, "--guidance", 2, "--sampler",
+          "heun"], capsys)
+    with np.load(out) as f:
+        assert f["images"].shape == (12, 8, 8, 1) and f["images"].dtype == np.uint8
+        assert f["labels"].tolist() == [i % 10 for i in range(12)] and f["images"].std() > 1
+    res = json.loads(_run(["--eval", "--ckpt", tmp_path / "a" / "ckpt.pt"], capsys).strip().splitlines()[-1])
+    assert {"val_loss", "fd_w1", "accuracy_w2", "fd_floor", "best_guidance"} <= res.keys()
+    assert 0 <= res["accuracy_w1"] <= 1 and res["fd_best"] == min(res["fd_w1"], res["fd_w2"])
+
+
+def test_torchrun_two_processes_match_single_process(tmp_path, capsys):
+    _run(SMALL + ["--steps", 4, "--out_dir", tmp_path / "one", "--eval_n", 10], capsys)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(ROOT / "arflow.py")]
+    args = [str(a) for a in SMALL + ["--steps", 4, "--out_dir", tmp_path / "two", "--eval_n", 10]]
+    r = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "accuracy_w2" in r.stdout  # the end-of-training evaluation ran on both ranks
+    a, b = (common.load_checkpoint(tmp_path / p / "ckpt.pt") for p in ("one", "two"))
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=2e-5, rtol=0, msg=k)
+
+
+def test_latents_precompute_flip_and_decode(tmp_path):
+    folder = common.train_vae(tmp_path, steps=0)  # an untrained VAE is a latent space: 16x16 digits -> 4x8x8
+    x, y = common.load_digits("test", 16)
+    np.savez(tmp_path / "imgs.npz", images=x[:20].permute(0, 2, 3, 1).numpy(), labels=y[:20].numpy())
+    cfg = af.Config(data=str(tmp_path / "lat"), img_size=16, vae=folder, vae_family="sd", width=32, heads=2, depth=1,
+                    sample_steps=3, seq_len=1, hflip=True)
+    af.precompute_latents(cfg, str(tmp_path / "imgs.npz"), common.Dist())
+    lat, lat_flip, lab = af.load_data(cfg)
+    vae = af.load_vae(cfg, "cpu")
+    imgs = common.to_float(x[:20])
+    torch.testing.assert_close(torch.tensor(lat).float(), vae.encode(imgs), atol=2e-2, rtol=0)  # fp16
+    torch.testing.assert_close(torch.tensor(lat_flip).float(), vae.encode(imgs.flip(-1)), atol=2e-2, rtol=0)
+    assert np.array_equal(lab, y[:20].numpy())
+    model, _ = af.build(cfg, "cpu")
+    assert (model.C, model.side) == (4, 8)
+    batch = af.SequenceSampler(lat, lat_flip, lab, dataclasses.replace(cfg, batch_size=64), (4, 8, 8)).batch(0)[0]
+    pool = torch.cat([torch.tensor(lat), torch.tensor(lat_flip)]).flatten(1)
+    is_flip = [bool((pool[20:] == b.flatten()).all(1).any()) for b in batch[:, 0]]
+    assert all((pool == b.flatten()).all(1).any() for b in batch[:, 0]) and 0 < sum(is_flip) < 64  # encoded mirrors
+    out = af.generate(model.eval(), cfg, torch.tensor([0, 5, 9]), vae, seed=0)
+    assert out.shape == (3, 1, 16, 16) and out.dtype == torch.uint8
+
+
+def _error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        common.run(lambda: af.main([str(a) for a in argv]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    return err
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path, capsys):
+    out = ["--out_dir", tmp_path / "o"]
+    assert _error(["--patch_size", 3] + out, capsys) == "error: --img_size 8 is not divisible by --patch_size 3"
+    assert _error(["--channels", 3] + out, capsys).startswith("error: digits have 1 channel, 10 classes")
+    assert _error(["--width", 30, "--heads", 4] + out, capsys) == "error: --width 30 is not divisible by --heads 4"
+    assert _error(["--attention", "linear"] + out, capsys) == \
+        "error: --attention 'linear' is not one of: hybrid, softmax"
+    assert _error(["--seq_len", 500, "--steps", 1] + out, capsys).startswith("error: --seq_len 500: class 0 has only")
+    assert _error(["--sample", "--ckpt", tmp_path / "missing.pt"], capsys) == \
+        f"error: no checkpoint at {tmp_path / 'missing.pt'}"
+    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 8, 8, 3), np.uint8), labels=np.zeros(4, np.int64))
+    assert _error(["--data", tmp_path / "bad.npz", "--steps", 1] + out, capsys) == \
+        f"error: {tmp_path / 'bad.npz'}: images must be (N, 8, 8, 1) uint8, got (4, 8, 8, 3)"
+    np.savez(tmp_path / "lab.npz", images=np.zeros((4, 8, 8, 1), np.uint8), labels=np.array([0, 1, 2, 12]))
+    assert "needs one label in [0, 10)" in _error(["--data", tmp_path / "lab.npz", "--steps", 1] + out, capsys)
+    other = {"kind": "starflow", "config": {}, "model": {}}
+    torch.save(other, tmp_path / "other.pt")
+    assert _error(["--eval", "--ckpt", tmp_path / "other.pt"], capsys) == \
+        "error: --ckpt is a starflow checkpoint, not arflow"
+    m, cfg = _model()
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 5\)"):
+        af.generate(m, cfg, torch.tensor([3, 5]), None, seed=0)
+    with pytest.raises(ValueError, match=r"expected x \(B, S, 2, 4, 4\)"):
+        m(torch.randn(1, 2, 3, 4, 4), torch.rand(1, 2), torch.tensor([1]))
+    with pytest.raises(ValueError, match="--width 32 is not divisible by --heads 3"):
+        dataclasses.replace(cfg, heads=3)
