@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -584,14 +583,6 @@ def generate(model: ARFlow, cfg: Config, labels: torch.Tensor, vae, seed: int, b
     return torch.cat(out) if out else torch.zeros(0, cfg.channels, cfg.img_size, cfg.img_size, dtype=torch.uint8)
 
 
-def _gather(t: torch.Tensor, d: common.Dist) -> torch.Tensor:
-    if not d.distributed:
-        return t
-    parts = [None] * d.world_size
-    dist.all_gather_object(parts, t.cpu())
-    return torch.cat(parts)
-
-
 @torch.no_grad()
 def heldout_loss(model: ARFlow, cfg: Config, vae, d: common.Dist, batches: int = 4) -> float:
     """The flow-matching loss on fixed sequences (digits: the test split; other data: the training data), with the
@@ -615,9 +606,10 @@ def evaluate(model: ARFlow, cfg: Config, vae, d: common.Dist, n: int | None = No
     if cfg.data == "digits":
         start, count = common.rank_split(n or cfg.eval_n, d)
         labels = torch.arange(start, start + count) % cfg.num_classes
-        fds, all_labels = {}, _gather(labels, d)
+        fds, all_labels = {}, common.gather(labels, d)
         for w in cfg.eval_guidance:
-            imgs = _gather(generate(model, dataclasses.replace(cfg, guidance=w), labels, vae, cfg.seed + 7 + d.rank), d)
+            imgs = generate(model, dataclasses.replace(cfg, guidance=w), labels, vae, cfg.seed + 7 + d.rank)
+            imgs = common.gather(imgs, d)
             if d.is_main:
                 m = common.digits_metrics(imgs, all_labels)
                 out.update({f"fd_w{w:g}": m["fd"], f"accuracy_w{w:g}": m["accuracy"], "fd_floor": m["fd_floor"]})
@@ -674,13 +666,8 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
         lab.append(torch.as_tensor(yb))
     out = Path(cfg.data)
     out.mkdir(parents=True, exist_ok=True)
-    common.save_npz(out / "latents.npz", d, latents=torch.cat(lat).numpy(), latents_flip=torch.cat(flip).numpy(),
-                    labels=torch.cat(lab).numpy())
-    if d.is_main:
-        with np.load(out / "latents.npz") as z:
-            for k in ("latents", "latents_flip", "labels"):
-                np.save(out / f"{k}.npy", z[k])
-        (out / "latents.npz").unlink()
+    common.save_npy_folder(out, d, latents=torch.cat(lat).numpy(), latents_flip=torch.cat(flip).numpy(),
+                           labels=torch.cat(lab).numpy())
     common.print0(f"wrote {out}/latents.npy, latents_flip.npy and labels.npy")
 
 

@@ -1708,6 +1708,29 @@ def save_npz(path: str | Path, d: Dist, **arrays: np.ndarray):
     dist.barrier()
 
 
+def save_npy_folder(folder: str | Path, d: Dist, **arrays: np.ndarray):
+    """Every rank passes its share; rank 0 writes <folder>/<name>.npy per array in rank order (a latent folder that
+    load_arrays memory-maps)."""
+    folder = Path(folder)
+    save_npz(folder / ".parts.npz", d, **arrays)
+    if d.is_main:
+        with np.load(folder / ".parts.npz") as z:
+            for k in arrays:
+                np.save(folder / f"{k}.npy", z[k])
+        (folder / ".parts.npz").unlink()
+    if d.distributed:
+        dist.barrier()
+
+
+def gather(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Every rank's share of a (CPU) tensor, concatenated in rank order, on every rank."""
+    if not d.distributed:
+        return t
+    parts = [None] * d.world_size
+    dist.all_gather_object(parts, t.cpu())
+    return torch.cat(parts)
+
+
 # --- images and logs --------------------------------------------------------------------------------------------------
 
 

@@ -841,21 +841,13 @@ def evaluate(model, cfg: Config, vae, d: common.Dist, n_samples: int = 500) -> d
         for name, w in (("guided", cfg.guidance), ("unguided", 0.0)):
             c = dataclasses.replace(cfg, guidance=w)
             imgs, nfe = generate(model, c, labels, vae, seed=cfg.seed + 7 + d.rank)
-            imgs, labs = _gather(imgs, d), _gather(labels, d)
+            imgs, labs = common.gather(imgs, d), common.gather(labels, d)
             if d.is_main:
                 m = common.digits_metrics(imgs, labs)
                 out.update({f"{k}_{name}": v for k, v in m.items() if k != "fd_floor"}, fd_floor=m["fd_floor"])
                 out[f"nfe_{name}"] = nfe
     model.train()
     return out
-
-
-def _gather(t: torch.Tensor, d: common.Dist) -> torch.Tensor:
-    if not d.distributed:
-        return t
-    parts = [None] * d.world_size
-    torch.distributed.all_gather_object(parts, t.cpu())
-    return torch.cat(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -881,12 +873,8 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
     for xb, yb, *_ in common.progress(_loader(data, start, count, 64, cfg.num_workers), desc="encoding"):
         lat.append(vae.encode(common.to_float(xb.to(d.device))).half().cpu())
         lab.append(yb)
-    common.save_npz(out / "latents.npz", d, latents=torch.cat(lat).numpy(), labels=torch.cat(lab).numpy())
+    common.save_npy_folder(out, d, latents=torch.cat(lat).numpy(), labels=torch.cat(lab).numpy())
     if d.is_main:
-        with np.load(out / "latents.npz") as z:
-            np.save(out / "latents.npy", z["latents"])
-            np.save(out / "labels.npy", z["labels"])
-        (out / "latents.npz").unlink()
         written = ["latents.npy", "labels.npy"]
         if isinstance(data, common.ArrayDataset) and len(data.arrays) == 4:  # captions, in the same row order
             np.save(out / "text.npy", data.arrays[2])
