@@ -351,6 +351,105 @@ def bench_mogfn(device):
         yield dict(ratio=f"mogfn vectorised environment over per-object Python stepping at B={B}", value=obj / vec)
 
 
+@bench("latent_fm")
+def bench_latent_fm(device):
+    """LFM on the digits demo: a training step; sampling time per image (NFE, wall) for Euler / Heun / dopri5 with and
+    without guidance (cond and null always in one batched forward of 2B); and, with the demo checkpoint
+    (out/latent_fm/ckpt.pt), RAAG against plain CFG: FD and accuracy against the number of Euler steps, each rule at
+    the setting of its grid with the lowest FD."""
+    import dataclasses
+
+    import latent_fm as lf
+    ckpt = Path("out/latent_fm/ckpt.pt")
+    if ckpt.exists():
+        model, cfg = lf.from_checkpoint(str(ckpt), device)
+        vae, note = model.vae, "demo checkpoint"
+    else:
+        cfg = lf.Config(**lf.PRESETS["digits"])
+        vae = lf.load_vae(cfg, device)
+        torch.manual_seed(0)
+        model = lf.build(cfg, vae).to(device).eval()
+        with torch.no_grad():  # off the zero init, so sampling is not trivially linear
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        note = "random weights (run `python latent_fm.py` first for trained ones)"
+    B = cfg.batch_size
+    x, y = common.load_digits("train", cfg.img_size)
+    mean, std = lf.encode_moments(vae, common.to_float(x[:B].to(device)))
+    y = y[:B].to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        z0 = mean + std * torch.randn_like(std)
+        lf.lfm_loss(model, z0, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.train()
+    ms = timeit(step, device)
+    model.eval()
+    yield dict(model="latent_fm", variant=f"digits train step B={B}", ms=ms, per_s=B / ms * 1e3, mem=peak_mb(device),
+               note=f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, 16 tokens")
+    n = 100
+    labels = torch.arange(n, device=device) % 10
+    z1 = torch.randn(n, model.C, model.S, model.S, generator=torch.Generator().manual_seed(0)).to(device)
+    per_nfe = {}
+    for sampler, steps in (("euler", 16), ("heun", 16), ("dopri5", 0)):
+        for s in (1.0, cfg.guidance if cfg.guidance != 1 else 1.5):
+            c = dataclasses.replace(cfg, sampler=sampler, sample_steps=steps or 16, guidance=s)
+            nfe = lf.sample(model, c, z1, labels)[1]
+            t = timeit(lambda: vae.decode(lf.sample(model, c, z1, labels)[0]), device, 1, 3)
+            per_nfe[(sampler, s)] = t / nfe
+            yield dict(model="latent_fm", variant=f"sample B={n}, {sampler}{steps or ''}, s={s}", ms=t,
+                       per_s=n / t * 1e3, mem=peak_mb(device),
+                       note=f"{nfe} NFE, {t / n:.2f} ms/image{', 2B per forward' if s != 1 else ''}; {note}")
+    g = cfg.guidance if cfg.guidance != 1 else 1.5
+    yield dict(ratio="latent_fm guided / unguided time per network evaluation (Euler; one forward of 2B vs B)",
+               value=per_nfe[("euler", g)] / per_nfe[("euler", 1.0)])
+    if not ckpt.exists():
+        return
+    for row in raag_table(model, cfg, vae):
+        yield row
+
+
+# On the digits demo rho = |v_c - v_u| / |v_u| runs from ~0.25 at t = 1 to ~0.08 at t = 0 (measured), so the code
+# defaults (18, 12) give w ~1.9 early and ~7.5 late; the grid spans gentler settings too.
+CFG_GRID = (1.25, 1.5, 2.0)
+RAAG_GRID = ((2.0, 4.0), (3.0, 12.0), (5.0, 12.0), (18.0, 12.0))
+
+
+def raag_table(model, cfg, vae, steps=(4, 8, 16, 32), n=1000):
+    """FD / accuracy against Euler steps for CFG (grid over s) and RAAG (grid over w_max, alpha; per-sample ratio);
+    prints the sweep and the table, yields one ratio row per cell."""
+    import dataclasses
+
+    import latent_fm as lf
+    y = torch.arange(n) % 10
+    best = {}
+    for k in steps:
+        for rule, grid in (("cfg", CFG_GRID), ("raag", RAAG_GRID)):
+            results = []
+            for setting in grid:
+                kw = dict(guidance=setting) if rule == "cfg" else dict(raag_w_max=setting[0], raag_alpha=setting[1])
+                c = dataclasses.replace(cfg, sampler="euler", sample_steps=k, guidance_rule=rule, **kw)
+                t0 = time.time()
+                imgs, _ = lf.generate(model, c, vae, n, y, seed=7)
+                m = common.digits_metrics(imgs, y)
+                results.append((setting, m))
+                print(f"  euler {k:2d} {rule:4s} {setting!s:12s} FD {m['fd']:.2f} acc {m['accuracy']:.3f} "
+                      f"({time.time() - t0:.0f}s)", flush=True)
+            best[(k, rule)] = min(results, key=lambda r: r[1]["fd"])
+    floor = best[(steps[0], "cfg")][1]["fd_floor"]
+    print(f"\nRAAG vs CFG on the digits demo, {n} samples, Euler steps; FD (real-data floor {floor:.2f}) / accuracy at "
+          f"each rule's best setting (lowest FD of its grid)")
+    print(f"{'steps':>5} | {'CFG s':>6} {'FD':>6} {'acc':>6} | {'RAAG (w_max, a)':>16} {'FD':>6} {'acc':>6}")
+    for k in steps:
+        (s, mc), (wa, mr) = best[(k, "cfg")], best[(k, "raag")]
+        print(f"{k:>5} | {s:>6} {mc['fd']:6.2f} {mc['accuracy']:6.3f} | {str(wa):>16} {mr['fd']:6.2f} "
+              f"{mr['accuracy']:6.3f}")
+        yield dict(ratio=f"latent_fm Euler {k}: CFG s={s} FD {mc['fd']:.2f} acc {mc['accuracy']:.3f}; RAAG {wa} FD "
+                         f"{mr['fd']:.2f} acc {mr['accuracy']:.3f}; RAAG/CFG FD", value=mr["fd"] / mc["fd"])
+
+
 @bench("arflow")
 def bench_arflow(device):
     """ARFlow: a training step with hybrid attention against the full-softmax baseline over the same S images, at the

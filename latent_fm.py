@@ -1,0 +1,945 @@
+"""
+latent_fm.py -- Flow Matching in Latent Space (LFM): a DiT velocity field in the latent space of a frozen VAE, with
+class, inpainting and semantic-map conditions, classifier-free and ratio-aware adaptive guidance, in one file.
+
+Papers
+  "Flow Matching in Latent Space", Q. Dao, H. Phung, B. Nguyen, A. Tran, 2023, https://arxiv.org/abs/2307.08698
+  (official code: github.com/VinAIResearch/LFM, read for the facts cited below)
+  "RAAG: Ratio Aware Adaptive Guidance", S. Zhu et al., 2025, https://arxiv.org/abs/2508.03442
+  The backbone is DiT: "Scalable Diffusion Models with Transformers", W. Peebles, S. Xie, 2023,
+  https://arxiv.org/abs/2212.09748
+
+The method. Images x are encoded once by a frozen VAE, z0 ~ q(z | x) (a posterior sample, scaled to unit variance,
+e.g. SD-VAE f8 latents x 0.18215). LFM's path runs from data at t = 0 to noise at t = 1:
+
+    z_t = (1 - t) z0 + (sigma_min + (1 - sigma_min) t) eps,   u = dz_t/dt = (1 - sigma_min) eps - z0,
+    L = E_{t ~ U(0,1), eps ~ N(0, I)} |v(z_t, t | c) - u|^2,   sigma_min = 1e-5,
+
+and sampling integrates dz/dt = v from t = 1 (z1 ~ N(0, I)) to t = 0 (Euler, Heun, or adaptive Dormand-Prince 5(4)
+with atol = rtol = 1e-5 as the paper), then decodes. Conditions (--condition):
+  class     a label embedding added to the time embedding, with a null label (dropped with p = 0.1 in training) for
+            classifier-free guidance v = v_u + s (v_c - v_u) over all channels (cond and null in one batched forward);
+            or RAAG (--guidance_rule raag): per step rho = |v_c - v_u| / |v_u| (per sample, or over the batch as the
+            authors' code does), w = 1 + (w_max - 1) exp(-alpha rho), v = v_u + w (v_c - v_u);
+  inpaint   the VAE latent of the masked image (hole = black) and the mask on the latent grid in [-1, 1] (1 = fill),
+            concatenated with z_t (4 + 4 + 1 = 9 input channels for SD latents); random box / free-form masks;
+  semantic  a one-hot segmentation map through a SpatialRescaler (log2(f) bilinear halvings -- three for f8 -- and a
+            1x1 conv to the latent channels), trained jointly with the DiT, concatenated with z_t.
+On the digits the segmentation map is derived from the image itself (`digit_segmentation`): 0 = background reachable
+from the border, 1 = ink (intensity >= 50%), 2 = background enclosed by ink (the loops of 0, 6, 8, 9 and some 4s).
+
+Run
+    python latent_fm.py                                   # CPU demo: class-conditional digits in a VAE's latent space
+    python latent_fm.py --preset digits-inpaint           # inpainting of 16x16 digits (center box at evaluation)
+    python latent_fm.py --preset digits-semantic          # digits from their segmentation maps
+    python latent_fm.py --eval --ckpt out/latent_fm/ckpt.pt                      # held-out LFM loss, accuracy, FD, NFE
+    python latent_fm.py --sample --ckpt out/latent_fm/ckpt.pt --n 100 --out s.npz --guidance_rule raag --sampler euler
+    python latent_fm.py --preset imagenet256 --precompute /data/imagenet/train --data latents/ --vae sd-vae-ft-ema/
+    torchrun --nproc_per_node=8 latent_fm.py --preset imagenet256 --data latents/ --vae sd-vae-ft-ema/
+    torchrun --nproc_per_node=2 latent_fm.py --preset celebahq256-inpaint --data celebahq256.npz --vae sd-vae-ft-mse/
+Inpainting and semantic models sample from `--cond NPZ` (`images` (N,H,W,C) uint8 + `masks` (N,H,W), 1 = fill; or
+`segmentation` (N,H,W) int); on the digits the test split is the default condition.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils.checkpoint import checkpoint
+
+import common
+
+SIGMA_MIN = 1e-5  # LFM's sigma_min (train_flow_latent.py:149-150)
+DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}  # width, depth, heads
+ARCHS = tuple(f"{s}/{p}" for s in DIT_SIZES for p in (2, 4, 8))  # DiT-S/2 ... DiT-XL/8 (models/DiT.py:354-399)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config(common.TrainConfig):
+    # data
+    data: str = "digits"  # digits | .npz (images, [labels, segmentation]) | image folder | --precompute'd folder
+    img_size: int = common.opt(16, min=1)  # image side in pixels
+    channels: int = common.opt(1, min=1)  # image channels
+    vae: str = ""  # VAE weights (diffusers folder or single file); empty on the digits = common.digits_vae
+    vae_family: str = common.opt("sd", choices=tuple(common.VAE_FAMILIES))  # latent scaling; none = pixel space
+    # condition
+    condition: str = common.opt("class", choices=("none", "class", "inpaint", "semantic"))  # the flow's condition
+    num_classes: int = common.opt(10, min=1)  # classes of --condition class (label num_classes is the null label)
+    label_drop: float = common.opt(0.1, max=1)  # probability of the null label in training (classifier-free guidance)
+    seg_classes: int = common.opt(3, min=2)  # classes of the one-hot segmentation map (--condition semantic)
+    mask: str = common.opt("mixed", choices=("box", "free", "mixed"))  # training masks of --condition inpaint
+    # model
+    arch: str = common.opt("", choices=("",) + ARCHS)  # DiT size, e.g. L/2: sets width, depth, heads, patch_size
+    width: int = common.opt(128, min=8)  # transformer width
+    depth: int = common.opt(6, min=1)  # DiT blocks
+    heads: int = common.opt(4, min=1)  # attention heads
+    patch_size: int = common.opt(2, min=1)  # patch side on the latent grid (tokens = (latent side / patch)^2)
+    mlp_ratio: float = common.opt(4.0, gt=0)  # MLP hidden width / width
+    grad_ckpt: bool = False  # gradient checkpointing of the DiT blocks
+    min_lr: float = 1e-5  # the cosine schedule's floor (LFM's eta_min); --lr_schedule constant is LFM's --no_lr_decay
+    # sampler
+    sampler: str = common.opt("heun", choices=("euler", "heun", "dopri5"))  # ODE solver from t = 1 to t = 0
+    sample_steps: int = common.opt(16, min=1)  # steps of euler / heun
+    atol: float = common.opt(1e-5, gt=0)  # dopri5 absolute tolerance
+    rtol: float = common.opt(1e-5, gt=0)  # dopri5 relative tolerance
+    guidance: float = 1.0  # CFG scale s in v = v_u + s (v_c - v_u): 1 = conditional, 0 = unconditional
+    guidance_rule: str = common.opt("cfg", choices=("cfg", "raag"))  # cfg (fixed --guidance) | raag (ratio-adaptive w)
+    raag_w_max: float = common.opt(18.0, min=1)  # RAAG's w_max: the scale where the cond/uncond ratio is small
+    raag_alpha: float = 12.0  # RAAG's alpha: how fast w falls to 1 as the ratio grows
+    raag_ratio: str = common.opt("sample", choices=("sample", "batch"))  # RAAG's ratio per sample | over the batch
+    eval_n: int = common.opt(1000, min=10)  # samples for --eval and the end-of-training evaluation (digits)
+
+    NAME = "latent_fm"
+    RUNTIME = ("data", "vae", "label_drop", "mask", "grad_ckpt", "min_lr", "sampler", "sample_steps", "atol", "rtol",
+               "guidance", "guidance_rule", "raag_w_max", "raag_alpha", "raag_ratio", "eval_n")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.arch:  # a named size owns these four fields: a differing explicit one is a contradiction
+            size, p = self.arch.split("/")
+            named = dict(zip(("width", "depth", "heads", "patch_size"), (*DIT_SIZES[size], int(p))))
+            for k, v in named.items():
+                if getattr(self, k) not in (v, Config.__dataclass_fields__[k].default):
+                    raise ValueError(f"--arch {self.arch} sets --{k} {v}, not {getattr(self, k)}: drop one of them")
+                setattr(self, k, v)
+        if self.width % self.heads or self.width % 4:
+            raise ValueError(f"--width {self.width} must be divisible by 4 and by --heads {self.heads}")
+        if self.condition != "class" and (self.guidance != 1.0 or self.guidance_rule != "cfg"):
+            raise ValueError(f"--guidance {self.guidance} / --guidance_rule {self.guidance_rule} need --condition "
+                             f"class, this is {self.condition}: pass --guidance 1 (or a preset of {self.condition})")
+        if self.lr_schedule == "cosine" and self.min_lr >= self.lr:
+            raise ValueError(f"--min_lr {self.min_lr} must be below --lr {self.lr} (or use --lr_schedule constant)")
+
+
+_DIGITS = dict(img_size=16, channels=1, vae_family="sd", width=96, depth=4, heads=4, patch_size=2, batch_size=64,
+               lr=1e-3, warmup=100, weight_decay=0.0, beta2=0.999, min_lr=1e-5, ema_decay=0.999, log_every=50,
+               ckpt_every=500, sample_steps=16, sampler="heun")
+# The paper-scale runs (bash_scripts/run.sh, downstream_tasks/readme.md): AdamW with torch's default betas
+# (0.9, 0.999) and weight decay 0, no gradient clipping, no warmup, and no --use_ema in the DiT commands (ema_decay 0).
+_PAPER = dict(channels=3, img_size=256, vae_family="sd", weight_decay=0.0, beta2=0.999, grad_clip=0.0, warmup=0,
+              ema_decay=0.0, log_every=100, eval_every=20000, ckpt_every=5000, sampler="dopri5", eval_n=2000)
+PRESETS = {
+    # CPU demo: 16x16 digits through the small digits VAE (4x8x8 latents, trained once, cached), 16 tokens of 2x2.
+    "digits": dict(_DIGITS, condition="class", steps=2500, eval_every=2500, guidance=1.5),
+    # The same model inpainting: random box / free-form masks in training, the center box at evaluation.
+    "digits-inpaint": dict(_DIGITS, condition="inpaint", steps=2500, eval_every=2500),
+    # Digits from the derived 3-class segmentation map (background / ink / enclosed background).
+    "digits-semantic": dict(_DIGITS, condition="semantic", seg_classes=3, steps=2500, eval_every=2500),
+    # CelebA-HQ 256, DiT-L/2, batch 32, lr 2e-4, --no_lr_decay, unconditional (bash_scripts/run.sh:55-62);
+    # sampled with dopri5 (test_args/celeb256_dit.txt:5); 500 epochs of 30k images at batch 32 = 468k steps.
+    "celebahq256": dict(_PAPER, data="celebahq256.npz", condition="none", arch="L/2", batch_size=32, lr=2e-4,
+                        lr_schedule="constant", steps=468_000),
+    # ImageNet 256, DiT-B/2, 8 processes x batch 160, lr 1e-4, --no_lr_decay, label dropout 0.1, gradient checkpointing
+    # (bash_scripts/run.sh:43-51); CFG 1.5 with dopri5 at the released epoch 875 (test_args/imnet_dit.txt:2,5,7):
+    # 875 epochs of 1.28M images at batch 1280 = 875k steps. Train on latents from --precompute.
+    "imagenet256": dict(_PAPER, data="latents", condition="class", num_classes=1000, label_drop=0.1, arch="B/2",
+                        batch_size=1280, lr=1e-4, lr_schedule="constant", grad_ckpt=True, steps=875_000, guidance=1.5),
+    # CelebA-HQ 256 inpainting: batch 64, lr 5e-5, 500 epochs, cosine to eta_min 1e-5 (downstream_tasks/readme.md:21-24,
+    # train_flow_latent_inpainting.py:111), MAT's 24,183 training images -> 189k steps at batch 64. The official model
+    # is the ADM U-Net (9 in, 4 out channels); here it is the DiT-L/2 of the celebahq256 preset with 9 input channels.
+    "celebahq256-inpaint": dict(_PAPER, data="celebahq256.npz", condition="inpaint", mask="free", arch="L/2",
+                                batch_size=64, lr=5e-5, lr_schedule="cosine", min_lr=1e-5, steps=189_000),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model: DiT with adaLN-Zero (Peebles & Xie 2023, Sec. 3.2), and the SpatialRescaler of semantic maps
+
+
+def sincos_2d(width: int, side: int) -> torch.Tensor:
+    """Fixed 2D sin-cos positions (side^2, width): half the channels encode the row, half the column."""
+    def axis(pos, d):  # (n,) -> (n, d)
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        a = pos[:, None] * omega[None]
+        return torch.cat([a.sin(), a.cos()], 1)
+    r, c = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
+                          indexing="ij")
+    return torch.cat([axis(r.flatten(), width // 2), axis(c.flatten(), width // 2)], 1).float()
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """(B,) times in [0, 1] -> (B, dim) sinusoids. LFM's DiT feeds t in [0, 1] as is; we scale by 1000 (DiT's
+    timestep range) so the frequencies 1 .. 1e-4 resolve the whole interval -- an embedding choice, not the method."""
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device, dtype=torch.float32) / (dim // 2))
+    a = 1000 * t.float()[:, None] * freqs
+    return torch.cat([a.cos(), a.sin()], -1)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """x + gate * attn(adaLN(x)), then x + gate * MLP(adaLN(x)); the six (shift, scale, gate) come from the condition
+    c and start at zero (adaLN-Zero), so every block starts as the identity."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = common.Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c):  # x (B, T, W), c (B, W)
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, None].chunk(6, -1)  # each (B, 1, W)
+        x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1))
+        return x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+class DiT(nn.Module):
+    """Patchify (a p x p conv), + fixed 2D sin-cos positions, DiT blocks conditioned on c = emb(t) [+ emb(y)], an
+    adaLN final layer, unpatchify. Spatial conditions arrive as extra input channels; the output has `out_ch`."""
+
+    def __init__(self, cfg: Config, in_ch: int, out_ch: int, side: int, num_labels: int):
+        super().__init__()
+        W, p = cfg.width, cfg.patch_size
+        self.p, self.out_ch, self.grad_ckpt = p, out_ch, cfg.grad_ckpt
+        self.x_embed = nn.Conv2d(in_ch, W, p, stride=p)
+        self.register_buffer("pos", sincos_2d(W, side // p), persistent=False)  # (T, W)
+        self.t_embed = nn.Sequential(nn.Linear(256, W), nn.SiLU(), nn.Linear(W, W))
+        self.y_embed = nn.Embedding(num_labels, W) if num_labels else None  # the classes + the null label
+        self.blocks = nn.ModuleList([DiTBlock(W, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.norm_out = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(W, 2 * W))
+        self.linear_out = nn.Linear(W, p * p * out_ch)
+        # DiT's init: xavier linears (the patch conv as a linear), N(0, 0.02) embeddings, zero adaLN and output
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.x_embed.weight.view(W, -1))
+        nn.init.zeros_(self.x_embed.bias)
+        for lin in (self.t_embed[0], self.t_embed[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        if self.y_embed is not None:
+            nn.init.normal_(self.y_embed.weight, std=0.02)
+        for lin in [b.ada[-1] for b in self.blocks] + [self.ada_out[-1], self.linear_out]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x, t, y=None):  # x (B, in_ch, h, w), t (B,), y (B,) or None -> (B, out_ch, h, w)
+        B, _, h, w = x.shape
+        tok = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos  # (B, T, W)
+        c = self.t_embed(timestep_embedding(t).to(tok.dtype))
+        if self.y_embed is not None:
+            c = c + self.y_embed(y)
+        for blk in self.blocks:
+            if self.grad_ckpt and self.training:
+                tok = checkpoint(blk, tok, c, use_reentrant=False)
+            else:
+                tok = blk(tok, c)
+        sh, sc = self.ada_out(c)[:, None].chunk(2, -1)
+        out = self.linear_out(modulate(self.norm_out(tok), sh, sc))  # (B, T, p*p*out_ch)
+        p = self.p
+        out = out.view(B, h // p, w // p, p, p, self.out_ch).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(B, self.out_ch, h, w)
+
+
+class SpatialRescaler(nn.Module):
+    """One-hot map (B, K, H, W) -> (B, c, H/f, W/f): `stages` bilinear halvings, then a bias-free 1x1 conv (LFM's
+    cond_stage_model, train_flow_latent_semantic_syn.py:119). The official loop computes it under torch.no_grad(), so
+    its conv never learns (line 181); the paper trains it jointly, and so do we."""
+
+    def __init__(self, classes: int, out_ch: int, stages: int):
+        super().__init__()
+        self.stages = stages
+        self.conv = nn.Conv2d(classes, out_ch, 1, bias=False)
+
+    def forward(self, seg):
+        for _ in range(self.stages):
+            seg = F.interpolate(seg, scale_factor=0.5, mode="bilinear")
+        return self.conv(seg)
+
+
+class LatentFlow(nn.Module):
+    """The velocity field v(z_t, t | condition) on latents (C, S, S) of a VAE with downsampling f."""
+
+    def __init__(self, cfg: Config, C: int, S: int, f: int):
+        super().__init__()
+        if S % cfg.patch_size:
+            raise ValueError(f"the latent side {S} (--img_size {cfg.img_size} / VAE downsampling {f}) is not divisible "
+                             f"by --patch_size {cfg.patch_size}")
+        self.cfg, self.C, self.S, self.f = cfg, C, S, f
+        extra = {"inpaint": C + 1, "semantic": C}.get(cfg.condition, 0)  # spatial condition channels
+        self.rescaler = SpatialRescaler(cfg.seg_classes, C, int(math.log2(f))) if cfg.condition == "semantic" else None
+        self.dit = DiT(cfg, C + extra, C, S, cfg.num_classes + 1 if cfg.condition == "class" else 0)
+
+    def forward(self, z, t, y=None, spatial=None):
+        """z (B, C, S, S), t (B,); y (B,) labels for `class` (num_classes = null); spatial: the inpainting condition
+        (B, C + 1, S, S) from `inpaint_condition`, or a one-hot segmentation map (B, K, H, W) for `semantic`."""
+        if self.rescaler is not None:
+            spatial = self.rescaler(spatial.to(z.dtype))
+        if spatial is not None:
+            z = torch.cat([z, spatial.to(z.dtype)], 1)
+        return self.dit(z, t, y)
+
+    def check_labels(self, y: torch.Tensor):
+        if y.dtype not in (torch.int32, torch.int64) or (len(y) and not 0 <= int(y.min()) <= int(y.max()) <
+                                                         self.cfg.num_classes):
+            raise ValueError(f"class labels must be integers in [0, {self.cfg.num_classes}), got "
+                             f"{y.min().item()}..{y.max().item()}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Conditions: masks, the digits' segmentation map, and what the network is fed
+
+
+def random_masks(n: int, size: int, kind: str = "mixed", generator=None, device=None) -> torch.Tensor:
+    """(n, 1, size, size) float, 1 = region to fill. box: a rectangle of sides 1/4..3/4 of the image; free: three thick
+    strokes (segments of radius 6-14% of the side, rasterised by their distance to each pixel); mixed: either, 50/50."""
+    def u(*s):
+        return torch.rand(*s, generator=generator, device=device)
+    px = torch.arange(size, device=device) + 0.5  # pixel centres
+    side = (0.25 + 0.5 * u(n, 2)) * size
+    lo = u(n, 2) * (size - side)
+    inside = (px >= lo[..., None]) & (px < (lo + side)[..., None])  # (n, 2, size): rows, columns
+    box = inside[:, 0, :, None] & inside[:, 1, None, :]
+    a, b, r = u(n, 3, 2) * size, u(n, 3, 2) * size, (0.06 + 0.08 * u(n, 3, 1)) * size
+    grid = torch.stack(torch.meshgrid(px, px, indexing="ij"), -1).view(1, 1, -1, 2)  # (1, 1, HW, 2)
+    ab = (b - a)[:, :, None]  # (n, 3, 1, 2)
+    s = (((grid - a[:, :, None]) * ab).sum(-1) / ab.square().sum(-1).clamp_min(1e-6)).clamp(0, 1)  # (n, 3, HW)
+    free = ((grid - a[:, :, None] - s[..., None] * ab).norm(dim=-1) <= r).any(1).view(n, size, size)
+    pick = {"box": box, "free": free}.get(kind)
+    if pick is None:
+        pick = torch.where(u(n, 1, 1) < 0.5, box, free)
+    return pick[:, None].float()
+
+
+def center_mask(n: int, size: int, device=None) -> torch.Tensor:
+    """The central box LFM samples its inpainting figures with (train_flow_latent_inpainting.py:177)."""
+    m = torch.zeros(n, 1, size, size, device=device)
+    m[..., size // 4:3 * size // 4, size // 4:3 * size // 4] = 1
+    return m
+
+
+def digit_segmentation(images: torch.Tensor) -> torch.Tensor:
+    """uint8 digits (N, 1, H, W) -> int64 map (N, H, W): 0 background reachable from the border (4-connected),
+    1 ink (>= 50% intensity), 2 background enclosed by ink. A flood fill from the border, batched over the images."""
+    ink = images[:, 0] >= 128
+    free = ~ink
+    out = torch.zeros_like(free)
+    out[:, [0, -1], :] = True
+    out[:, :, [0, -1]] = True
+    out &= free
+    while True:
+        grown = out.clone()
+        grown[:, 1:] |= out[:, :-1]
+        grown[:, :-1] |= out[:, 1:]
+        grown[:, :, 1:] |= out[:, :, :-1]
+        grown[:, :, :-1] |= out[:, :, 1:]
+        grown &= free
+        if torch.equal(grown, out):
+            break
+        out = grown
+    return torch.where(ink, 1, torch.where(out, 0, 2))
+
+
+def one_hot_seg(seg: torch.Tensor, classes: int, size: int) -> torch.Tensor:
+    """int map (B, H, W) -> float one-hot (B, K, H, W), checked against the model's classes and image size."""
+    if seg.ndim != 3 or seg.shape[-2:] != (size, size):
+        raise ValueError(f"segmentation map of shape {tuple(seg.shape)} does not match the images: expected "
+                         f"(B, {size}, {size}) class indices")
+    if seg.is_floating_point() or len(seg) and not 0 <= int(seg.min()) <= int(seg.max()) < classes:
+        raise ValueError(f"segmentation map has classes {seg.min().item()}..{seg.max().item()}, but the model has "
+                         f"--seg_classes {classes}")
+    return F.one_hot(seg.long(), classes).permute(0, 3, 1, 2).float()
+
+
+def inpaint_condition(vae, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """images in [-1, 1] (B, C, H, W), mask (B, 1, H, W), 1 = fill -> (B, c + 1, h, w): the latent of the masked image
+    (the hole black, as LFM's (1 - m) x in [0, 1]) and the mask on the latent grid scaled to [-1, 1]."""
+    B, _, H, W = images.shape
+    if mask.shape != (B, 1, H, W):
+        raise ValueError(f"inpainting mask of shape {tuple(mask.shape)} does not match the images: expected "
+                         f"({B}, 1, {H}, {W}), 1 = region to fill")
+    mask = mask.to(images.dtype)
+    c = vae.encode(images * (1 - mask) - mask)  # (B, c, h, w), the posterior mean
+    return torch.cat([c, F.interpolate(mask, size=c.shape[-2:], mode="nearest") * 2 - 1], 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loss (LFM, Sec. 3: the conditional flow matching objective on latents)
+
+
+def interpolant(z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """z_t = (1 - t) z0 + (sigma_min + (1 - sigma_min) t) eps and its velocity u = (1 - sigma_min) eps - z0."""
+    t = t.view(-1, *[1] * (z0.ndim - 1))
+    return (1 - t) * z0 + (SIGMA_MIN + (1 - SIGMA_MIN) * t) * eps, (1 - SIGMA_MIN) * eps - z0
+
+
+def lfm_loss(net, z0, y=None, spatial=None, t=None, eps=None) -> torch.Tensor:
+    """Mean over the batch of |v(z_t, t | c) - u|^2 / dim, t ~ U(0, 1), eps ~ N(0, I)."""
+    t = torch.rand(len(z0), device=z0.device) if t is None else t
+    eps = torch.randn_like(z0) if eps is None else eps
+    zt, u = interpolant(z0, eps, t)
+    return F.mse_loss(net(zt, t, y, spatial).to(u.dtype), u)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampler: guidance, and ODE solvers from t = 1 (noise) to t = 0 (data)
+
+
+def raag_weight(rho: torch.Tensor, w_max: float, alpha: float) -> torch.Tensor:
+    """RAAG's scale w = 1 + (w_max - 1) exp(-alpha rho): w_max where the predictions agree, 1 where they diverge."""
+    return 1 + (w_max - 1) * torch.exp(-alpha * rho)
+
+
+def guide(v_c: torch.Tensor, v_u: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """v = v_u + w (v_c - v_u) over all channels; w = --guidance (cfg) or RAAG's w(rho), rho = |v_c - v_u| / |v_u|."""
+    d = v_c - v_u
+    if cfg.guidance_rule == "cfg":
+        return v_u + cfg.guidance * d
+    dims = tuple(range(1, d.ndim)) if cfg.raag_ratio == "sample" else tuple(range(d.ndim))
+    norm = functools.partial(torch.linalg.vector_norm, dim=dims)
+    rho = norm(d) / norm(v_u).clamp_min(1e-12)  # (B,) or ()
+    w = raag_weight(rho, cfg.raag_w_max, cfg.raag_alpha).expand(len(d))
+    return v_u + w.view(-1, *[1] * (d.ndim - 1)) * d
+
+
+def velocity(model: LatentFlow, cfg: Config, y=None, spatial=None):
+    """f(t, z) for the solver. Guided class models run the conditional and null branches as one batch of 2B."""
+    guided = cfg.condition == "class" and (cfg.guidance != 1.0 or cfg.guidance_rule == "raag")
+    if guided:
+        y = torch.cat([y, torch.full_like(y, cfg.num_classes)])
+
+    def f(t: float, z: torch.Tensor) -> torch.Tensor:
+        if not guided:
+            return model(z, torch.full((len(z),), t, device=z.device), y, spatial).to(z.dtype)
+        v = model(torch.cat([z, z]), torch.full((2 * len(z),), t, device=z.device), y).to(z.dtype)
+        return guide(*v.chunk(2), cfg)
+    return f
+
+
+def integrate(f, x: torch.Tensor, method: str, steps: int = 16, atol: float = 1e-5, rtol: float = 1e-5,
+              t0: float = 1.0, t1: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Solve dx/dt = f(t, x) from t0 to t1 (by default noise -> data); returns (x(t1), number of evaluations of f)."""
+    nfe = 0
+
+    def g(t, x):
+        nonlocal nfe
+        nfe += 1
+        return f(t, x)
+    if method == "dopri5":
+        return dopri5(g, x, t0, t1, atol, rtol), nfe
+    ts = torch.linspace(t0, t1, steps + 1, dtype=torch.float64).tolist()
+    for ta, tb in zip(ts[:-1], ts[1:]):
+        h, k1 = tb - ta, g(ta, x)
+        if method == "euler":
+            x = x + h * k1
+        else:  # Heun: the trapezoid of the slopes at both ends, the end predicted by an Euler step
+            x = x + 0.5 * h * (k1 + g(tb, x + h * k1))
+    return x, nfe
+
+
+# Dormand-Prince 5(4) (Dormand & Prince 1980): nodes, stage coefficients, 5th- and 4th-order weights
+DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+DP_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+        (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+        (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+        (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
+DP_B5 = DP_A[6] + (0.0,)
+DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+
+
+def dopri5(f, x: torch.Tensor, t0: float, t1: float, atol: float, rtol: float, max_steps: int = 100_000):
+    """Adaptive Dormand-Prince 5(4), local extrapolation and FSAL (6 evaluations per step). A step is kept when the RMS
+    of err / (atol + rtol max(|x|, |x_new|)) is <= 1; the step size follows 0.9 ratio^(-1/5), within x0.2 .. x10.
+    The first step is Hairer's estimate. One step size serves the whole batch, as torchdiffeq's odeint."""
+    def rms(v):
+        return v.double().square().mean().sqrt().item()
+    span, sign = abs(t1 - t0), math.copysign(1.0, t1 - t0)
+    k1 = f(t0, x)
+    scale = atol + rtol * x.abs()
+    d0, d1 = rms(x / scale), rms(k1 / scale)
+    h = 0.01 * d0 / d1 if d0 > 1e-5 and d1 > 1e-5 else 1e-6
+    d2 = rms((f(t0 + sign * h, x + sign * h * k1) - k1) / scale) / h
+    h = min(100 * h, (0.01 / max(d1, d2)) ** 0.2 if max(d1, d2) > 1e-15 else max(1e-6, h * 1e-3), span)
+    t, done = t0, 0.0
+    for _ in range(max_steps):
+        if span - done <= 1e-12 * span:
+            return x
+        h = min(h, span - done)
+        k = [k1]
+        for i in range(1, 7):
+            xi = x + (sign * h) * sum(a * kj for a, kj in zip(DP_A[i], k) if a)
+            k.append(f(t + sign * h * DP_C[i], xi))
+        x_new = xi  # stage 7 is evaluated at the 5th-order solution (FSAL)
+        err = (sign * h) * sum((b5 - b4) * kj for b5, b4, kj in zip(DP_B5, DP_B4, k))
+        ratio = rms(err / (atol + rtol * torch.maximum(x.abs(), x_new.abs())))
+        if ratio <= 1:
+            done += h
+            t, x, k1 = t0 + sign * done, x_new, k[6]
+        h *= 10.0 if ratio == 0 else min(10.0, max(0.2, 0.9 * ratio ** -0.2))
+    raise RuntimeError(f"dopri5 did not reach t = {t1} in {max_steps} steps")
+
+
+@torch.no_grad()
+def sample(model: LatentFlow, cfg: Config, z1: torch.Tensor, y=None, spatial=None) -> tuple[torch.Tensor, int]:
+    """Integrate from z1 ~ N(0, I) at t = 1 to the latent at t = 0; returns (z0, NFE of one batched forward each)."""
+    if cfg.condition == "class":
+        model.check_labels(y)
+    return integrate(velocity(model, cfg, y, spatial), z1, cfg.sampler, cfg.sample_steps, cfg.atol, cfg.rtol)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# VAE, data and evaluation
+
+
+@functools.lru_cache(maxsize=2)
+def _load_vae(path: str, family: str, device: str, channels: int):
+    return common.load_vae(path or None, family, device=device, channels=channels)
+
+
+def load_vae(cfg: Config, device="cpu"):
+    """The frozen VAE of the config (shared by the calls: it never changes); pixel space for --vae_family none."""
+    if cfg.vae_family != "none" and not cfg.vae:
+        if cfg.data != "digits":
+            raise ValueError(f"--vae_family {cfg.vae_family} needs --vae PATH, the VAE that decodes the latents")
+        return _load_vae(str(common.digits_vae(cfg.img_size)), cfg.vae_family, str(device), cfg.channels)
+    vae = _load_vae(cfg.vae, cfg.vae_family, str(device), cfg.channels)
+    if cfg.img_size % vae.downsample:
+        raise ValueError(f"--img_size {cfg.img_size} is not divisible by the VAE's downsampling {vae.downsample}")
+    return vae
+
+
+@torch.no_grad()
+def encode_moments(vae, x: torch.Tensor, bs: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images in [-1, 1] -> the posterior's mean and std in the scaled latent space (so z0 = mean + std * eps is
+    vae.encode(x, sample=True)), on x's device. common.VAE only returns samples; training draws one every step."""
+    if vae.ae is None:
+        return x, torch.zeros_like(x)
+    p = next(vae.ae.parameters())
+    means, stds = [], []
+    for xb in x.split(bs):
+        m, logvar = vae.ae.encode(xb.to(p.device, p.dtype))
+        means.append(((m - vae.shift_factor) * vae.scaling_factor).to(x.device, torch.float32))
+        stds.append(((0.5 * logvar).exp() * vae.scaling_factor).to(x.device, torch.float32))
+    return torch.cat(means), torch.cat(stds)
+
+
+def load_images(cfg: Config, split: str = "train"):
+    """(images uint8 (N, C, H, W), labels (N,), segmentation (N, H, W) or None), or an ImageFolder."""
+    if cfg.data == "digits":
+        if cfg.channels != 1:
+            raise ValueError(f"digits have 1 channel, the config says --channels {cfg.channels}")
+        x, y = common.load_digits(split, cfg.img_size)
+        return x, y, digit_segmentation(x)
+    path = Path(cfg.data)
+    if path.is_dir():
+        if cfg.condition == "semantic":
+            raise ValueError(f"--condition semantic reads `segmentation` from an .npz, not the folder {path}")
+        return common.ImageFolder(path, cfg.img_size)
+    a = common.load_arrays(path, ("images", "labels", "segmentation"))
+    images = a["images"]
+    if images.ndim != 4 or images.shape[1:] != (cfg.img_size, cfg.img_size, cfg.channels):
+        raise ValueError(f"{path}: images must be (N, {cfg.img_size}, {cfg.img_size}, {cfg.channels}) uint8, "
+                         f"got {images.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    y = torch.as_tensor(a["labels"]).long() if "labels" in a else torch.zeros(len(x), dtype=torch.long)
+    seg = torch.as_tensor(a["segmentation"]).long() if "segmentation" in a else None
+    if cfg.condition == "semantic" and seg is None:
+        raise ValueError(f"{path} has no `segmentation` array for --condition semantic")
+    return x, y, seg
+
+
+def check_data(cfg: Config, y, seg):
+    if cfg.condition == "class" and len(y) and not 0 <= int(y.min()) <= int(y.max()) < cfg.num_classes:
+        raise ValueError(f"the data has labels {int(y.min())}..{int(y.max())} outside [0, --num_classes "
+                         f"{cfg.num_classes})")
+    if cfg.condition == "semantic":
+        one_hot_seg(seg[:1], cfg.seg_classes, cfg.img_size)  # shape
+        if int(seg.max()) >= cfg.seg_classes or int(seg.min()) < 0:
+            raise ValueError(f"the segmentation maps have classes {int(seg.min())}..{int(seg.max())}, but "
+                             f"--seg_classes is {cfg.seg_classes}")
+
+
+def train_data(cfg: Config, vae) -> torch.utils.data.Dataset:
+    """Batches are (mean, std, labels, extra): the posterior moments (encoded once, or --precompute'd latents), with
+    the images (inpaint: the masked image is encoded each step) or the segmentation maps (semantic) as `extra`; an
+    image folder yields (images uint8, labels), encoded each step."""
+    path = Path(cfg.data)
+    if path.is_dir() and (path / "mean.npy").exists():  # latents from --precompute, memory-mapped
+        if cfg.condition == "inpaint":
+            raise ValueError("--condition inpaint encodes the masked images each step: pass images as --data")
+        a = common.load_arrays(path, ("mean", "std", "labels", "segmentation"))
+        y = torch.tensor(np.array(a["labels"]) if "labels" in a else np.zeros(len(a["mean"])), dtype=torch.long)
+        seg = torch.tensor(np.array(a["segmentation"]), dtype=torch.long) if "segmentation" in a else None
+        check_data(cfg, y, seg)
+        extra = seg if cfg.condition == "semantic" else torch.zeros(len(y))
+        return common.ArrayDataset(a["mean"], a["std"], y, extra)
+    loaded = load_images(cfg)
+    if isinstance(loaded, common.ImageFolder):
+        if cfg.condition == "class" and len(loaded.classes) > cfg.num_classes:
+            raise ValueError(f"{cfg.data} has {len(loaded.classes)} class folders but --num_classes {cfg.num_classes}")
+        return loaded
+    x, y, seg = loaded
+    check_data(cfg, y, seg)
+    mean, std = encode_moments(vae, common.to_float(x))
+    extra = {"inpaint": x, "semantic": seg}.get(cfg.condition, torch.zeros(len(x)))
+    return common.ArrayDataset(mean, std, y, extra)
+
+
+def draw_noise(cfg: Config, n: int, shape, generator, device) -> list[torch.Tensor]:
+    """The randomness of n training examples: t ~ U(0, 1), eps ~ N(0, I), the posterior's noise, the label-drop
+    uniforms [, the inpainting masks]."""
+    g = dict(generator=generator, device=device)
+    out = [torch.rand(n, **g), torch.randn(n, *shape, **g), torch.randn(n, *shape, **g), torch.rand(n, **g)]
+    return out + ([random_masks(n, cfg.img_size, cfg.mask, **g)] if cfg.condition == "inpaint" else [])
+
+
+def training_batches(cfg: Config, data, shape, d: common.Dist):
+    """start_step -> this rank's batches, each example with its noise (`draw_noise`) appended. As common.batches, the
+    GLOBAL batch of step s is a slice of a seeded per-epoch permutation and each rank takes its part; its noise comes
+    from a generator seeded by (seed, s) on the training device and travels with its example (common.batches sorts
+    each rank's part, which would pair noise and examples differently for each world size). So the loss, not only
+    the data, is the same for any number of processes, and --resume is exact."""
+    B, N = cfg.batch_size, len(data)
+    if B % d.world_size or B > N:
+        raise ValueError(f"--batch_size {B} must be divisible by the {d.world_size} ranks and at most the {N} examples")
+    per, per_epoch = B // d.world_size, N // B
+    mine = slice(d.rank * per, (d.rank + 1) * per)
+
+    def it(step: int):
+        while True:
+            epoch, first = divmod(step, per_epoch)
+            perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+            parts = [perm[i * B:(i + 1) * B][mine].sort() for i in range(first, per_epoch)]  # (indices, positions)
+            loader = (data[p.values.numpy()] for p in parts) if isinstance(data, common.ArrayDataset) else \
+                torch.utils.data.DataLoader(data, batch_sampler=[p.values.tolist() for p in parts],
+                                            num_workers=cfg.num_workers, pin_memory=d.device.type == "cuda")
+            for batch, p in zip(loader, parts):
+                g = torch.Generator(d.device).manual_seed(cfg.seed * 1_000_003 + step)
+                noise = [v[mine][p.indices.to(d.device)] for v in draw_noise(cfg, B, shape, g, d.device)]
+                yield list(batch) + noise
+                step += 1
+    return it
+
+
+def batch_inputs(model: LatentFlow, batch, vae, drop: float = 0.0):
+    """A batch + its noise -> (z0 a posterior sample, t, eps, labels or None, spatial condition or None). Batches are
+    (mean, std, labels, extra) or, from an image folder, (images uint8, labels), encoded here."""
+    cfg = model.cfg
+    if batch[0].dtype == torch.uint8:
+        (mean, std), rest = encode_moments(vae, common.to_float(batch[0])), [batch[1], batch[0]] + list(batch[2:])
+    else:
+        mean, std, rest = batch[0].float(), batch[1].float(), list(batch[2:])
+    y, extra, t, eps, post, u, *masks = rest
+    z0 = mean + std * post
+    if cfg.condition == "class":
+        return z0, t, eps, torch.where(u < drop, cfg.num_classes, y.long()), None
+    if cfg.condition == "inpaint":  # the condition's latent is the posterior mean: an input, not a target
+        return z0, t, eps, None, inpaint_condition(vae, common.to_float(extra), masks[0])
+    if cfg.condition == "semantic":
+        return z0, t, eps, None, one_hot_seg(extra, cfg.seg_classes, cfg.img_size)
+    return z0, t, eps, None, None
+
+
+@torch.no_grad()
+def heldout_loss(model: LatentFlow, cfg: Config, data, vae, n: int = 1000, bs: int = 250) -> float:
+    """The LFM objective on held-out data with fixed t, noise and masks (LFM bounds W2 of the latent distribution
+    by it, Sec. 4)."""
+    dev = next(model.parameters()).device
+    g = torch.Generator(dev).manual_seed(1234)
+    idx = torch.arange(min(n, len(data)))
+    total = 0.0
+    for part in idx.split(bs):
+        batch = data[part.numpy()] if isinstance(data, common.ArrayDataset) else \
+            torch.utils.data.default_collate([data[int(i)] for i in part])
+        batch = [t.to(dev) for t in batch] + draw_noise(cfg, len(part), (model.C, model.S, model.S), g, dev)
+        z0, t, eps, y, sp = batch_inputs(model, batch, vae)
+        total += lfm_loss(model, z0, y, sp, t, eps).item() * len(part)
+    return total / len(idx)
+
+
+@torch.no_grad()
+def generate(model: LatentFlow, cfg: Config, vae, n: int, y=None, spatial=None, seed: int = 0, bs: int = 500):
+    """n decoded samples as uint8 (n, C, H, W) (labels y / spatial conditions of length n); returns (images, NFE)."""
+    dev = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    out, nfe = [], 0
+    for s in range(0, n, bs):
+        sl = slice(s, min(n, s + bs))
+        z1 = torch.randn(sl.stop - s, model.C, model.S, model.S, generator=g).to(dev)
+        z0, nfe = sample(model, cfg, z1, None if y is None else y[sl].to(dev),
+                         None if spatial is None else spatial[sl].to(dev))
+        out.append(common.to_uint8(vae.decode(z0).clamp(-1, 1)).cpu())
+    return torch.cat(out), nfe
+
+
+def eval_conditions(cfg: Config, vae, n: int, start: int = 0, device="cpu") -> dict:
+    """n conditions for evaluation and default sampling, items start..start+n (cycling) of the digits test split, or
+    else of --data: labels, originals, central-box masks (inpaint) or segmentation maps (semantic), and the spatial
+    inputs. Precomputed latents hold no images, so there only maps can serve."""
+    path, seg = Path(cfg.data), None
+    if cfg.data == "digits":
+        x, y = common.load_digits("test", cfg.img_size)
+        seg = digit_segmentation(x)
+    elif (path / "mean.npy").exists():
+        a = common.load_arrays(path, ("mean", "segmentation"))
+        if cfg.condition == "inpaint" or "segmentation" not in a:
+            raise ValueError(f"{path} holds latents without images or segmentation maps to condition on: --cond NPZ")
+        x, y, seg = None, None, torch.tensor(np.array(a["segmentation"]), dtype=torch.long)
+    else:
+        loaded = load_images(cfg)
+        if isinstance(loaded, common.ImageFolder):
+            items = [loaded[i % len(loaded)] for i in range(start, start + n)]
+            x, y, start = torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items]), 0
+        else:
+            x, y, seg = loaded
+    idx = torch.arange(start, start + n) % len(x if x is not None else seg)
+    out = {} if x is None else {"labels": y[idx], "images": x[idx]}
+    if cfg.condition == "inpaint":
+        out["masks"] = center_mask(n, cfg.img_size)
+        out["spatial"] = inpaint_condition(vae, common.to_float(out["images"]).to(device),
+                                           out["masks"].to(device)).cpu()
+    if cfg.condition == "semantic":
+        out["segmentation"] = seg[idx]
+        out["spatial"] = one_hot_seg(out["segmentation"], cfg.seg_classes, cfg.img_size)
+    return out
+
+
+def evaluate(model: LatentFlow, cfg: Config, vae, n: int | None = None, seed: int = 7) -> dict:
+    """Held-out LFM loss; on the digits also: class -> accuracy and FD of guided and conditional samples (the real-data
+    floor fd_floor); inpaint -> error on the known region against the original (and against another test digit:
+    chance), classifier accuracy of the inpainted digits and of the masked inputs; semantic -> agreement of the
+    samples' own segmentation maps with the input maps (and chance), accuracy, FD."""
+    model.eval()
+    n = n or cfg.eval_n
+    if cfg.data == "digits":
+        x, y = common.load_digits("test", cfg.img_size)
+        mean, std = encode_moments(vae, common.to_float(x))
+        extra = {"inpaint": x, "semantic": digit_segmentation(x)}.get(cfg.condition, torch.zeros(len(x)))
+        held = common.ArrayDataset(mean, std, y, extra)
+    else:  # no test split: the first examples of the training data
+        held = train_data(cfg, vae)
+    out = {"lfm_loss": heldout_loss(model, cfg, held, vae)}
+    if cfg.data != "digits":
+        return out
+    metrics = common.digits_metrics
+    if cfg.condition in ("class", "none"):
+        y = torch.arange(n) % cfg.num_classes if cfg.condition == "class" else None
+        imgs, nfe = generate(model, cfg, vae, n, y, seed=seed)
+        out.update(metrics(imgs, y), nfe=nfe)
+        if cfg.condition == "class" and (cfg.guidance != 1 or cfg.guidance_rule != "cfg"):
+            plain = dataclasses.replace(cfg, guidance=1.0, guidance_rule="cfg")
+            imgs, _ = generate(model, plain, vae, n, y, seed=seed)
+            out.update({f"{k}_unguided": v for k, v in metrics(imgs, y).items() if k != "fd_floor"})
+        return out
+    c = eval_conditions(cfg, vae, len(common.load_digits("test")[1]))
+    imgs, nfe = generate(model, cfg, vae, len(c["labels"]), spatial=c["spatial"], seed=seed)
+    out.update(metrics(imgs, c["labels"]), nfe=nfe)
+    got, ref = common.to_float(imgs), common.to_float(c["images"])
+    if cfg.condition == "inpaint":
+        known = 1 - c["masks"]
+        def err(a, b, w):
+            return float(((a - b).square() * w).sum() / w.sum())
+        out.update(known_mse=err(got, ref, known), known_mse_chance=err(got, ref.roll(1, 0), known),
+                   hole_mse=err(got, ref, c["masks"]),
+                   accuracy_masked_input=metrics(common.to_uint8(ref * known - c["masks"]), c["labels"])["accuracy"])
+    else:
+        seg = digit_segmentation(imgs)
+        out.update(map_accuracy=float((seg == c["segmentation"]).float().mean()),
+                   map_accuracy_chance=float((seg == c["segmentation"].roll(1, 0)).float().mean()))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trainer and command line
+
+
+def build(cfg: Config, vae) -> LatentFlow:
+    return LatentFlow(cfg, vae.latent_channels, cfg.img_size // vae.downsample, vae.downsample)
+
+
+def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[LatentFlow, Config]:
+    """A trained model ready to sample (EMA weights, eval mode) and its config; `overrides` may change run-time fields
+    (sampler, guidance, ...). `model.vae` is its frozen VAE, kept out of the module tree (and the state dict)."""
+    state = common.load_checkpoint(path)
+    cfg = common.config_from_checkpoint(Config, state, overrides, what=str(path))
+    vae = load_vae(cfg, device)
+    model = build(cfg, vae)
+    model.__dict__["vae"] = vae
+    return common.load_weights(model, state).to(device).eval(), cfg
+
+
+@contextlib.contextmanager
+def cosine_floor(cfg: Config):
+    """common's cosine decays to 0, LFM's CosineAnnealingLR to eta_min = 1e-5: inside this block every optimizer step
+    runs with the scheduled lr0 f replaced by min_lr + (lr0 - min_lr) f, then restored, so the schedule and the
+    checkpoints stay common's. Global step hooks, because common.train builds its optimizer after sharding."""
+    if cfg.lr_schedule != "cosine" or cfg.min_lr <= 0:
+        yield
+        return
+    held = []
+
+    def floor(opt, *_):
+        held[:] = [g["lr"] for g in opt.param_groups]
+        for g in opt.param_groups:
+            base = g.get("initial_lr", cfg.lr)
+            g["lr"] = cfg.min_lr + (base - cfg.min_lr) * g["lr"] / base
+
+    def restore(opt, *_):
+        for g, lr in zip(opt.param_groups, held):
+            g["lr"] = lr
+    hooks = [register_optimizer_step_pre_hook(floor), register_optimizer_step_post_hook(restore)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def precompute(cfg: Config, src: str, d: common.Dist):
+    """Encode images (an .npz or a folder) through the VAE once: <--data>/mean.npy, std.npy (the posterior, fp16),
+    labels.npy [, segmentation.npy]; train then reads them memory-mapped and draws z0 = mean + std eps."""
+    vae = load_vae(cfg, d.device)
+    loaded = load_images(dataclasses.replace(cfg, data=src))
+    data = loaded if isinstance(loaded, common.ImageFolder) else common.ArrayDataset(loaded[0], loaded[1])
+    start, count = common.rank_split(len(data), d)
+    part = torch.utils.data.Subset(data, range(start, start + count))
+    means, stds, labels = [], [], []
+    for xb, yb in common.progress(torch.utils.data.DataLoader(part, batch_size=64, num_workers=cfg.num_workers),
+                                  desc="encoding"):
+        m, s = encode_moments(vae, common.to_float(xb.to(d.device)))
+        means.append(m.half())
+        stds.append(s.half())
+        labels.append(yb)
+    out = Path(cfg.data)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = dict(mean=torch.cat(means).numpy(), std=torch.cat(stds).numpy(), labels=torch.cat(labels).numpy())
+    common.save_npz(out / "latents.npz", d, **arrays)
+    if d.is_main:
+        with np.load(out / "latents.npz") as z:
+            for k in arrays:
+                np.save(out / f"{k}.npy", z[k])
+        if not isinstance(loaded, common.ImageFolder) and loaded[2] is not None:
+            np.save(out / "segmentation.npy", loaded[2].numpy().astype(np.int16))
+        (out / "latents.npz").unlink()
+        common.print0(f"wrote {out}/mean.npy, std.npy, labels.npy ({len(data)} images)")
+
+
+def conditions_from_npz(cfg: Config, path: str, vae, start: int, count: int, device) -> dict:
+    """--cond NPZ for inpaint (`images` (N,H,W,C) uint8 + `masks` (N,H,W), 1 = fill) or semantic (`segmentation`)."""
+    a = common.load_arrays(path, ("segmentation",) if cfg.condition == "semantic" else ("images", "masks"))
+    idx = (torch.arange(start, start + count) % len(next(iter(a.values())))).numpy()
+    if cfg.condition == "semantic":
+        seg = torch.as_tensor(np.asarray(a["segmentation"])[idx]).long()
+        return {"segmentation": seg, "spatial": one_hot_seg(seg, cfg.seg_classes, cfg.img_size)}
+    if "masks" not in a:
+        raise ValueError(f"--cond {path} has no `masks` array (N, H, W), 1 = region to fill")
+    x = torch.from_numpy(np.ascontiguousarray(np.asarray(a["images"])[idx].transpose(0, 3, 1, 2)))
+    m = torch.as_tensor(np.asarray(a["masks"])[idx]).float()[:, None]
+    return {"images": x, "masks": m, "spatial": inpaint_condition(vae, common.to_float(x).to(device),
+                                                                 m.to(device)).cpu()}
+
+
+def save_grid(path: Path, rows: list[torch.Tensor]):
+    """Rows of uint8 images (N, C, H, W) side by side, enlarged so tiny digits can be looked at."""
+    imgs = torch.cat(rows)
+    zoom = max(1, 64 // imgs.shape[-1])
+    imgs = imgs.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
+    common.save_png(path, common.image_grid(imgs, nrow=len(rows[0]), pad=2))
+
+
+def add_args(p: argparse.ArgumentParser):
+    p.add_argument("--precompute", metavar="IMAGES", default=None,
+                   help="encode IMAGES (an .npz or a folder) through --vae into the latent folder --data")
+    p.add_argument("--cond", metavar="NPZ", default=None,
+                   help="conditions to --sample an inpaint (images + masks) or semantic (segmentation) model from")
+
+
+def main(argv=None):
+    cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=add_args, doc=__doc__)
+    if args.plot:
+        return common.print0(f"wrote {common.plot_log(args.plot)}")
+    d = common.setup_distributed(cfg.device)
+    ckpt = args.ckpt or str(Path(cfg.out_dir) / "ckpt.pt")
+    if args.precompute:
+        return precompute(cfg, args.precompute, d)
+
+    if args.sample or args.eval:
+        model, cfg = from_checkpoint(ckpt, d.device, **overrides)
+        vae = model.vae
+        if args.eval:
+            res = evaluate(model, cfg, vae)
+            common.print0(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in res.items()}))
+            return
+        start, count = common.rank_split(args.n, d)
+        arrays, y, spatial = {}, None, None
+        if cfg.condition == "class":
+            y = torch.arange(start, start + count) % cfg.num_classes
+            arrays["labels"] = y.numpy()
+        elif cfg.condition != "none":
+            c = conditions_from_npz(cfg, args.cond, vae, start, count, d.device) if args.cond else \
+                eval_conditions(cfg, vae, count, start, d.device)
+            spatial = c.pop("spatial")
+            arrays.update({k: (v[:, 0].to(torch.uint8) if k == "masks" else v).numpy() for k, v in c.items()
+                           if k != "images"})
+        imgs, nfe = generate(model, cfg, vae, count, y, spatial, seed=cfg.seed + 1000 + d.rank)
+        common.save_npz(args.out, d, images=imgs.permute(0, 2, 3, 1).numpy(), **arrays)
+        if d.is_main:
+            save_grid(Path(args.out).with_suffix(".png"), [imgs[:100]])
+        common.print0(f"wrote {args.n} samples to {args.out} ({cfg.sampler}, {nfe} network evaluations per batch)")
+        return
+
+    common.seed_all(cfg.seed)  # the same initial weights on every rank
+    vae = load_vae(cfg, d.device)
+    model = build(cfg, vae)
+    data = train_data(cfg, vae)
+    common.print0(f"LFM ({cfg.condition}): DiT width {cfg.width} x {cfg.depth} blocks, {model.S // cfg.patch_size}^2 "
+                  f"tokens of {model.C}x{cfg.patch_size}x{cfg.patch_size} latents, "
+                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters -> {cfg.out_dir}")
+
+    def loss_fn(net, batch):
+        z0, t, eps, y, spatial = batch_inputs(model, batch, vae, cfg.label_drop)
+        return lfm_loss(net, z0, y, spatial, t, eps), {}
+
+    def on_eval(step, model, ema):
+        with ema.swap(model), common.full_params(model):
+            res = evaluate(model, cfg, vae, n=min(cfg.eval_n, 500))
+            if cfg.condition in ("class", "none"):
+                y = torch.arange(100) % cfg.num_classes if cfg.condition == "class" else None
+                imgs, _ = generate(model, cfg, vae, 100, y, seed=0)
+                rows = list(imgs.split(10))
+            else:  # condition, sample [, original] for 10 held-out items
+                c = eval_conditions(cfg, vae, 10, 0, d.device)
+                imgs, _ = generate(model, cfg, vae, 10, spatial=c["spatial"], seed=0)
+                if cfg.condition == "inpaint":
+                    shown = common.to_uint8(common.to_float(c["images"]) * (1 - c["masks"]) - c["masks"])
+                else:  # the map as grey levels, in the images' channels
+                    shown = (c["segmentation"][:, None] * 255 // (cfg.seg_classes - 1)).to(torch.uint8)
+                    shown = shown.expand(-1, imgs.shape[1], -1, -1)
+                rows = [shown, imgs] + ([c["images"]] if "images" in c else [])
+        model.train()
+        if d.is_main:
+            save_grid(Path(cfg.out_dir) / "samples.png", rows)
+        common.print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
+        return res
+
+    data = training_batches(cfg, data, (model.C, model.S, model.S), d)
+    with cosine_floor(cfg):
+        common.train(cfg, model, loss_fn, data, d, resume=ckpt if args.resume else None, overwrite=args.overwrite,
+                     evaluate=on_eval, shard_types=(DiTBlock,))
+    out = Path(cfg.out_dir)
+    common.print0("done: " + common.existing(out / "ckpt.pt", out / "samples.png", out / "log.jsonl"))
+
+
+if __name__ == "__main__":
+    common.run(main)
