@@ -1,6 +1,6 @@
 """
 W-CFM: Weighted Conditional Flow Matching, next to its I-CFM and OT-CFM baselines, with batched ODE samplers and
-SourceFM's pruned Gaussian source. One file, PyTorch only (scipy optional).
+SourceFM's pruned, norm-aligned Gaussian source. One file, PyTorch only (scipy optional).
 
 Papers
     Weighted Conditional Flow Matching. S. Calvo-Ordonez, M. Meunier, A. Cartea, C. Reisinger, Y. Gal,
@@ -8,53 +8,49 @@ Papers
     Improving and Generalizing Flow-Based Generative Models with Minibatch Optimal Transport (I-CFM, OT-CFM).
     A. Tong et al., TMLR 2024 (the torchcfm library: its 2D examples and CIFAR-10 recipe are the reference here).
     Is There a Better Source Distribution than Gaussian? Exploring Source Distributions for Image Flow Matching
-    (SourceFM): directionally pruned Gaussian sampling and norm-aligned training.
+    (SourceFM; code: github.com/kwanseokk/SourceFM): pruned Gaussian sampling and norm alignment.
 
-The method. Draw x0 ~ mu (source) and x1 ~ nu (target) independently, put x_t = (1 - t) x0 + t x1 + sigma z on the
-straight path and regress v(x_t, t) onto u = x1 - x0. I-CFM stops there; OT-CFM first re-pairs the minibatch by an
-exact OT assignment; W-CFM keeps the independent pairs and weights each one by the Gibbs kernel
-w = exp(-c(x0, x1) / eps). The weighted product measure w(x, y) mu(x) nu(y) / Z is the entropic-OT plan of (mu~, nu~),
-whose marginals are mu tilted by tau0(x) = E_y w(x, y) (and nu by tau1(y) = E_x w(x, y)): W-CFM learns an
-entropic-OT flow at the price of the per-pair cost, O(B d), where OT-CFM pays O(B^2 d + B^3) per step. The tilt is
-small when eps is large against the spread of the cost; eps = kappa * sqrt(d).
+The method. Draw x0 ~ mu and x1 ~ nu independently, put x_t = (1 - t) x0 + t x1 + sigma z on the straight path and
+regress v(x_t, t) onto u = x1 - x0. I-CFM stops there; OT-CFM re-pairs the minibatch by an exact OT assignment
+(O(B^2 d + B^3) per step); W-CFM weights each pair by the Gibbs kernel w = exp(-c(x0, x1) / eps) (O(B d)).
+w mu nu / Z is the entropic-OT plan between mu and nu TILTED by tau0(x) = E_y w(x, y) and tau1(y) = E_x w(x, y): the
+flow learnt carries mu~ to nu~, and is sampled from mu. So eps = kappa sqrt(d) trades straight, OT-like paths (small
+eps) against the tilt, W-CFM's error on the end metric (large eps: I-CFM).
 
 Ambiguities, and the choices made here
-  * The cost. Public descriptions disagree on c = |x0 - x1|^2 or |x0 - x1|. Default `sqeuclidean`: the entropic-OT
-    derivation uses the W2 (quadratic) cost, whose Gibbs kernel is exp(-|x - y|^2 / eps), and the eps = kappa sqrt(d)
-    scaling only makes sense for it -- a squared distance between independent points is a sum of d terms whose spread
-    grows like sqrt(d), so c / eps fluctuates by O(1) in any dimension (from N(0, I_d), |x0|^2 alone tilts the source
-    by Var/E^2 ~ exp(2 / kappa^2) - 1 whatever d), while the plain distance's spread stays O(1) and kappa sqrt(d)
-    would flatten its weights to 1 in high dimension. `--cost euclidean` is there to compare.
-  * Normalisation. The loss is E[w * |v - u|^2] either way; whether w is divided by its batch mean is not stated
-    consistently. Default `mean`: w_i = exp(l_i - logmeanexp(l)) = B softmax(l)_i, l = -c / eps. It is the
-    self-normalised estimate of the loss under the tilted plan (same minimiser, same scale as I-CFM so learning rates
-    transfer), and it never underflows, as the softmax subtracts the largest l first: CIFAR-10 pairs have c ~ 4000
-    and sqrt(d) ~ 55, so exp(-c / eps) itself is 0 in float32 for any kappa below ~0.7. `--weights raw` uses
-    exp(-c / eps) as written.
-  * kappa. The paper picks kappa on a log-spaced grid as the smallest value where the relative variance of the
-    marginal tilt, Var(tau) / E[tau]^2, starts to flatten. `--select-kappa` prints that curve for both marginals and
-    takes, for each, the elbow of log(1 + relvar) against log kappa as the grid point farthest below the chord
-    ("Kneedle", no threshold to tune); kappa is the larger of the two, so that both tilts have flattened. The log
-    squashes the saturated start (relvar -> n - 1 when one pair holds all the weight) and is linear near 0, where
-    flat means a negligible tilt. On plain relvar the chord rule stops too early: kappa = 1 on 8 Gaussians -> moons,
-    where the source tilt still has relvar 2.6 and W2 is 1.3 instead of ~0.8 at the kappa = 6.3 chosen here.
-  * OT-CFM uses the exact assignment as a permutation of the batch (torchcfm draws pairs from the plan with
-    replacement); without scipy it falls back to a log-domain Sinkhorn plan with a small regularisation and draws a
-    partner for each x0 from its row. Under torchrun each rank couples / normalises its own share of the batch.
-  * SourceFM pruning: R = {k : gamma_k <= tau} are the directions no (normalised) data point reaches, and a Gaussian x0
-    is kept iff max_{k in R} <v_k, x0/|x0|> <= tau_r -- as in the paper (their released code stores the complement).
+  * Cost |x0 - x1|^2 (`--cost euclidean` to compare): the entropic-OT derivation's, and the one for which
+    eps = kappa sqrt(d) keeps c / eps fluctuating by O(1) in any dimension.
+  * Weights divided by their batch mean, after subtracting the largest log weight: the self-normalised loss under the
+    tilted plan (the paper's minimiser, at I-CFM's scale), never underflowing (CIFAR-10 pairs have c ~ 4000: the raw
+    exp(-c/eps) is 0 in float32 below kappa ~ 0.7), and exactly 1 as kappa -> inf, where the loss is I-CFM's.
+  * kappa: the paper takes the smallest grid kappa where the tilts' Var(tau) / E[tau]^2 "starts to flatten"
+    (`--kappa_rule elbow`: the later of the two marginals' points farthest below the chord of log(1 + relvar) against
+    log kappa). That still tilts a lot (8 Gaussians -> moons: kappa 6.3, source relvar 0.31, W2 3x I-CFM's), so the
+    presets use a tilt budget (`--kappa_rule budget`: the smallest grid kappa from which on both relvars stay
+    <= --tilt_budget, 0.01 from the README's sweep). Both see the pairs training sees, norm alignment included.
+  * OT-CFM's assignment is a permutation of the batch (torchcfm draws pairs from the plan with replacement); without
+    scipy a log-domain Sinkhorn plan with a small regularisation gives each x0 a partner drawn from its row.
+  * SourceFM as released. `--norm_align` scales x0 by E|x1| / E|x0| in training and sampling (`X0_NormAlign`);
+    `--norm_align_side x1` scales the data by E|x0| / E|x1| and divides samples by it. Both learn the same flow up to
+    a global scale, (s x0, x1) = s (x0, x1 / s), but with x1 the net's inputs and targets are 1/s times larger (2x on
+    CIFAR-10) while sigma and eps stay absolute: relatively 1/s less path noise, 1/s^2 more tilt. `--prune` (images)
+    keeps x0 ~ N(0, I) iff its cosine to every accepted direction (a +-PC of the L2-normalised data that some data
+    point reaches, cosine > tau) is <= tau_r: the released sampler's rule (the paper's text reads as the converse),
+    under which tau_r = 0.048 was tuned on CIFAR-10. A random cosine has std 1/sqrt(d): 0.048 is 2.66 std at d = 3072,
+    and the digits preset keeps 2.66 std, 0.33 at d = 64 (at 0.048 no unit vector survives there: each has a cosine
+    >= 1/8 with one of +-64 orthonormal directions). The x0 scale applies after pruning, which tests directions only.
+  * The U-Net embeds t in [0, 1] with sinusoids as torchcfm's UNetModel does (no x1000 diffusion-step scaling).
 
-Data: 2D toys are generated here (8gaussians and moons as torchcfm's examples define them, except that the moons'
-arc positions are drawn uniformly instead of on an even grid per batch); images are the scikit-learn digits (CPU
-demo) or a CIFAR-10-style `.npz` (`images` uint8 (N, H, W, C), optional `labels`) or image folder.
+Data: 2D toys generated here (8gaussians and moons as in torchcfm's examples, moon arcs drawn uniformly); images: the
+scikit-learn digits (CPU demo), or a CIFAR-10-style `.npz` (`images` uint8 (N, H, W, C), optional `labels`) or folder.
 
 Run
-    python wcfm.py                                   # 8 Gaussians -> moons: I-CFM, OT-CFM, W-CFM side by side (CPU)
+    python wcfm.py                                   # 8 Gaussians -> moons: I-CFM, OT-CFM, W-CFM at two kappa (CPU)
     python wcfm.py --preset mog-5gaussians           # mixture of Gaussians -> 5 Gaussians, the same comparison
     python wcfm.py --preset digits                   # class-conditional W-CFM U-Net on 8x8 digits (CPU, minutes)
     torchrun --nproc_per_node=8 wcfm.py --preset cifar10 --data_path cifar10_train.npz   # torchcfm's recipe, GPUs
-    python wcfm.py --select-kappa [--preset ...]     # the tilt curve and the elbow choice of kappa
-    python wcfm.py --eval [--ckpt out/wcfm/wcfm/ckpt.pt]        # W2, NPE, NFE (+ FD for digits) as one JSON line
+    python wcfm.py --select-kappa [--preset ...]     # the tilt curve, the budget and the elbow choice of kappa
+    python wcfm.py --eval [--ckpt out/wcfm/wcfm/ckpt.pt]  # W2 at 1-8 Euler steps / 100 / dopri5, straightness, NPE
     python wcfm.py --sample --ckpt out/wcfm/wcfm/ckpt.pt --n 2000 --out s.npz [--sampler dopri5] [--prune]
     torchrun --nproc_per_node=2 wcfm.py -- --sample --ckpt out/wcfm/wcfm/ckpt.pt --n 2000 --out s.npz
                                       # ("--": torchrun's parser would otherwise claim --n as an abbreviation)
@@ -66,6 +62,8 @@ import dataclasses
 import importlib.util
 import json
 import math
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +79,11 @@ import common
 
 COUPLINGS = ("icfm", "otcfm", "wcfm")
 LABELS = {"icfm": "I-CFM", "otcfm": "OT-CFM", "wcfm": "W-CFM"}
-TOYS = ("gaussian", "8gaussians", "moons", "checkerboard", "circles", "2spirals", "mog", "5gaussians")
-SAMPLERS = ("euler", "midpoint", "heun", "rk4", "dopri5")
+HAS_SCIPY = importlib.util.find_spec("scipy") is not None
+TOYS = ("gaussian", "8gaussians", "moons", "mog", "5gaussians")  # gaussian: the image source, and torchcfm's CFM one
+SAMPLERS = ("euler", "heun", "rk4", "dopri5")
+KAPPA_GRID = np.logspace(-2, 3, 26)  # 5 per decade
+FEW_STEPS = (1, 2, 4, 8)  # the Euler step counts --eval reports W2 at
 
 
 @dataclass
@@ -92,13 +93,15 @@ class Config(common.TrainConfig):
     data_path: str = ""  # cifar10: an .npz with images uint8 (N, H, W, C) [+ labels], or a folder of class folders
     image_size: int = common.opt(32, min=1)  # image side (folders are resized, digits upsampled)
     hflip: bool = False  # random horizontal flips of the images (training, and the pruning PCA)
-    coupling: str = "wcfm"  # icfm | otcfm | wcfm; a comma-separated list trains each side by side
+    coupling: str = "wcfm"  # icfm | otcfm | wcfm | wcfm:KAPPA; a comma-separated list trains each side by side
     sigma: float = 0.1  # std of the Gaussian around the straight conditional path
-    kappa: float = common.opt(2.5, gt=0)  # W-CFM: eps = kappa * sqrt(d) (see --select-kappa)
+    kappa: float = common.opt(63.1, gt=0)  # W-CFM: eps = kappa * sqrt(d) (set by --kappa_rule unless fixed)
+    kappa_rule: str = common.opt("fixed", choices=("fixed", "budget", "elbow"))  # fixed (--kappa) | budget | elbow
+    tilt_budget: float = common.opt(0.01, gt=0)  # budget rule: both tilts' Var(tau)/E[tau]^2 stay <= this
     cost: str = common.opt("sqeuclidean", choices=("sqeuclidean", "euclidean"))  # W-CFM cost c(x0, x1)
-    weights: str = common.opt("mean", choices=("mean", "raw"))  # W-CFM weights: / their batch mean | exp(-c/eps)
     ot_solver: str = common.opt("auto", choices=("auto", "exact", "sinkhorn"))  # OT-CFM (auto: exact with scipy)
-    norm_align: bool = False  # SourceFM: train on x1 * E|x0|/E|x1|, undone at sampling
+    norm_align: bool = False  # SourceFM norm alignment: match E|x0| and E|x1| in training, undone at sampling
+    norm_align_side: str = common.opt("x0", choices=("x0", "x1"))  # which side it scales: x0 (released) | x1
     width: int = common.opt(64, min=1)  # MLP width (2D) or U-Net base channels (images)
     depth: int = common.opt(3, min=1)  # MLP hidden layers
     ch_mult: tuple = common.opt((1, 2, 2, 2), min=1)  # U-Net channel multipliers per resolution
@@ -107,14 +110,14 @@ class Config(common.TrainConfig):
     dropout: float = common.opt(0.1, max=0.99)  # U-Net dropout
     num_classes: int = 0  # class-conditional with this many classes (0 = unconditional)
     p_uncond: float = common.opt(0.1, max=1)  # label dropout, for classifier-free guidance
-    sampler: str = common.opt("euler", choices=SAMPLERS)  # euler | midpoint | heun | rk4 | dopri5
+    sampler: str = common.opt("euler", choices=SAMPLERS)  # euler | heun | rk4 | dopri5
     sample_steps: int = common.opt(100, min=1)  # steps of the fixed-step samplers
     atol: float = common.opt(1e-4, gt=0)  # dopri5 absolute tolerance
     rtol: float = common.opt(1e-4, gt=0)  # dopri5 relative tolerance
     guidance: float = 1.0  # classifier-free guidance weight (1 = plain conditional)
-    prune: bool = False  # SourceFM: sample x0 from the directionally pruned Gaussian
-    prune_tau: float = 0.01  # a direction is pruned if no normalised data point projects above this
-    prune_tau_r: float = 0.048  # reject x0 if its direction projects above this on a pruned direction
+    prune: bool = False  # SourceFM: sample x0 from the pruned Gaussian (image targets)
+    prune_tau: float = 0.01  # a direction is accepted if some normalised data point projects above this
+    prune_tau_r: float = 0.048  # keep x0 if its cosine to every accepted direction is <= this (CIFAR-10's value)
     eval_n: int = common.opt(2000, min=2)  # samples for --eval (and the side-by-side table)
 
     NAME = "wcfm"
@@ -122,132 +125,58 @@ class Config(common.TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        bad = [c for c in self.coupling.split(",") if c.strip() not in COUPLINGS]
-        if bad:
-            raise ValueError(f"--coupling {bad[0].strip()!r} is not one of: {', '.join(COUPLINGS)}")
+        runs(self.coupling)  # checks every entry
         if self.num_classes and not is_image(self):
             raise ValueError("class conditioning (--num_classes) is for image targets only")
         if self.guidance != 1.0 and not self.num_classes:
             raise ValueError("--guidance needs a class-conditional model (--num_classes > 0)")
+        if self.prune and not is_image(self):
+            raise ValueError("--prune prunes pixel directions: it is for image targets (digits, cifar10)")
+        if self.norm_align_side != "x0" and not self.norm_align:
+            raise ValueError(f"--norm_align_side {self.norm_align_side} needs --norm_align")
 
-    @property
-    def couplings(self) -> list[str]:  # "icfm,otcfm,wcfm" trains the three side by side
-        return [c.strip() for c in self.coupling.split(",")]
+
+def runs(spec: str) -> list[tuple[str, str, float | None]]:
+    """'icfm,otcfm,wcfm,wcfm:6.31' -> [(name, coupling, kappa or None)]: wcfm:K is W-CFM at kappa K."""
+    out = []
+    for item in (s.strip() for s in spec.split(",")):
+        c, colon, k = item.partition(":")
+        kappa = (float(k) if re.fullmatch(r"\d*\.?\d+(e[-+]?\d+)?", k) else -1.0) if colon else None
+        if c not in COUPLINGS or (colon and (c != "wcfm" or not kappa > 0)):
+            raise ValueError(f"--coupling {item!r} is not one of: icfm, otcfm, wcfm, wcfm:KAPPA")
+        out.append((item, c, kappa))
+    return out
 
 
 _TOY_2D = dict(steps=20000, batch_size=256, lr=1e-3, lr_schedule="constant", warmup=0, weight_decay=0.0, beta2=0.999,
-               grad_clip=0.0, ema_decay=0.999, log_every=200, eval_every=5000, ckpt_every=5000,
-               coupling="icfm,otcfm,wcfm")
+               grad_clip=0.0, ema_decay=0.999, log_every=200, eval_every=5000, ckpt_every=5000)
 PRESETS = {
     # torchcfm's 2D protocol: sigma 0.1, batch 256, 20k plain Adam steps at 1e-3, 3x64 SELU MLP; plus an EMA of the
     # weights for sampling (training is unchanged): the last constant-lr iterate's W2 swings 0.4-0.9 from seed to seed
-    # (--ema_decay 0 for the bare protocol). kappa: the --select-kappa choice for each pair of distributions.
-    "8gaussians-moons": dict(_TOY_2D, kappa=6.3),
-    "mog-5gaussians": dict(_TOY_2D, source="mog", target="5gaussians", kappa=4.0),
-    "digits": dict(target="digits", image_size=8, coupling="wcfm", sigma=0.0, kappa=2.5,
+    # (--ema_decay 0 for the bare protocol). kappa: the tilt-budget choice of --select-kappa for each pair; the demo
+    # also trains W-CFM at the paper's elbow (wcfm:KAPPA).
+    "8gaussians-moons": dict(_TOY_2D, kappa=63.1, coupling="icfm,otcfm,wcfm,wcfm:6.31"),
+    "mog-5gaussians": dict(_TOY_2D, source="mog", target="5gaussians", kappa=25.1,
+                           coupling="icfm,otcfm,wcfm,wcfm:3.98"),
+    "digits": dict(target="digits", image_size=8, coupling="wcfm", sigma=0.0, kappa=25.1,
                    width=32, ch_mult=(1, 2), num_res_blocks=1, attn_res=(4,), dropout=0.0, num_classes=10,
                    steps=2000, batch_size=64, lr=1e-3, warmup=200, ema_decay=0.999, eval_every=500,
-                   ckpt_every=500, eval_n=1000, prune_tau_r=0.33),  # 0.048 * sqrt(3072 / 64): see SourcePruner
+                   ckpt_every=500, eval_n=1000, prune_tau_r=0.33),  # 2.66 std of a random cosine, as 0.048 at 3072
     # torchcfm's CIFAR-10 recipe: 128 channels, [1, 2, 2, 2], attention at 16, dropout 0.1, Adam 2e-4, warmup 5k,
-    # grad clip 1, EMA 0.9999, batch 128, sigma 0
-    "cifar10": dict(target="cifar10", image_size=32, hflip=True, coupling="wcfm",
-                    sigma=0.0, kappa=2.5, width=128, steps=400000, batch_size=128, lr=2e-4, lr_schedule="constant",
+    # grad clip 1, EMA 0.9999, batch 128, sigma 0; kappa by the tilt budget, measured on the data before training
+    "cifar10": dict(target="cifar10", image_size=32, hflip=True, coupling="wcfm", sigma=0.0, kappa_rule="budget",
+                    width=128, steps=400000, batch_size=128, lr=2e-4, lr_schedule="constant",
                     warmup=5000, weight_decay=0.0, beta2=0.999, grad_clip=1.0, ema_decay=0.9999, eval_every=20000,
                     ckpt_every=20000, sampler="dopri5", atol=1e-5, rtol=1e-5, eval_n=2000),
 }
 
 
-def is_image(cfg: Config) -> bool:
+def is_image(cfg: Config) -> bool:  # images start from N(0, I); 2D toys from cfg.source
     return cfg.target in ("digits", "cifar10")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Data
-
-
-def toy(name: str, n: int, g: torch.Generator) -> torch.Tensor:
-    """n points of a 2D toy distribution, (n, 2), from the generator g."""
-    u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
-    z = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    if name == "gaussian":
-        return z(n, 2)
-    if name == "8gaussians":  # torchcfm passes sqrt(0.1) as the covariance matrix, so the std is 0.1 ** 0.25
-        a = torch.randint(8, (n,), generator=g) * (math.pi / 4)
-        return 5 * torch.stack([a.cos(), a.sin()], 1) + 0.1 ** 0.25 * z(n, 2)
-    if name == "moons":  # torchdyn's moons as torchcfm uses them: arcs, a uniform diagonal jitter U(0, 0.2), * 3 - 1
-        a, upper = math.pi * u(n), u(n) < 0.5
-        x = torch.where(upper, a.cos(), 1 - a.cos())
-        y = torch.where(upper, a.sin(), 0.5 - a.sin())
-        return (torch.stack([x, y], 1) + 0.2 * u(n, 1)) * 3 - 1
-    if name == "checkerboard":  # the 8 dark squares of a 4x4 board on [-4, 4]^2
-        cell = torch.randint(8, (n,), generator=g)
-        row = cell // 2
-        col = 2 * (cell % 2) + row % 2
-        return torch.stack([col, row], 1) * 2 - 4 + 2 * u(n, 2)
-    if name == "circles":  # two concentric circles, radii 2 and 4
-        a, r = 2 * math.pi * u(n), 2 + 2 * (u(n) < 0.5)
-        return r[:, None] * torch.stack([a.cos(), a.sin()], 1) + 0.1 * z(n, 2)
-    if name == "2spirals":
-        s = torch.sqrt(u(n)) * 3 * math.pi
-        arm = torch.where(u(n) < 0.5, 1.0, -1.0)[:, None]
-        return arm * torch.stack([-s.cos() * s, s.sin() * s], 1) / 2 + 0.2 * z(n, 2)
-    if name == "mog":  # 3 unequal Gaussians on a triangle of radius 2 (our choice: the paper gives no numbers)
-        k = torch.multinomial(torch.tensor([0.5, 0.3, 0.2]), n, replacement=True, generator=g)
-        a, sd = math.pi / 2 + k * (2 * math.pi / 3), torch.tensor([0.6, 0.4, 0.3])[k]
-        return 2 * torch.stack([a.cos(), a.sin()], 1) + sd[:, None] * z(n, 2)
-    if name == "5gaussians":  # 5 equal Gaussians on a circle of radius 4 (our choice likewise)
-        a = torch.randint(5, (n,), generator=g) * (2 * math.pi / 5)
-        return 4 * torch.stack([a.cos(), a.sin()], 1) + 0.3 * z(n, 2)
-    raise ValueError(f"unknown 2D toy {name!r}")
-
-
-def toy_batches(cfg: Config, d: common.Dist):
-    """start_step -> this rank's (x0, x1) batches. Step s draws the GLOBAL batch from a generator seeded by (seed, s)
-    and each rank keeps its slice: the data depend on neither the world size nor interruptions (exact --resume)."""
-    if cfg.batch_size % d.world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {d.world_size} ranks")
-    per = cfg.batch_size // d.world_size
-
-    def it(start: int):
-        step = start
-        while True:
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            x0, x1 = toy(cfg.source, cfg.batch_size, g), toy(cfg.target, cfg.batch_size, g)
-            yield x0[d.rank * per:][:per], x1[d.rank * per:][:per]
-            step += 1
-    return it
-
-
-def load_images(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (N, C, H, W) images and int64 labels (zeros when the data have none)."""
-    if cfg.target == "digits":
-        return common.load_digits(split, size=cfg.image_size)
-    if not cfg.data_path:
-        raise ValueError("--target cifar10 needs --data_path: an .npz with images (N, 32, 32, 3) uint8, or a folder")
-    if Path(cfg.data_path).is_dir() and not list(Path(cfg.data_path).glob("*.npy")):
-        folder = common.ImageFolder(cfg.data_path, cfg.image_size)
-        x, y = zip(*(folder[i] for i in range(len(folder))))
-        return torch.stack(x), torch.tensor(y)
-    arrays = common.load_arrays(cfg.data_path, ("images", "labels"))
-    x = torch.from_numpy(np.ascontiguousarray(arrays["images"])).permute(0, 3, 1, 2).contiguous()
-    if x.dtype != torch.uint8 or x.ndim != 4:
-        raise ValueError(f"{cfg.data_path}: images must be uint8 (N, H, W, C), got {x.dtype} {tuple(x.shape)}")
-    y = torch.from_numpy(np.asarray(arrays["labels"])).long() if "labels" in arrays else torch.zeros(len(x)).long()
-    return x, y
-
-
-def target_samples(cfg: Config, n: int, seed: int) -> torch.Tensor:
-    """n samples of the target as the model sees them (before norm alignment): (n, 2) or float (n, C, H, W)."""
-    g = torch.Generator().manual_seed(seed)
-    if not is_image(cfg):
-        return toy(cfg.target, n, g)
-    x, _ = load_images(cfg)
-    idx = torch.randperm(len(x), generator=g)[:n] if n <= len(x) else torch.randint(len(x), (n,), generator=g)
-    return common.to_float(x[idx])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Couplings: independent, exact minibatch OT, and Gibbs weights
+# Couplings: independent, exact minibatch OT, and Gibbs weights; the tilt and the choice of kappa
 
 
 def cost_matrix(x0: torch.Tensor, x1: torch.Tensor, cost: str = "sqeuclidean") -> torch.Tensor:
@@ -255,10 +184,6 @@ def cost_matrix(x0: torch.Tensor, x1: torch.Tensor, cost: str = "sqeuclidean") -
     a, b = x0.flatten(1).double(), x1.flatten(1).double()
     sq = (a.square().sum(1, keepdim=True) + b.square().sum(1) - 2 * a @ b.T).clamp(min=0)
     return sq if cost == "sqeuclidean" else sq.sqrt()
-
-
-def has_scipy() -> bool:
-    return importlib.util.find_spec("scipy") is not None
 
 
 def assignment(c: torch.Tensor) -> torch.Tensor:
@@ -300,30 +225,29 @@ class FlowMatcher:
     """Couples a minibatch, weights its pairs and places points on the straight conditional path."""
 
     def __init__(self, coupling: str, sigma: float, dim: int, kappa: float = 1.0, cost: str = "sqeuclidean",
-                 weights: str = "mean", ot_solver: str = "auto"):
+                 ot_solver: str = "auto"):
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
         if not kappa > 0:
             raise ValueError(f"eps = kappa * sqrt(d) must be > 0, got kappa = {kappa}")
-        self.coupling, self.sigma, self.cost, self.weights = coupling, sigma, cost, weights
+        self.coupling, self.sigma, self.cost = coupling, sigma, cost
         self.eps = kappa * math.sqrt(dim)
-        self.ot_solver = ("exact" if has_scipy() else "sinkhorn") if ot_solver == "auto" else ot_solver
+        self.ot_solver = ("exact" if HAS_SCIPY else "sinkhorn") if ot_solver == "auto" else ot_solver
 
     def describe(self) -> str:
-        if self.coupling == "otcfm":
-            return ("exact minibatch OT (scipy linear_sum_assignment)" if self.ot_solver == "exact"
-                    else "minibatch OT by a Sinkhorn plan (reg 0.01 x mean cost; scipy not used)")
-        if self.coupling == "wcfm":
-            return f"Gibbs weights exp(-c/eps), c = {self.cost}, eps = {self.eps:.4g}, weights = {self.weights}"
-        return "independent pairs"
+        return {"icfm": "independent pairs",
+                "wcfm": f"Gibbs weights / batch mean, c = {self.cost}, eps = {self.eps:.4g}",
+                "otcfm": "exact minibatch OT (scipy linear_sum_assignment)" if self.ot_solver == "exact" else
+                "minibatch OT by a Sinkhorn plan (reg 0.01 x mean cost; scipy not used)"}[self.coupling]
 
     def pair_weights(self, u: torch.Tensor) -> torch.Tensor:
-        """Gibbs weights of the pairs from their displacements u = x1 - x0, (B, ...) -> (B,): exp(-c/eps), or that
-        divided by its batch mean -- a softmax, which subtracts the largest log weight first, so nothing underflows
-        even at c/eps ~ 1e4."""
+        """Gibbs weights of the pairs from their displacements u = x1 - x0, (B, ...) -> (B,), divided by their batch
+        mean. exp(l - max l) keeps one weight at 1 (nothing underflows to an all-zero batch) and makes every weight
+        exactly 1 when all l agree to float precision (kappa -> inf: I-CFM)."""
         c = u.float().flatten(1).square().sum(1)  # (B,)
-        c = c if self.cost == "sqeuclidean" else c.sqrt()
-        return torch.exp(-c / self.eps) if self.weights == "raw" else torch.softmax(-c / self.eps, 0) * len(c)
+        lw = (c if self.cost == "sqeuclidean" else c.sqrt()) * (-1 / self.eps)
+        e = (lw - lw.max()).exp_()
+        return e / e.mean()
 
     def couple(self, x0: torch.Tensor, x1: torch.Tensor, y: torch.Tensor | None = None):
         """-> (x0, x1, y): the pairs to train on (OT-CFM re-pairs the batch). Labels y travel with x1."""
@@ -340,35 +264,57 @@ class FlowMatcher:
         return (1 - tb) * x0 + tb * x1 + self.sigma * noise, x1 - x0
 
 
-def tilt_relvar(x0: torch.Tensor, x1: torch.Tensor, eps: float, cost: str = "sqeuclidean") -> tuple[float, float]:
-    """Var(tau) / E[tau]^2 of the tilts tau0(x) = E_y w(x, y) (source) and tau1(y) = E_x w(x, y) (target), from
-    samples, entirely in log space."""
-    lk = -cost_matrix(x0, x1, cost) / eps  # (n, m)
+def _lme(a: torch.Tensor, dim: int = 0) -> torch.Tensor:  # log mean exp
+    return torch.logsumexp(a, dim) - math.log(a.shape[dim])
 
-    def lme(a, dim=0):  # log mean exp
-        return torch.logsumexp(a, dim) - math.log(a.shape[dim])
 
-    def relvar(log_tau):  # E[tau^2] / E[tau]^2 - 1
-        return float(torch.expm1(lme(2 * log_tau) - 2 * lme(log_tau)))
-    return relvar(lme(lk, 1)), relvar(lme(lk, 0))
+def tilt_relvar(c: torch.Tensor, eps: float) -> tuple[float, float]:
+    """Var(tau) / E[tau]^2 of the tilts tau0(x) = E_y w(x, y) (source, rows) and tau1(y) = E_x w(x, y) (target,
+    columns) from a cost matrix c (n, m) of two samples, in log space."""
+    lk = -c / eps
+    return tuple(float(torch.expm1(_lme(2 * lt) - 2 * _lme(lt))) for lt in (_lme(lk, 1), _lme(lk, 0)))
+
+
+def log_tilt(x: torch.Tensor, ref: torch.Tensor, eps: float, cost: str, chunk: int = 4096) -> torch.Tensor:
+    """log tau(x_i) = log mean_j exp(-c(x_i, ref_j) / eps), (N,): the tilt of x's marginal against the sample ref of
+    the other side (c is symmetric, so one function serves both)."""
+    return torch.cat([_lme(-cost_matrix(x[i:i + chunk], ref, cost) / eps, 1) for i in range(0, len(x), chunk)])
 
 
 def elbow(x: list[float], y: list[float]) -> int:
     """Index of the elbow of a decreasing curve: the point farthest below its chord, both axes scaled to [0, 1]."""
     x, y = np.asarray(x, float), np.asarray(y, float)
-    xs, ys = (x - x[0]) / (x[-1] - x[0]), (y - y[-1]) / max(y[0] - y[-1], 1e-300)
-    return int(np.argmax(1 - xs - ys))  # the chord runs from (0, 1) to (1, 0)
+    return int(np.argmax(1 - (x - x[0]) / (x[-1] - x[0]) - (y - y[-1]) / max(y[0] - y[-1], 1e-300)))
 
 
-def select_kappa(x0: torch.Tensor, x1: torch.Tensor, cost: str, grid=None) -> tuple[float, list[tuple]]:
-    """The paper's rule on a log-spaced grid: (kappa, [(kappa, eps, relvar_source, relvar_target)]). Each marginal's
-    elbow is taken on log(1 + relvar) against log kappa; kappa is the larger one, where both tilts have flattened."""
-    grid = np.logspace(-2, 3, 26) if grid is None else grid
-    d = x0[0].numel()
-    rows = [(k, k * math.sqrt(d), *tilt_relvar(x0, x1, k * math.sqrt(d), cost)) for k in grid]
-    logk = [math.log(r[0]) for r in rows]
-    best = max(elbow(logk, [math.log1p(r[i]) for r in rows]) for i in (2, 3))
-    return rows[best][0], rows
+def choose_kappa(rows: list[tuple], rule: str, budget: float) -> float:
+    """kappa from the tilt curve rows [(kappa, relvar_source, relvar_target)] on an increasing grid. budget: the
+    smallest kappa from which on both relvars stay <= budget (sampling noise makes the tail wiggle). elbow: each
+    marginal's elbow of log(1 + relvar) against log kappa; the later of the two."""
+    if rule == "elbow":
+        logk = [math.log(r[0]) for r in rows]
+        return float(rows[max(elbow(logk, [math.log1p(r[i]) for r in rows]) for i in (1, 2))][0])
+    over = [i for i, r in enumerate(rows) if max(r[1], r[2]) > budget]
+    if over and over[-1] == len(rows) - 1:
+        raise ValueError(f"no kappa up to {rows[-1][0]:.4g} keeps the tilt relvar <= --tilt_budget {budget}")
+    return float(rows[over[-1] + 1 if over else 0][0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loss
+
+
+def cfm_loss(net, fm: FlowMatcher, x0, x1, y=None, p_uncond: float = 0.0, null: int = 0):
+    """E_t E_pairs w * |v(x_t, t, y) - u|^2 (mean over dimensions; w = 1 but for W-CFM) -> (loss, logs)."""
+    x0, x1, y = fm.couple(x0, x1, y)
+    if y is not None and p_uncond > 0:  # drop labels so that the same net also learns the unconditional field
+        y = torch.where(torch.rand(len(y), device=y.device) < p_uncond, null, y)
+    t = torch.rand(len(x0), device=x0.device)
+    xt, ut = fm.path(x0, x1, t, torch.randn_like(x0))
+    err = (net(xt, t, y) - ut).float().square().flatten(1).mean(1)  # (B,)
+    if fm.coupling != "wcfm":
+        return err.mean(), {}
+    return (fm.pair_weights(ut) * err).mean(), {}  # O(B d) on top of I-CFM: W-CFM's whole overhead
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -380,11 +326,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, width: int, depth: int):
         super().__init__()
-        layers, d_in = [], dim + 1
-        for _ in range(depth):
-            layers += [nn.Linear(d_in, width), nn.SELU()]
-            d_in = width
-        self.net = nn.Sequential(*layers, nn.Linear(width, dim))
+        sizes = [dim + 1] + [width] * depth
+        self.net = nn.Sequential(*[m for a, b in zip(sizes, sizes[1:]) for m in (nn.Linear(a, b), nn.SELU())],
+                                 nn.Linear(width, dim))
 
     def forward(self, x, t, y=None):  # (B, D), (B,) -> (B, D)
         return self.net(torch.cat([x, t[:, None]], 1))
@@ -395,9 +339,10 @@ def group_norm(ch: int) -> nn.GroupNorm:
 
 
 def time_features(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features of t in [0, 1], (B,) -> (B, dim); t is scaled by 1000 as if it counted diffusion steps."""
+    """Sinusoidal features of t in [0, 1], (B,) -> (B, dim), with torchcfm's frequencies 10000^(-k / (dim/2)) and t
+    as it is (DDPM code multiplies t by its 1000 steps first; torchcfm, whose recipe this is, does not)."""
     freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    a = 1000 * t.float()[:, None] * freqs
+    a = t.float()[:, None] * freqs
     return torch.cat([a.cos(), a.sin()], 1)
 
 
@@ -500,7 +445,8 @@ class UNet(nn.Module):
 
 
 class Flow(nn.Module):
-    """The velocity field v(x, t, y), and the norm-alignment scale that sampling must undo."""
+    """The velocity field v(x, t, y) and the norm-alignment scales: training pairs are (x0 * x0_scale, x1 * x1_scale),
+    so sampling starts from x0 * x0_scale and divides the result by x1_scale."""
 
     def __init__(self, cfg: Config, shape: tuple):
         super().__init__()
@@ -508,27 +454,11 @@ class Flow(nn.Module):
         self.net = MLP(shape[0], cfg.width, cfg.depth) if len(shape) == 1 else \
             UNet(shape[0], shape[1], cfg.width, cfg.ch_mult, cfg.num_res_blocks, cfg.attn_res, cfg.dropout,
                  cfg.num_classes)
-        self.register_buffer("x1_scale", torch.ones(()))  # SourceFM norm alignment: E|x0| / E|x1|, else 1
+        self.register_buffer("x0_scale", torch.ones(()))
+        self.register_buffer("x1_scale", torch.ones(()))
 
     def forward(self, x, t, y=None):
         return self.net(x, t, y)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Loss
-
-
-def cfm_loss(net, fm: FlowMatcher, x0, x1, y=None, p_uncond: float = 0.0, null: int = 0):
-    """E_t E_pairs w * |v(x_t, t, y) - u|^2 (mean over dimensions) -> (loss, logs)."""
-    x0, x1, y = fm.couple(x0, x1, y)
-    if y is not None and p_uncond > 0:  # drop labels so that the same net also learns the unconditional field
-        y = torch.where(torch.rand(len(y), device=y.device) < p_uncond, null, y)
-    t = torch.rand(len(x0), device=x0.device)
-    xt, ut = fm.path(x0, x1, t, torch.randn_like(x0))
-    err = (net(xt, t, y) - ut).float().square().flatten(1).mean(1)  # (B,)
-    if fm.coupling != "wcfm":
-        return err.mean(), {}
-    return torch.dot(fm.pair_weights(ut), err) / len(err), {}  # four O(B d) ops: W-CFM's overhead over I-CFM
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -536,7 +466,6 @@ def cfm_loss(net, fm: FlowMatcher, x0, x1, y=None, p_uncond: float = 0.0, null: 
 
 TABLEAUS = {  # (c, A, b) of explicit Runge-Kutta methods
     "euler": ([0], [[]], [1]),
-    "midpoint": ([0, 1 / 2], [[], [1 / 2]], [0, 1]),
     "heun": ([0, 1], [[], [1]], [1 / 2, 1 / 2]),
     "rk4": ([0, 1 / 2, 1 / 2, 1], [[], [1 / 2], [0, 1 / 2], [0, 0, 1]], [1 / 6, 1 / 3, 1 / 3, 1 / 6]),
 }
@@ -555,6 +484,7 @@ class ODEResult:
     x: torch.Tensor  # the state at t = 1
     nfe: int  # evaluations of the velocity field
     energy: torch.Tensor  # per-sample sum over steps of |dx|^2 / dt, (B,)
+    x0: torch.Tensor  # the state at t = 0
     path: torch.Tensor | None = None  # (steps + 1, B, ...) when asked for
 
 
@@ -568,20 +498,17 @@ def _stages(f, t, x, h, c, A, k1):
 def odeint(f, x, method="euler", steps=100, atol=1e-4, rtol=1e-4, keep_path=False) -> ODEResult:
     """Integrate dx/dt = f(t, x) over t in [0, 1] for a whole batch. Fixed-step methods take `steps` equal steps;
     dopri5 adapts one step size for the batch to keep the RMS of err / (atol + rtol |x|) below 1."""
-    nfe = 0
+    res, t = ODEResult(x, 0, x.new_zeros(len(x)), x, [x] if keep_path else None), 0.0
 
     def fc(t, x):
-        nonlocal nfe
-        nfe += 1
+        res.nfe += 1
         return f(t, x)
 
-    energy, path, t = x.new_zeros(len(x)), [x] if keep_path else None, 0.0
-
-    def advance(x_new, h):
-        nonlocal energy
-        energy = energy + (x_new - x).flatten(1).square().sum(1) / h
+    def advance(x_new, h):  # an accepted step: its |dx|^2 / dt joins the path energy
+        res.energy = res.energy + (x_new - res.x).flatten(1).square().sum(1) / h
+        res.x = x_new
         if keep_path:
-            path.append(x_new)
+            res.path.append(x_new)
         return x_new
 
     if method in TABLEAUS:
@@ -606,11 +533,12 @@ def odeint(f, x, method="euler", steps=100, atol=1e-4, rtol=1e-4, keep_path=Fals
                 t = 1.0 if h >= 1.0 - t else t + h
                 x, k1 = advance(x_new, h), ks[-1]
             h *= min(10.0, max(0.2, 0.9 * r ** -0.2)) if r > 0 else 10.0
-            if nfe > 60000:  # 10k steps: the field is stiff or not finite; stop instead of crawling
+            if res.nfe > 60000:  # 10k steps: the field is stiff or not finite; stop instead of crawling
                 raise RuntimeError(f"dopri5 took over 10000 steps, stuck at t = {t:.4g} with h = {h:.2g}")
     else:
         raise ValueError(f"unknown sampler {method!r}: one of {', '.join(SAMPLERS)}")
-    return ODEResult(x, nfe, energy, torch.stack(path) if keep_path else None)
+    res.path = torch.stack(res.path) if keep_path else None
+    return res
 
 
 def velocity(model: Flow, y: torch.Tensor | None = None, guidance: float = 1.0):
@@ -627,21 +555,19 @@ def velocity(model: Flow, y: torch.Tensor | None = None, guidance: float = 1.0):
 
 
 class SourcePruner:
-    """SourceFM's directionally pruned Gaussian. PCA of the L2-normalised data gives directions V; with
-    V_ext = [V, -V], gamma_k = max over the data of <v_k, x/|x|>. R = {k : gamma_k <= tau} are directions no data
-    point reaches, and x0 ~ N(0, I) is kept iff max_{k in R} <v_k, x0/|x0|> <= tau_r. The paper's tau_r = 0.048 is
-    for CIFAR-10: a random direction projects with std 1/sqrt(d), so other sizes scale it by sqrt(3072 / d)."""
+    """SourceFM's pruned Gaussian as released (2_pruning/find_pruning_axis_with_pca.py, utils/pruned.py): x0 is kept
+    iff its cosine to every accepted direction (a +-PC of the normalised data that some data point reaches) <= tau_r."""
 
     def __init__(self, data: torch.Tensor, tau: float, tau_r: float, chunk: int = 8192):
         x = F.normalize(data.flatten(1).double(), dim=1)  # (N, D)
         _, vecs = torch.linalg.eigh(torch.cov(x.T))  # (D, D), columns are the principal directions
         v = torch.cat([vecs, -vecs], 1)  # (D, 2D)
         gamma = torch.stack([(x[i:i + chunk] @ v).amax(0) for i in range(0, len(x), chunk)]).amax(0)  # (2D,)
-        self.dirs = v[:, gamma <= tau].float()  # (D, |R|): the pruned directions
+        self.dirs = v[:, gamma > tau].float()  # (D, |A|): the accepted directions
         self.tau_r = tau_r
 
     def keep(self, x0: torch.Tensor) -> torch.Tensor:
-        """(B, ...) -> (B,) bool: True where x0 points into no pruned direction."""
+        """(B, ...) -> (B,) bool: True where x0's cosine to every accepted direction is <= tau_r."""
         if self.dirs.shape[1] == 0:
             return torch.ones(len(x0), dtype=torch.bool, device=x0.device)
         return (F.normalize(x0.flatten(1).float(), dim=1) @ self.dirs.to(x0.device)).amax(1) <= self.tau_r
@@ -659,6 +585,11 @@ class SourcePruner:
         return k[:n], 1 - len(k) / drawn, drawn
 
 
+def make_pruner(cfg: Config) -> SourcePruner:  # from the training images, with their flips if --hflip (as released)
+    data = common.to_float(load_images(cfg)[0])
+    return SourcePruner(torch.cat([data, data.flip(-1)]) if cfg.hflip else data, cfg.prune_tau, cfg.prune_tau_r)
+
+
 @torch.no_grad()
 def draw_source(cfg: Config, shape: tuple, n: int, seed: int, device, pruner: SourcePruner | None = None):
     """(x0 (n, *shape) on device, rejection rate or None)."""
@@ -670,93 +601,181 @@ def draw_source(cfg: Config, shape: tuple, n: int, seed: int, device, pruner: So
     return x0.to(device), None
 
 
-def make_pruner(cfg: Config) -> SourcePruner:
-    """SourceFM directions from the training data (2D: n target samples; images: with flips if --hflip)."""
-    if not is_image(cfg):
-        if cfg.source != "gaussian":
-            raise ValueError("--prune prunes a Gaussian source; this model's source is " + cfg.source)
-        data = toy(cfg.target, 20000, torch.Generator().manual_seed(cfg.seed))
-    else:
-        data = common.to_float(load_images(cfg)[0])
-        data = torch.cat([data, data.flip(-1)]) if cfg.hflip else data
-    return SourcePruner(data, cfg.prune_tau, cfg.prune_tau_r)
-
-
 @torch.no_grad()
-def generate(model: Flow, cfg: Config, x0, y=None, method=None, keep_path=False) -> ODEResult:
-    """Integrate from x0 in the model's space (norm alignment is undone by the caller: divide by model.x1_scale)."""
+def generate(model: Flow, cfg: Config, x0, y=None, method=None, steps=None, keep_path=False) -> ODEResult:
+    """Integrate from source draws x0 (scaled by model.x0_scale here). The result lives in the model's space: divide
+    .x by model.x1_scale for data."""
     was_training = model.training
     model.eval()
-    res = odeint(velocity(model, y, cfg.guidance), x0, method or cfg.sampler, cfg.sample_steps, cfg.atol, cfg.rtol,
-                 keep_path)
+    res = odeint(velocity(model, y, cfg.guidance), x0 * model.x0_scale, method or cfg.sampler,
+                 steps or cfg.sample_steps, cfg.atol, cfg.rtol, keep_path)
     model.train(was_training)
     return res
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Evaluation: W2, path energy, NFE, tilt
+# Data
+
+
+def toy(name: str, n: int, g: torch.Generator) -> torch.Tensor:
+    """n points of a 2D toy distribution, (n, 2), from the generator g."""
+    u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    z = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    if name == "gaussian":
+        return z(n, 2)
+    if name == "8gaussians":  # torchcfm passes sqrt(0.1) as the covariance matrix, so the std is 0.1 ** 0.25
+        a = torch.randint(8, (n,), generator=g) * (math.pi / 4)
+        return 5 * torch.stack([a.cos(), a.sin()], 1) + 0.1 ** 0.25 * z(n, 2)
+    if name == "moons":  # torchdyn's moons as torchcfm uses them: arcs, a uniform diagonal jitter U(0, 0.2), * 3 - 1
+        a, upper = math.pi * u(n), u(n) < 0.5
+        x = torch.where(upper, a.cos(), 1 - a.cos())
+        y = torch.where(upper, a.sin(), 0.5 - a.sin())
+        return (torch.stack([x, y], 1) + 0.2 * u(n, 1)) * 3 - 1
+    if name == "mog":  # 3 unequal Gaussians on a triangle of radius 2 (our choice: the paper gives no numbers)
+        k = torch.multinomial(torch.tensor([0.5, 0.3, 0.2]), n, replacement=True, generator=g)
+        a, sd = math.pi / 2 + k * (2 * math.pi / 3), torch.tensor([0.6, 0.4, 0.3])[k]
+        return 2 * torch.stack([a.cos(), a.sin()], 1) + sd[:, None] * z(n, 2)
+    if name == "5gaussians":  # 5 equal Gaussians on a circle of radius 4 (our choice likewise)
+        a = torch.randint(5, (n,), generator=g) * (2 * math.pi / 5)
+        return 4 * torch.stack([a.cos(), a.sin()], 1) + 0.3 * z(n, 2)
+    raise ValueError(f"unknown 2D toy {name!r}")
+
+
+def toy_batches(cfg: Config, d: common.Dist):
+    """start_step -> this rank's (x0, x1) batches. Step s draws the GLOBAL batch from a generator seeded by (seed, s)
+    and each rank keeps its slice: the data depend on neither the world size nor interruptions (exact --resume)."""
+    if cfg.batch_size % d.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {d.world_size} ranks")
+    per = cfg.batch_size // d.world_size
+
+    def it(start: int):
+        step = start
+        while True:
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            x0, x1 = toy(cfg.source, cfg.batch_size, g), toy(cfg.target, cfg.batch_size, g)
+            yield x0[d.rank * per:][:per], x1[d.rank * per:][:per]
+            step += 1
+    return it
+
+
+def load_images(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, C, H, W) images and int64 labels (zeros when the data have none)."""
+    if cfg.target == "digits":
+        return common.load_digits(split, size=cfg.image_size)
+    if not cfg.data_path:
+        raise ValueError("--target cifar10 needs --data_path: an .npz with images (N, 32, 32, 3) uint8, or a folder")
+    if Path(cfg.data_path).is_dir() and not list(Path(cfg.data_path).glob("*.npy")):
+        folder = common.ImageFolder(cfg.data_path, cfg.image_size)
+        x, y = zip(*(folder[i] for i in range(len(folder))))
+        return torch.stack(x), torch.tensor(y)
+    arrays = common.load_arrays(cfg.data_path, ("images", "labels"))
+    x = torch.from_numpy(np.ascontiguousarray(arrays["images"])).permute(0, 3, 1, 2).contiguous()
+    if x.dtype != torch.uint8 or x.ndim != 4:
+        raise ValueError(f"{cfg.data_path}: images must be uint8 (N, H, W, C), got {x.dtype} {tuple(x.shape)}")
+    y = torch.from_numpy(np.asarray(arrays["labels"])).long() if "labels" in arrays else torch.zeros(len(x)).long()
+    return x, y
+
+
+def target_samples(cfg: Config, n: int, seed: int) -> torch.Tensor:
+    """n samples of the target in data space: (n, 2) or float (n, C, H, W)."""
+    g = torch.Generator().manual_seed(seed)
+    if not is_image(cfg):
+        return toy(cfg.target, n, g)
+    x, _ = load_images(cfg)
+    idx = torch.randperm(len(x), generator=g)[:n] if n <= len(x) else torch.randint(len(x), (n,), generator=g)
+    return common.to_float(x[idx])
+
+
+def data_shape(cfg: Config) -> tuple:
+    return (2,) if not is_image(cfg) else ((1 if cfg.target == "digits" else 3), cfg.image_size, cfg.image_size)
+
+
+def norm_scales(cfg: Config) -> tuple[float, float]:
+    """(x0_scale, x1_scale) of SourceFM's norm alignment, from 4096 draws of each side: x0 side (the released
+    X0_NormAlign, E|x1| / E|x0|: 27.1981 / 55.4185 on CIFAR-10) or x1 side (E|x0| / E|x1|); (1, 1) without it."""
+    if not cfg.norm_align:
+        return 1.0, 1.0
+    x1 = target_samples(cfg, 4096, cfg.seed + 5)
+    x0 = draw_source(cfg, data_shape(cfg), 4096, cfg.seed + 6, "cpu")[0]
+    r = float(x1.flatten(1).norm(dim=1).mean() / x0.flatten(1).norm(dim=1).mean())
+    return (r, 1.0) if cfg.norm_align_side == "x0" else (1.0, 1 / r)
+
+
+def tilt_curve(cfg: Config, n: int = 2048, kappas=KAPPA_GRID) -> list[tuple[float, float, float]]:
+    """[(kappa, relvar_source, relvar_target)] on n pairs scaled as training scales them; one cost matrix serves
+    every kappa."""
+    s0, s1 = norm_scales(cfg)
+    x1 = target_samples(cfg, n, cfg.seed + 2) * s1
+    x0 = draw_source(cfg, data_shape(cfg), n, cfg.seed + 1, "cpu")[0] * s0
+    c, root_d = cost_matrix(x0, x1, cfg.cost).float(), math.sqrt(x0[0].numel())  # float32: 2x faster, 7 digits
+    return [(float(k), *tilt_relvar(c, k * root_d)) for k in kappas]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation: W2 at few and many steps, straightness, NPE, tilt
 
 
 def w2(a: torch.Tensor, b: torch.Tensor, exact_max: int = 4096) -> tuple[float, str]:
     """2-Wasserstein distance of two equal-size samples: exact (assignment) up to exact_max points with scipy, else an
     entropic (Sinkhorn) estimate whose regularisation is reported."""
     c = cost_matrix(a.cpu(), b.cpu())
-    if len(a) == len(b) and len(a) <= exact_max and has_scipy():
+    if len(a) == len(b) and len(a) <= exact_max and HAS_SCIPY:
         j = assignment(c)
         return float(c[torch.arange(len(a)), j].mean().sqrt()), "exact"
     reg = 0.005 * float(c.mean())
     return float((sinkhorn(c, reg) * c).sum().sqrt()), f"sinkhorn(eps={reg:.4g})"
 
 
-def npe(res: ODEResult, x0: torch.Tensor) -> float:
-    """Normalised path energy E[sum |dx|^2/dt] / E|x1 - x0|^2 - 1: 0 for straight constant-speed paths."""
-    return float(res.energy.mean() / (res.x - x0).flatten(1).square().sum(1).mean() - 1)
+def straightness(res: ODEResult) -> float:
+    """E[sum |dx|^2 / dt] / E|x(1) - x(0)|^2 - 1: 0 for straight constant-speed paths, whatever they connect."""
+    return float(res.energy.mean() / (res.x - res.x0).flatten(1).square().sum(1).mean() - 1)
+
+
+def npe(res: ODEResult, w2_sq: float) -> float:
+    """Tong et al.'s normalised path energy |E[sum |dx|^2 / dt] - W2^2(x0, x1)| / W2^2(x0, x1) (torchcfm's NPE): 0
+    for the OT map's paths; w2_sq is W2^2 between the source and target samples in the model's space."""
+    return abs(float(res.energy.mean()) - w2_sq) / w2_sq
 
 
 @torch.no_grad()
 def evaluate(model: Flow, cfg: Config, out_dir: str | None = None) -> dict:
     """The metrics of one model on cfg.eval_n samples (same seeds on every rank, so every rank agrees)."""
-    n = cfg.eval_n
-    dev = next(model.parameters()).device
-    pruner = make_pruner(cfg) if cfg.prune else None
-    x0, rate = draw_source(cfg, model.shape, n, cfg.seed + 1, dev, pruner)
-    target = target_samples(cfg, n, cfg.seed + 2)
-    scale = model.x1_scale
-    res = generate(model, cfg, x0)
-    ada = generate(model, cfg, x0, method="dopri5")
-    w, how = w2(res.x / scale, target)
-    out = {"coupling": cfg.coupling, "sampler": cfg.sampler, "sample_steps": cfg.sample_steps, "n": n, "w2": w,
-           "w2_method": how, "npe": npe(res, x0), "nfe": res.nfe, "w2_dopri5": w2(ada.x / scale, target)[0],
-           "nfe_dopri5": ada.nfe, "tol": [cfg.atol, cfg.rtol]}
-    # Tong et al.'s NPE compares the path energy with W2^2 between the source and target samples instead
-    ot = w2(x0.cpu(), target.cpu() * scale.cpu())[0] ** 2
-    out["npe_ot"] = abs(float(res.energy.mean()) - ot) / ot
+    n, dev = cfg.eval_n, next(model.parameters()).device
+    x0, rate = draw_source(cfg, model.shape, n, cfg.seed + 1, dev, make_pruner(cfg) if cfg.prune else None)
+    target, s0, s1 = target_samples(cfg, n, cfg.seed + 2), float(model.x0_scale), float(model.x1_scale)
+    res, ada = generate(model, cfg, x0), generate(model, cfg, x0, method="dopri5")
+    w, how = w2(res.x / s1, target)
+    out = {"coupling": cfg.coupling, "kappa": cfg.kappa if cfg.coupling == "wcfm" else None, "sampler": cfg.sampler,
+           "sample_steps": cfg.sample_steps, "n": n, "w2": w, "w2_method": how, "nfe": res.nfe,
+           "w2_dopri5": w2(ada.x / s1, target)[0], "nfe_dopri5": ada.nfe, "tol": [cfg.atol, cfg.rtol],
+           "straightness": straightness(res), "npe": npe(res, w2(res.x0, target * s1)[0] ** 2)}
+    for k in FEW_STEPS:
+        out[f"w2_euler{k}"] = w2(generate(model, cfg, x0, method="euler", steps=k).x / s1, target)[0]
     if not is_image(cfg):  # two target samples are this far apart: the floor of w2 at this n
         out["w2_floor"] = w2(target, target_samples(cfg, n, cfg.seed + 3))[0]
     if cfg.coupling == "wcfm":
-        src = draw_source(cfg, model.shape, min(n, 2048), cfg.seed + 4, "cpu")[0]
-        tgt = target[:len(src)] * scale.cpu()
-        out["tilt_relvar_source"], out["tilt_relvar_target"] = tilt_relvar(
-            src, tgt, cfg.kappa * math.sqrt(src[0].numel()), cfg.cost)
-        b = min(cfg.batch_size, len(src))  # the pairs of one training batch carry this effective sample size / B:
-        w = FlowMatcher("wcfm", cfg.sigma, src[0].numel(), cfg.kappa, cfg.cost).pair_weights(tgt[:b] - src[:b])
-        out["ess"] = float(w.sum() ** 2 / w.square().sum() / b)
-    if rate is not None:
-        out["prune_rejection_rate"] = rate
+        m, eps = min(n, 2048), cfg.kappa * math.sqrt(x0[0].numel())
+        _, out["tilt_relvar_source"], out["tilt_relvar_target"] = tilt_curve(cfg, m, [cfg.kappa])[0]
+        if not is_image(cfg):  # what W-CFM learns: the tilted source to the tilted target, by importance resampling
+            g = torch.Generator().manual_seed(cfg.seed + 9)
+            pool0 = draw_source(cfg, (2,), 4 * n, cfg.seed + 10, "cpu")[0]
+            pool1 = target_samples(cfg, 8 * n, cfg.seed + 11)
+            tilted = lambda pool, s, ref: pool[torch.multinomial(torch.softmax(  # noqa: E731
+                log_tilt(pool * s, ref, eps, cfg.cost), 0), n, replacement=True, generator=g)]
+            x1t = [tilted(pool1[i::2], s1, pool0[:m] * s0) for i in (0, 1)]  # disjoint pools: an unbiased floor
+            out["w2_tilted"] = w2(generate(model, cfg, tilted(pool0, s0, pool1[:m] * s1).to(dev)).x / s1, x1t[0])[0]
+            out["w2_tilted_floor"] = w2(*x1t)[0]
+    out.update({"prune_rejection_rate": rate} if rate is not None else {})
     if is_image(cfg):
         grid = Path(out_dir or cfg.out_dir) / "eval_grid.png"  # the class-free grid: the null label when conditional
         if common.is_main():
-            common.save_png(grid, common.image_grid((res.x[:64] / scale).clamp(-1, 1).cpu(), nrow=8))
+            common.save_png(grid, common.image_grid((res.x[:64] / s1).clamp(-1, 1).cpu(), nrow=8))
         out["grid"] = str(grid)
     if cfg.target == "digits":
         y = torch.arange(n, device=dev) % cfg.num_classes if cfg.num_classes else None
-        imgs = generate(model, cfg, x0, y).x / scale if y is not None else res.x / scale
+        imgs = generate(model, cfg, x0, y).x / s1 if y is not None else res.x / s1
         out.update(common.digits_metrics(imgs.clamp(-1, 1).cpu(), y.cpu() if y is not None else None))
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The side-by-side figure
 
 
 def scatter(img: np.ndarray, pts: np.ndarray, lo: np.ndarray, hi: np.ndarray, color, size: int = 1):
@@ -770,8 +789,8 @@ def scatter(img: np.ndarray, pts: np.ndarray, lo: np.ndarray, hi: np.ndarray, co
 
 
 def comparison_png(path, panels: dict, size: int = 320):
-    """One panel per coupling: source points (black), trajectories (olive), samples (blue), and each coupling's W2,
-    straightness and dopri5 NFE in its title (with matplotlib; a bare rasterised image without it)."""
+    """One panel per run: source points (black), trajectories (olive), samples (blue), and each run's W2, NPE and
+    dopri5 NFE in its title (with matplotlib; a bare rasterised image without it)."""
     allpts = np.concatenate([p["path"].reshape(-1, 2) for p in panels.values()])
     lo, hi = np.percentile(allpts, 0.1, 0), np.percentile(allpts, 99.9, 0)
     lo, hi = lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)
@@ -780,18 +799,17 @@ def comparison_png(path, panels: dict, size: int = 320):
     if plt is not None:
         fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4), squeeze=False)
         for ax, (name, p) in zip(axes[0], panels.items()):
-            m, path_ = p["metrics"], p["path"]
+            (m, path_), (c, _, k) = (p["metrics"], p["path"]), name.partition(":")
             ax.plot(path_[:, :256, 0], path_[:, :256, 1], color=(0.75, 0.75, 0.47), lw=0.5, alpha=0.6)
             ax.scatter(*path_[0].T, s=3, c="k", label="source x0")
             ax.scatter(*path_[-1].T, s=3, c="tab:blue", label="samples x1")
-            ax.set_title(f"{LABELS[name]}: W2 {m['w2']:.3f} (floor {m['w2_floor']:.3f})\n"
-                         f"straightness {m['npe']:.3f}, dopri5 NFE {m['nfe_dopri5']}", fontsize=9)
+            ax.set_title(f"{LABELS[c]}{' kappa ' + k if k else ''}: W2 {m['w2']:.3f} (floor {m['w2_floor']:.3f})\n"
+                         f"NPE {m['npe']:.3f}, dopri5 NFE {m['nfe_dopri5']}", fontsize=9)
             ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), aspect="equal", xticks=[], yticks=[])
         axes[0][0].legend(loc="lower left", fontsize=8, markerscale=3)
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.88, wspace=0.04)  # room for two-line titles
         fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return
+        return plt.close(fig)
     img = np.full((size, size * len(panels), 3), 255, np.uint8)
     for k, p in enumerate(panels.values()):
         tile = img[:, k * size:(k + 1) * size]
@@ -806,26 +824,18 @@ def comparison_png(path, panels: dict, size: int = 320):
 # Training and the command line
 
 
-def build(cfg: Config) -> Flow:
-    shape = (2,) if not is_image(cfg) else \
-        ((1 if cfg.target == "digits" else 3), cfg.image_size, cfg.image_size)
-    return Flow(cfg, shape)
+def build(cfg: Config) -> Flow:  # the velocity field of this config, untrained
+    return Flow(cfg, data_shape(cfg))
 
 
 def train_one(cfg: Config, d: common.Dist, resume: str | None, overwrite: bool = False) -> Flow:
     common.seed_all(cfg.seed)
     model = build(cfg)
-    if is_image(cfg):
-        x, y = load_images(cfg)
-        data = common.ArrayDataset(x, y)
-    else:
-        data = toy_batches(cfg, d)
-    dim = math.prod(model.shape)
-    if cfg.norm_align:  # measured once, stored in the model: sampling divides by it
-        probe = target_samples(cfg, 4096, cfg.seed + 5)
-        src = draw_source(cfg, model.shape, 4096, cfg.seed + 6, "cpu")[0]
-        model.x1_scale.fill_(src.flatten(1).norm(dim=1).mean() / probe.flatten(1).norm(dim=1).mean())
-    fm = FlowMatcher(cfg.coupling, cfg.sigma, dim, cfg.kappa, cfg.cost, cfg.weights, cfg.ot_solver)
+    data = common.ArrayDataset(*load_images(cfg)) if is_image(cfg) else toy_batches(cfg, d)
+    s0, s1 = norm_scales(cfg)  # measured once, stored in the model: sampling applies them too
+    model.x0_scale.fill_(s0)
+    model.x1_scale.fill_(s1)
+    fm = FlowMatcher(cfg.coupling, cfg.sigma, math.prod(model.shape), cfg.kappa, cfg.cost, cfg.ot_solver)
     common.print0(f"{cfg.coupling}: {fm.describe()}; {sum(p.numel() for p in model.parameters()):,} parameters "
                   f"-> {cfg.out_dir}")
 
@@ -837,18 +847,18 @@ def train_one(cfg: Config, d: common.Dist, resume: str | None, overwrite: bool =
             x0 = torch.randn_like(x1)
         else:
             (x0, x1), y = batch, None
-        return cfm_loss(net, fm, x0, x1 * model.x1_scale, y, cfg.p_uncond, cfg.num_classes)
+        return cfm_loss(net, fm, x0 * s0, x1 * s1, y, cfg.p_uncond, cfg.num_classes)
 
     def periodic_eval(step, model, ema):
+        n = min(cfg.eval_n, 1000 if not is_image(cfg) else 64)
         with ema.swap(model):
-            x0, _ = draw_source(cfg, model.shape, 1000 if not is_image(cfg) else 64, cfg.seed + 1, d.device)
-            res = generate(model, cfg, x0)
-        x = (res.x / model.x1_scale).cpu()
-        if is_image(cfg):
-            if d.is_main:
-                common.save_png(Path(cfg.out_dir) / f"samples_{step:07d}.png", common.image_grid(x.clamp(-1, 1)))
-            return {"eval_npe": npe(res, x0)}
-        return {"eval_w2": w2(x, target_samples(cfg, 1000, cfg.seed + 2))[0], "eval_npe": npe(res, x0)}
+            res = generate(model, cfg, draw_source(cfg, model.shape, n, cfg.seed + 1, d.device)[0])
+        x = (res.x / s1).cpu()
+        if not is_image(cfg):
+            return {"eval_w2": w2(x, target_samples(cfg, n, cfg.seed + 2))[0], "eval_straightness": straightness(res)}
+        if d.is_main:
+            common.save_png(Path(cfg.out_dir) / f"samples_{step:07d}.png", common.image_grid(x.clamp(-1, 1)))
+        return {"eval_straightness": straightness(res)}
 
     model, ema = common.train(cfg, model, loss_fn, data, d, resume=resume, overwrite=overwrite,
                               evaluate=periodic_eval)
@@ -867,91 +877,98 @@ def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[Flow, Config]
 
 def add_args(p: argparse.ArgumentParser):
     p.add_argument("--select-kappa", dest="select_kappa", action="store_true",
-                   help="print the tilt curve Var(tau)/E[tau]^2 over a kappa grid and the elbow choice")
+                   help="print the tilt curve Var(tau)/E[tau]^2 over the kappa grid and the budget / elbow choices")
+
+
+def print_table(cfg: Config, table: dict, out: Path):
+    """The side-by-side demo's trade-off: W2 by Euler steps and at dopri5, path measures, and the cost of a step."""
+    print(f"\n{cfg.source} -> {cfg.target}, {cfg.steps} steps each, {cfg.eval_n} samples (W2 floor "
+          f"{next(iter(table.values()))['w2_floor']:.3f}); figure: {out / 'compare.png'}\n{'run':12}"
+          + "".join(f"{'W2@' + str(k):>8}" for k in FEW_STEPS + (cfg.sample_steps,))
+          + f"{'W2 dopri5 (NFE)':>17}{'straightness':>14}{'NPE':>8}{'ms/step':>9}")
+    for name, m in table.items():
+        print(f"{name:12}" + "".join(f"{m[f'w2_euler{k}']:8.3f}" for k in FEW_STEPS) + f"{m['w2']:8.3f}"
+              + f"{m['w2_dopri5']:11.3f} ({m['nfe_dopri5']:3d}){m['straightness']:14.3f}{m['npe']:8.3f}"
+              + f"{m['ms_per_step'] or math.nan:9.2f}")
 
 
 def main(argv=None):
     cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=add_args, doc=__doc__)
     if args.plot:
         return common.print0(f"wrote {common.plot_log(args.plot)}")
-    couplings = cfg.couplings
+    if cfg.kappa_rule != "fixed" and "kappa" in overrides:
+        raise ValueError(f"--kappa is chosen by --kappa_rule {cfg.kappa_rule}: add --kappa_rule fixed to set it")
     d = common.setup_distributed(cfg.device)
     if not is_image(cfg) and d.device.type == "cpu":
         torch.set_num_threads(1)  # a 64-wide MLP gains nothing from intra-op threads, and loses a lot on shared cores
-    out = Path(cfg.out_dir)
-    multi = len(couplings) > 1
+    out, named = Path(cfg.out_dir), runs(cfg.coupling)
+    multi = len(named) > 1
+    folder = {name: (out / name.replace(":", "_kappa") if multi else out) for name, _, _ in named}
 
-    if args.select_kappa:
-        model = build(cfg)
-        x1 = target_samples(cfg, 2048, cfg.seed + 2)
-        x0 = draw_source(cfg, model.shape, len(x1), cfg.seed + 1, "cpu")[0]
-        best, rows = select_kappa(x0, x1, cfg.cost)
-        common.print0(f"{'N(0, I)' if is_image(cfg) else cfg.source} -> {cfg.target}, d = {x0[0].numel()}, "
-                      f"cost = {cfg.cost}, n = {len(x1)}\n"
-                      f"{'kappa':>10} {'eps':>10} {'relvar_source':>14} {'relvar_target':>14}")
-        for k, eps, r0, r1 in rows:
-            common.print0(f"{k:10.4g} {eps:10.4g} {r0:14.4g} {r1:14.4g}" + ("   <- elbow" if k == best else ""))
-        common.print0(f"kappa = {best:.4g} (eps = {best * math.sqrt(x0[0].numel()):.4g}): the later of the two elbows "
-                      "of log(1 + relvar) against log kappa")
-        return
+    if args.select_kappa:  # the tilt's Var(tau) / E[tau]^2 on 2048 pairs, as training would scale them
+        rows = tilt_curve(cfg)
+        budget, knee = choose_kappa(rows, "budget", cfg.tilt_budget), choose_kappa(rows, "elbow", 0)
+        common.print0(f"{'N(0, I)' if is_image(cfg) else cfg.source} -> {cfg.target}, cost {cfg.cost}, norm_align "
+                      f"{cfg.norm_align and cfg.norm_align_side}\n{'kappa':>10}{'relvar_source':>15}"
+                      f"{'relvar_target':>15}")
+        for k, r0, r1 in rows:
+            common.print0(f"{k:10.4g}{r0:15.4g}{r1:15.4g}" + {budget: "  <- budget", knee: "  <- elbow"}.get(k, ""))
+        return common.print0(f"kappa = {budget:.4g} by the budget (both relvar <= {cfg.tilt_budget:g} from there on), "
+                             f"{knee:.4g} by the elbow (the later one of log(1 + relvar) against log kappa)")
 
     if args.sample or args.eval:
-        ckpts = {"ckpt": args.ckpt} if args.ckpt else \
-            {c: str(out / c / "ckpt.pt" if multi else out / "ckpt.pt") for c in couplings}
+        ckpts = {"ckpt": args.ckpt} if args.ckpt else {n: str(f / "ckpt.pt") for n, f in folder.items()}
         if args.sample:
             if multi and not args.ckpt:
-                raise ValueError(f"this config trains {', '.join(couplings)}: pick one with --ckpt")
+                raise ValueError(f"this config trains {cfg.coupling}: pick one with --ckpt")
             model, mcfg = from_checkpoint(next(iter(ckpts.values())), d.device, **overrides)
             start, count = common.rank_split(args.n, d)
-            pruner = make_pruner(mcfg) if mcfg.prune else None
-            x0, rate = draw_source(mcfg, model.shape, count, mcfg.seed + 7919 * (d.rank + 1), d.device, pruner)
+            x0, rate = draw_source(mcfg, model.shape, count, mcfg.seed + 7919 * (d.rank + 1), d.device,
+                                   make_pruner(mcfg) if mcfg.prune else None)
             y = (torch.arange(start, start + count, device=d.device) % mcfg.num_classes) if mcfg.num_classes else None
             res = generate(model, mcfg, x0, y)
             x = (res.x / model.x1_scale).cpu()
             arrays = {"samples": x.numpy()} if len(model.shape) == 1 else \
                 {"images": common.to_uint8(x).permute(0, 2, 3, 1).numpy()}
-            if y is not None:
-                arrays["labels"] = y.cpu().numpy()
-            common.save_npz(args.out, d, **arrays)
+            common.save_npz(args.out, d, **arrays, **({"labels": y.cpu().numpy()} if y is not None else {}))
             common.print0(f"wrote {args.n} samples to {args.out} ({mcfg.sampler}, {res.nfe} NFE"
                           + (f", pruning rejected {rate:.1%} of Gaussian draws" if rate is not None else "") + ")")
         else:
-            metrics = {}
-            for c, path in ckpts.items():
-                model, mcfg = from_checkpoint(path, d.device, **overrides)
-                metrics[c] = evaluate(model, mcfg, out_dir=str(Path(path).parent))
+            metrics = {c: evaluate(*from_checkpoint(p, d.device, **overrides), out_dir=str(Path(p).parent))
+                       for c, p in ckpts.items()}
             common.print0(json.dumps(metrics if multi and not args.ckpt else next(iter(metrics.values()))))
         return
 
-    subs = [dataclasses.replace(cfg, coupling=c, out_dir=str(out / c) if multi else cfg.out_dir) for c in couplings]
-    for sub in subs:  # before any training: never clobber one run after training another
+    if cfg.kappa_rule != "fixed" and any(c == "wcfm" and k is None for _, c, k in named):
+        cfg = dataclasses.replace(cfg, kappa=choose_kappa(tilt_curve(cfg), cfg.kappa_rule, cfg.tilt_budget))
+        common.print0(f"kappa = {cfg.kappa:.4g} by --kappa_rule {cfg.kappa_rule} (see --select-kappa)")
+    subs = {name: dataclasses.replace(cfg, coupling=c, kappa=k or cfg.kappa, out_dir=str(folder[name]),
+                                      kappa_rule="fixed" if k else cfg.kappa_rule) for name, c, k in named}
+    for sub in subs.values():  # before any training: never clobber one run after training another
         common.check_fresh(sub.out_dir, args.resume, args.overwrite)
-    if args.resume and not args.ckpt and not any((Path(s.out_dir) / "ckpt.pt").exists() for s in subs):
+    if args.resume and not args.ckpt and not any((Path(s.out_dir) / "ckpt.pt").exists() for s in subs.values()):
         raise FileNotFoundError(f"no checkpoint to resume in {out}")
     panels = {}  # the side-by-side comparison (2D)
-    for c, sub in zip(couplings, subs):
+    for name, sub in subs.items():
         ckpt = Path(sub.out_dir) / "ckpt.pt"
         resume = str(args.ckpt or ckpt) if args.resume and (ckpt.exists() or not multi) else None
+        t0 = time.time()
         model = train_one(sub, d, resume, args.overwrite)
+        ms = 1e3 * (time.time() - t0) / sub.steps  # wall time per step of this run, data, EMA and evals included
         if not multi or is_image(cfg):
             continue
         if common.load_checkpoint(ckpt)["step"] < sub.steps:
             break  # stopped early (SIGTERM, --stop_after): --resume picks up from here
         x0, _ = draw_source(sub, model.shape, 512, sub.seed + 1, d.device)
-        path = generate(model, sub, x0, keep_path=True).path.cpu().numpy()
-        panels[c] = {"metrics": evaluate(model, sub), "path": path}
-    if len(panels) == len(couplings) > 1 and d.is_main:
+        path = (generate(model, sub, x0, keep_path=True).path / model.x1_scale).cpu().numpy()
+        panels[name] = {"metrics": {**evaluate(model, sub), "ms_per_step": None if resume else ms}, "path": path}
+    if len(panels) == len(named) > 1 and d.is_main:
         comparison_png(out / "compare.png", panels)
-        table = {c: {k: p["metrics"][k] for k in ("w2", "npe", "npe_ot", "nfe_dopri5", "w2_dopri5")}
-                 for c, p in panels.items()}
+        table = {name: p["metrics"] for name, p in panels.items()}
         (out / "compare.json").write_text(json.dumps(table, indent=1))
-        print(f"\n{cfg.source} -> {cfg.target}, {cfg.steps} steps each, {cfg.eval_n} samples "
-              f"(W2 floor {panels[couplings[0]]['metrics']['w2_floor']:.3f}); figure: {out / 'compare.png'}")
-        print(f"{'coupling':10} {'W2':>7} {'NPE':>7} {'NPE_ot':>7} {'NFE(dopri5)':>12}")
-        for c, m in table.items():
-            print(f"{c:10} {m['w2']:7.3f} {m['npe']:7.3f} {m['npe_ot']:7.3f} {m['nfe_dopri5']:12d}")
-    common.print0("done: " + common.existing(*[Path(s.out_dir) / n for s in subs for n in ("ckpt.pt", "log.jsonl")],
-                                             out / "compare.png"))
+        print_table(cfg, table, out)
+    common.print0("done: " + common.existing(*[Path(s.out_dir) / f for s in subs.values() for f in ("ckpt.pt",
+                                               "log.jsonl")], out / "compare.png"))
 
 
 if __name__ == "__main__":
