@@ -540,6 +540,159 @@ def bench_arflow(device):
                    value=res[att, 200][1] / res[att, 25][1])
 
 
+def _svmem(cfg_kw, frames, window_frames, device):
+    """(peak sampling memory MB, deep KV-cache MB) of a guided batch of 16 videos. CUDA: max allocated above the
+    model. CPU: the peak of the running sum of the profiler's allocation records (RSS high-water marks are set by the
+    imports long before sampling, so they cannot see it)."""
+    import dataclasses
+
+    import starflow_v as sv
+    from torch.profiler import ProfilerActivity, profile
+    cfg = sv.Config(**{**cfg_kw, "frames": window_frames})
+    torch.manual_seed(0)
+    model = sv.STARFlowV(cfg, *sv.latent_shape(cfg)).to(device).eval()
+    c = dataclasses.replace(cfg, long_frames=frames if frames > window_frames else 0, guidance=1.0)
+    cond = model.make_cond(torch.arange(16, device=device) % 10)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        sv.sample(model, cond, c)
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            sv.sample(model, cond, c)
+        live = peak = 0
+        for e in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+            live += e.self_cpu_memory_usage
+            peak = max(peak, live)
+    cache = sum(2 * cc.k.numel() * cc.k.element_size() for cc in model.deep.new_caches(
+        32, window_frames * model.N, device, torch.float32))
+    return peak / 2**20, cache / 2**20
+
+
+@bench("starflow_v")
+def bench_starflow_v(device):
+    """STARFlow-V: the demo's train step with and without flow-score matching; sampling a video at the demo size,
+    sequential (KV cache) vs Jacobi vs video-aware Jacobi with warm start (network evaluations and wall time, batch 1
+    and 16, deep-block evaluations in the note); peak sampling memory against the number of generated frames with the
+    sliding window (flat) and against the window (linear); on GPU, sampling at a larger size."""
+    import dataclasses
+
+    import common
+    import starflow_v as sv
+    ckpt = Path("out/starflow_v/ckpt.pt")
+    if ckpt.exists():  # Jacobi's speed depends on the trained model's dependencies, so prefer the demo checkpoint
+        model, cfg = sv.from_checkpoint(str(ckpt), device)
+        note = "demo checkpoint"
+    else:
+        cfg = sv.Config(**sv.PRESETS["moving-digits"])
+        torch.manual_seed(0)
+        model = sv.STARFlowV(cfg, *sv.latent_shape(cfg)).to(device)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        note = "random weights (run `python starflow_v.py` first for trained ones)"
+
+    # 1. train step, demo batch
+    videos, labels, _, _ = sv.moving_digits(cfg, "train")
+    B = cfg.batch_size
+    x, y = common.to_float(videos[:B]).to(device), labels[:B].to(device)
+    opt = sv.make_optimizer(model, cfg)
+    ms = {}
+    for den in (False, True):
+        def step(den=den):
+            loss, _ = sv.train_loss(model, x, model.make_cond(y), cfg.noise_std, den)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        model.train()
+        ms[den] = timeit(step, device, 1, 3)
+        yield dict(model="starflow_v", variant=f"demo train step{', + flow-score matching' if den else ''}",
+                   ms=ms[den], per_s=B / ms[den] * 1e3, mem=peak_mb(device), note=f"videos/s; B={B}, {model.T} "
+                   f"frames x {model.N} tokens")
+    yield dict(ratio="starflow_v train step with / without flow-score matching (ScoreTap)",
+               value=ms[True] / ms[False])
+    model.eval()
+
+    # 2. sampling: sequential vs Jacobi vs warm-started Jacobi. From the prior, and from the noise of real test
+    # videos (z = f(x)), whose frames repeat most of the frame before them
+    test, test_labels, _, _ = sv.moving_digits(cfg, "test")
+    jac = dict(sampler="jacobi", jacobi_chunk=16, jacobi_chunk_video=32, jacobi_max_iter=32, jacobi_threshold=1e-7)
+    variants = {"sequential": dict(sampler="sequential"), "jacobi cold": dict(jac, jacobi_warm_start=False),
+                "jacobi warm": dict(jac, jacobi_warm_start=True)}
+    for B in (1, 16):
+        cond = model.make_cond(test_labels[:B].to(device))
+        with torch.no_grad():
+            xr = common.to_float(test[:B]).to(device)
+            xr = xr + cfg.noise_std * torch.randn(xr.shape, generator=torch.Generator().manual_seed(0)).to(device)
+            z_real = model(xr, cond)[0]
+            z_static = model(xr[:, :1].expand_as(xr), cond)[0]  # the first frame held: a fully redundant video
+        z_prior = torch.randn(z_real.shape, generator=torch.Generator().manual_seed(1)).to(device)
+        for zname, z in (("prior", z_prior), ("real videos", z_real), ("static videos", z_static)):
+            res = {}
+            for name, kw in variants.items():
+                c = dataclasses.replace(cfg, denoise="none", guidance=0.0, **kw)
+                deep_nfe = []
+                orig = model.deep.reverse
+
+                def spy(*a, orig=orig, log=deep_nfe, **k):
+                    out = orig(*a, **k)
+                    log.append(out[1])
+                    return out
+                model.deep.reverse = spy
+                res[name] = sv.sample(model, cond, c, z=z)
+                del model.deep.reverse
+                t = timeit(lambda c=c, cond=cond, z=z: sv.sample(model, cond, c, z=z), device, 1, 3)
+                res[name + "_ms"] = t
+                diff = (res[name][0] - res["sequential"][0]).abs().max().item()
+                yield dict(model="starflow_v", variant=f"sample B={B}, {name}, z {zname}", ms=t, per_s=B / t * 1e3,
+                           mem=peak_mb(device), note=f"{res[name][1]} evals ({deep_nfe[0]} deep); max |diff| to "
+                           f"sequential {diff:.1e}; {note}")
+            yield dict(ratio=f"starflow_v evals cold / warm Jacobi, B={B}, z {zname}",
+                       value=res["jacobi cold"][1] / res["jacobi warm"][1])
+            yield dict(ratio=f"starflow_v wall time sequential / warm Jacobi, B={B}, z {zname}",
+                       value=res["sequential_ms"] / res["jacobi warm_ms"])
+
+    # 3. memory against frames: a 4-frame window sliding over 4..32 frames (flat), and windows of 4..16 frames
+    kw = {k: v for k, v in sv.PRESETS["moving-digits"].items() if k in ("img_size", "patch_size", "layers")}
+    kw["width"] = 256  # wide enough that the KV cache and activations, not small temporaries, set the peak
+    flat, lin = {}, {}
+    for frames, window in [(4, 4), (8, 4), (16, 4), (32, 4), (8, 8), (16, 16)]:
+        mb, cache = _svmem(kw, frames, window, device)
+        (flat if window == 4 else lin)[frames] = mb
+        if frames == window:
+            lin[frames] = mb
+        what = "profiled peak of live tensors" if device.type != "cuda" else "peak allocation above the model"
+        yield dict(model="starflow_v", variant=f"sample {frames} frames, window {window}", ms=float("nan"),
+                   per_s=float("nan"), mem=mb, note=f"B=16 guided, width 256; {what}; deep KV "
+                   f"cache {cache:.2f} MB")
+    yield dict(ratio="starflow_v peak sampling memory, 32 / 4 frames with a 4-frame window", value=flat[32] / flat[4])
+    yield dict(ratio="starflow_v peak sampling memory, window 16 / window 4 (16 / 4 frames)", value=lin[16] / lin[4])
+
+    if device.type != "cuda":
+        return
+    # 4. GPU: a larger video (32x32 canvas, patch 2: 256 tokens a frame, 8 frames) at batch 1
+    big = sv.Config(img_size=(32, 32), digit_size=16, frames=8, patch_size=2, width=512, head_dim=64,
+                    layers=(2, 2, 8), denoiser_layers=2)
+    torch.manual_seed(0)
+    m = sv.STARFlowV(big, *sv.latent_shape(big)).to(device).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    cond = m.make_cond(torch.tensor([3], device=device))
+    z = torch.randn(1, m.T * m.N, m.D, device=device)
+    res = {}
+    for name, kw in variants.items():
+        gpu = {**kw, "jacobi_chunk": 64, "jacobi_chunk_video": 256, "jacobi_max_iter": 256} if "jacobi" in name else kw
+        c = dataclasses.replace(big, denoise="none", guidance=0.0, **gpu)
+        res[name] = timeit(lambda c=c: sv.sample(m, cond, c, z=z), device, 1, 3)
+        yield dict(model="starflow_v", variant=f"GPU 8x32x32 sample B=1, {name}", ms=res[name], per_s=1e3 / res[name],
+                   mem=peak_mb(device), note=f"{sv.sample(m, cond, c, z=z)[1]} evals, random weights")
+    yield dict(ratio="starflow_v GPU B=1 wall time sequential / warm Jacobi", value=res["sequential"] /
+               res["jacobi warm"])
+
+
 def _wanvae_peak(arch, T, size, device):
     """(peak MB above the weights and the input, ms) of one encode + decode of a (1, C, T, size, size) video."""
     import resource

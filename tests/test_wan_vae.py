@@ -138,8 +138,9 @@ def test_long_video_chunked(ref):
 def test_normalisation(ref):
     family, d, folder = ref
     vae = common.load_video_vae(folder, family)
-    mean_c = torch.tensor({"wan2.1": common.WAN21_LATENTS_MEAN, "wan2.2": common.WAN22_LATENTS_MEAN}[family]).view(1, -1, 1, 1, 1)
-    std_c = torch.tensor({"wan2.1": common.WAN21_LATENTS_STD, "wan2.2": common.WAN22_LATENTS_STD}[family]).view(1, -1, 1, 1, 1)
+    means = {"wan2.1": common.WAN21_LATENTS_MEAN, "wan2.2": common.WAN22_LATENTS_MEAN}
+    stds = {"wan2.1": common.WAN21_LATENTS_STD, "wan2.2": common.WAN22_LATENTS_STD}
+    mean_c, std_c = (torch.tensor(v[family]).view(1, -1, 1, 1, 1) for v in (means, stds))
     x = video(family, 5)
     with torch.no_grad():
         raw, logvar = vae.ae.encode(x)

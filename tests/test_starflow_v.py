@@ -1,0 +1,354 @@
+"""starflow_v.py: invertibility and exact log-det, causality in time, video-aware Jacobi, I2V/V2V prefixes, the sliding
+window, the flow-score denoiser (its window, its training, its gradients), training, CLI, torchrun, bad inputs, VAEs."""
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import starflow_v as sv
+from conftest import ROOT
+
+TINY = dict(img_size=(8, 8), frames=3, digit_size=4, patch_size=2, width=32, head_dim=8, layers=(1, 1, 2),
+            denoiser_layers=1, denoise="none", guidance=0.0, sampler="sequential")
+
+
+def _model(dtype=torch.float64, perturb=0.1, seed=0, **kw):
+    cfg = sv.Config(**{**TINY, **kw})
+    torch.manual_seed(seed)
+    m = sv.STARFlowV(cfg, *sv.latent_shape(cfg)).to(dtype).eval()
+    with torch.no_grad():  # away from the identity init, so every test sees a non-trivial flow
+        for p in m.parameters():
+            p.add_(perturb * torch.randn_like(p))
+    return m, cfg
+
+
+def _cond(m, B=2, task=None):
+    cfg = m.cfg
+    if cfg.txt_dim:
+        g = torch.Generator().manual_seed(1)
+        mask = torch.ones(B, cfg.txt_len, dtype=torch.bool)
+        mask[0, 1:] = False  # a short caption
+        return m.make_cond(text=torch.randn(B, cfg.txt_len, cfg.txt_dim, generator=g).double(), text_mask=mask,
+                           task=task)
+    if cfg.num_classes:
+        return m.make_cond(torch.arange(B) % cfg.num_classes, task=task)
+    return m.make_cond(batch=B, task=task)
+
+
+def _video(m, B=2, seed=0):
+    return torch.randn(B, m.T, m.C, m.H, m.W, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+CASES = [dict(), dict(cond_deep_only=False), dict(num_classes=0, txt_dim=6, txt_len=3), dict(v2v=0.5, frames=4),
+         dict(num_classes=0)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "class")
+def test_invertible_and_sequential_sampler_needs_one_step_per_token(case):
+    m, cfg = _model(**case)
+    x, cond = _video(m), _cond(m, task=torch.tensor([0, 1]) if cfg.v2v else None)
+    z, _, _ = m(x, cond)
+    back, nfe = sv.sample(m, cond, cfg, z=z)
+    assert (back - x).abs().max() < 1e-9
+    assert nfe == m.T * m.N + (len(cfg.layers) - 1) * m.N  # deep: token by token; shallow: all frames at once
+    assert (z - m.patchify(x).flatten(1, 2)).abs().max() > 1e-2  # and the flow is not the identity
+
+
+def test_logdet_equals_brute_force_jacobian():
+    m, cfg = _model(cond_deep_only=False)
+    x, cond = _video(m, 1), _cond(m, 1)
+    _, logdet, _ = m(x, cond)
+    J = torch.autograd.functional.jacobian(lambda v: m(v.view_as(x), cond)[0].reshape(-1), x.reshape(-1),
+                                           vectorize=True)
+    sign, ref = torch.linalg.slogdet(J)
+    assert sign > 0 and abs(logdet.item() - ref.item()) < 1e-8
+    assert abs(ref.item()) > 0.1  # a volume-preserving map would pass trivially
+
+
+def test_causal_in_time_and_local_blocks_never_mix_frames():
+    m, cfg = _model(frames=4, denoiser_window=2)
+    x, cond = _video(m), _cond(m)
+    x2 = x.clone()
+    x2[:, 2] += 1.0  # change frame 2 only
+    N = m.N
+    (z, _, _), (z2, _, _) = m(x, cond), m(x2, cond)
+    d1, d2 = m.denoiser(m.patchify(x), cond), m.denoiser(m.patchify(x2), cond)
+    assert torch.equal(z[:, :2 * N], z2[:, :2 * N])  # earlier frames: bit for bit the same outputs
+    assert (z[:, 2 * N:] - z2[:, 2 * N:]).abs().amax((0, 2)).min() > 0  # every later token sees it
+    u, _ = m.shallow(m.patchify(x), cond)
+    u2, _ = m.shallow(m.patchify(x2), cond)
+    moved = (u - u2).abs().amax((0, 2)).view(m.T, N).amax(1)
+    assert moved[2] > 0 and moved[[0, 1, 3]].max() == 0  # the local blocks stay inside the frame
+    # the denoiser: frame f sees frames f-1 .. f+1 (W = 2): frame 2 changes frames 1, 2, 3 and leaves frame 0
+    moved = (d1 - d2).abs().amax((0, 2, 3))
+    assert moved[0] == 0 and moved[1:].min() > 0
+
+
+def test_video_jacobi_warm_start_equals_sequential_with_fewer_evaluations():
+    m, cfg = _model(torch.float32, frames=4, layers=(1, 2))
+    videos, y, _, _ = sv.moving_digits(cfg, "test")
+    x = common.to_float(videos[:8])
+    x = x + cfg.noise_std * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    cond = m.make_cond(y[:8])
+    jac = dict(sampler="jacobi", jacobi_chunk=8, jacobi_chunk_video=16, jacobi_max_iter=16, jacobi_threshold=1e-10)
+    N, nfe = m.N, {}
+    for name, v in (("moving", x), ("static", x[:, :1].expand_as(x))):  # real videos, and the first frame held
+        with torch.no_grad():
+            z, _, _ = m(v, cond)  # the prior noise of that video: sampling from it must give the video back
+        seq, nfe[name, "seq"] = sv.sample(m, cond, cfg, z=z)
+        assert (seq - v).abs().max() < 1e-4
+        for warm in (False, True):
+            out, nfe[name, warm] = sv.sample(m, cond, dataclasses.replace(cfg, jacobi_warm_start=warm, **jac), z=z)
+            assert (out - seq).abs().max() < 1e-3, (name, warm)
+        assert nfe[name, False] < nfe[name, "seq"] == m.T * N + N
+    # a frame that repeats the one before is found at iteration 0: frame 0 costs its chunks' iterations, every later
+    # chunk one evaluation; cold, every chunk iterates (measured: static 35 vs 74, moving 71 vs 72 evaluations)
+    first = nfe["static", True] - (m.T - 1) - N  # less the later frames' chunks and the shallow block's N
+    assert 0 < first <= N and nfe["static", True] < nfe["static", False] - (m.T - 1), nfe
+    # guided: the batched cond/null branches, Jacobi still equal to sequential
+    zr = torch.randn(8, m.T * N, m.D, generator=torch.Generator().manual_seed(3))
+    g_seq, _ = sv.sample(m, cond, dataclasses.replace(cfg, guidance=2.0), z=zr)
+    g_jac, _ = sv.sample(m, cond, dataclasses.replace(cfg, guidance=2.0, **jac), z=zr)
+    plain, _ = sv.sample(m, cond, cfg, z=zr)
+    assert (g_jac - g_seq).abs().max() < 1e-3 and (g_seq - plain).abs().max() > 1e-3
+
+
+def test_image_to_video_reproduces_the_first_frame_and_v2v_continues_its_source():
+    m, cfg = _model(v2v=0.5, frames=4)
+    x, N = _video(m), m.N
+    for task, n_ctx in ((0, 1), (1, 2)):  # i2v: one given frame; v2v: the source half, with its task tag
+        cond = _cond(m, task=torch.full((2,), task))
+        z, _, _ = m(x, cond)
+        z_new = z.clone()
+        z_new[:, :n_ctx * N] = torch.randn(2, n_ctx * N, m.D, dtype=torch.float64)  # the context's noise is unused
+        out, nfe = sv.sample(m, cond, cfg, z=z_new, context=x[:, :n_ctx])
+        assert torch.equal(out[:, :n_ctx], x[:, :n_ctx])  # the given frames come back as they went in
+        assert (out - x).abs().max() < 1e-9  # and the rest is the flow's continuation of them
+        assert nfe == 1 + (m.T - n_ctx) * N + (len(cfg.layers) - 1) * N  # the prefix costs one forward
+    with pytest.raises(ValueError, match="leaves nothing to generate"):
+        sv.sample(m, cond, cfg, context=x)
+
+
+def test_sliding_window_reencodes_its_context_and_the_denoiser_stays_local():
+    m, cfg = _model(frames=3, denoiser_window=2)
+    cond, N, T = _cond(m), m.N, m.T
+    z = torch.randn(2, (T + 2) * N, m.D, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    sizes = []
+    new_caches = m.deep.new_caches
+    m.deep.new_caches = lambda B, S, *a: sizes.append(S) or new_caches(B, S, *a)
+    long, _ = sv.sample(m, cond, dataclasses.replace(cfg, long_frames=T + 2, context_frames=T - 1), z=z)
+    assert long.shape[1] == T + 2 and sizes == [T * N]  # one window's cache, reused by every window
+    first, _ = sv.sample(m, cond, cfg, z=z[:, :T * N])
+    torch.testing.assert_close(long[:, :T], first, atol=1e-10, rtol=0)
+    # frame T: the window of frames 1..T, i.e. frames 1..T-1 given as context (re-encoded through the flow)
+    zz = torch.cat([torch.zeros(2, (T - 1) * N, m.D, dtype=torch.float64), z[:, T * N:(T + 1) * N]], 1)
+    nxt, _ = sv.sample(m, cond, cfg, z=zz, context=long[:, 1:T])
+    torch.testing.assert_close(long[:, T], nxt[:, -1], atol=1e-9, rtol=0)
+    # the denoiser on a long video: T frames at a time, each chunk with its W-1 frames before and one after, so the
+    # first chunk is a pass over frames 0..T, and a change at the end reaches back only W frames
+    score = sv.learned_score(m, long, cond)
+    first = m.unpatchify(m.denoiser(m.patchify(long[:, :T + 1]), cond))[:, :T]
+    torch.testing.assert_close(score[:, :T], first, atol=1e-12, rtol=0)
+    later = long.clone()
+    later[:, -1] += 1.0
+    moved = (sv.learned_score(m, later, cond) - score).abs().amax((0, 2, 3, 4))
+    assert moved[:3].max() == 0 and moved[3:].min() > 0  # frame 4 is seen by frames 3 (lookahead) and 4
+
+
+def test_denoiser_loss_reaches_only_the_denoiser():
+    m, cfg = _model(torch.float32)
+    m.train()
+    x, cond = _video(m).float(), _cond(m)
+    grads = {}
+    for den in (False, True):
+        torch.manual_seed(0)  # the same noise
+        m.zero_grad()
+        loss, logs = sv.train_loss(m, x, cond, cfg.noise_std, den)
+        loss.backward()
+        grads[den] = {n: p.grad.clone() if p.grad is not None else None for n, p in m.named_parameters()}
+    assert logs["fsm"] > 0
+    for n, g in grads[True].items():
+        if n.startswith("denoiser."):
+            assert grads[False][n] is None and g is not None
+        else:
+            torch.testing.assert_close(g, grads[False][n], atol=1e-6, rtol=1e-5, msg=n)
+    assert any(g.abs().max() > 0 for n, g in grads[True].items() if n.startswith("denoiser."))
+    opt = sv.make_optimizer(m, dataclasses.replace(cfg, lr=1e-3, denoiser_lr=5e-3))
+    assert sorted({g["lr"] for g in opt.param_groups}) == [1e-3, 5e-3]
+    assert sum(len(g["params"]) for g in opt.param_groups if g["lr"] == 5e-3) == \
+        len([n for n, _ in m.named_parameters() if n.startswith("denoiser.")])
+
+
+@pytest.mark.parametrize("w", [1.0, 0.25])
+def test_score_tap_equals_the_input_gradient_target(w):
+    """ScoreTap reads the target off the NLL's own backward; it must equal sigma * grad log p by autograd.grad, and the
+    denoiser's gradients those of its MSE, whatever the loss is scaled by (train() weights micro-batches)."""
+    m, cfg = _model()
+    x, cond, sigma = _video(m, 3), _cond(m, 3), 0.1
+    torch.manual_seed(1)
+    xn = (x + sigma * torch.randn_like(x)).requires_grad_(True)
+    z, logdet, _ = m(xn, cond)
+    (g,) = torch.autograd.grad((0.5 * z.square().sum((1, 2)) - logdet).sum(), xn)
+    pred = m.unpatchify(m.denoiser(m.patchify(xn.detach()), cond))
+    ref = (pred - (-sigma * g)).square().mean()
+    ref.backward()
+    want = {n: w * p.grad.clone() for n, p in m.named_parameters() if n.startswith("denoiser.")}
+    m.zero_grad()
+    torch.manual_seed(1)
+    loss, logs = sv.train_loss(m, x, cond, sigma, True)
+    (w * loss).backward()
+    assert logs["fsm"].item() == pytest.approx(ref.item(), rel=1e-12) and ref > 0
+    for n, p in m.named_parameters():
+        if n in want:
+            torch.testing.assert_close(p.grad, want[n], atol=1e-14, rtol=1e-10, msg=n)
+
+
+def test_denoiser_learns_the_flow_score_in_a_short_run(tmp_path):
+    """A tiny flow trained for a moment, then held fixed (only the denoiser in the optimizer): flow-score matching
+    drives the denoiser towards the flow's exact sigma * grad log p of noisy videos."""
+    cfg = sv.Config(img_size=(8, 8), digit_size=4, frames=3, patch_size=2, width=32, head_dim=8, layers=(1, 1),
+                    denoiser_layers=2, denoise="none", batch_size=16, lr=3e-3, warmup=5, log_every=10,
+                    eval_every=10**6, ckpt_every=10**6, videos_per_digit=1, ema_decay=0, out_dir=str(tmp_path))
+    common.seed_all(0)
+    m, _ = sv.build(cfg, "cpu")
+    data = sv.load_data(cfg)
+
+    def loss_fn(denoiser):
+        return lambda net, batch: sv.train_loss(net, common.to_float(batch[0]), sv.batch_cond(m, batch),
+                                                cfg.noise_std, denoiser)
+
+    common.train(dataclasses.replace(cfg, steps=60), m, loss_fn(False), data, common.Dist())
+    test = sv.load_data(cfg, "test")
+    x, y = test[torch.arange(64)][:2]
+    xn = common.to_float(x) + cfg.noise_std * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    cond = m.make_cond(y)
+    exact = (sv.exact_denoise(m, xn, cond, cfg.noise_std) - xn) / cfg.noise_std  # sigma grad log p, by autograd
+
+    def error():
+        with torch.no_grad():
+            return ((sv.learned_score(m, xn, cond) - exact).square().sum() / exact.square().sum()).item()
+
+    before, flow = error(), {n: p.detach().clone() for n, p in m.named_parameters() if not n.startswith("denoiser.")}
+    common.train(dataclasses.replace(cfg, steps=100, lr=5e-3, grad_clip=0), m, loss_fn(True), data, common.Dist(),
+                 overwrite=True, optimizer=torch.optim.AdamW(m.denoiser.parameters(), lr=5e-3))
+    log = [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["fsm_rel"] < 0.75 * log[0]["fsm_rel"], (log[0], log[-1])  # measured: 0.96 -> 0.55
+    assert all(torch.equal(p, flow[n]) for n, p in m.named_parameters() if n in flow)
+    assert before == pytest.approx(1.0) and error() < 0.75, error()  # a zero score at init; measured: 1.0 -> 0.55
+
+
+CLI = [sys.executable, str(ROOT / "starflow_v.py")]
+SMALL = ["--img_size", "8", "--digit_size", "4", "--frames", "2", "--patch_size", "2", "--width", "32",
+         "--head_dim", "16", "--layers", "1,1", "--denoiser_layers", "1", "--batch_size", "16", "--videos_per_digit",
+         "1", "--eval_samples", "8", "--log_every", "2", "--eval_every", "100000", "--ckpt_every", "100000"]
+
+
+def _cli(args, ok=True, cmd=CLI):
+    r = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert (r.returncode == 0) == ok, r.stderr[-3000:]
+    return r
+
+
+def test_cli_resume_equals_uninterrupted_and_samples(tmp_path):
+    sv.main(SMALL + ["--steps", "6", "--out_dir", str(tmp_path / "a")])
+    sv.main(SMALL + ["--steps", "6", "--stop_after", "3", "--out_dir", str(tmp_path / "b")])
+    assert common.load_checkpoint(tmp_path / "b" / "ckpt.pt")["step"] == 3
+    sv.main(SMALL + ["--steps", "6", "--out_dir", str(tmp_path / "b"), "--resume"])
+    a, b = (common.load_checkpoint(tmp_path / p / "ckpt.pt") for p in ("a", "b"))
+    assert b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    if importlib.util.find_spec("matplotlib"):  # the training curves (test_figures checks the drawing itself)
+        sv.main(["--plot", str(tmp_path / "a" / "log.jsonl")])
+        assert (tmp_path / "a" / "log.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt = str(tmp_path / "a" / "ckpt.pt")
+    sv.main(["--sample", "--ckpt", ckpt, "--n", "5", "--out", str(tmp_path / "s.npz"), "--guidance", "0.5"])
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["images"].shape == (5, 2, 8, 8, 1) and f["images"].dtype == np.uint8
+        assert f["labels"].tolist() == [0, 1, 2, 3, 4] and f["images"].std() > 1
+    assert len(list((tmp_path / "s_strips").glob("*.png"))) == 5
+    # image-to-video from test videos' first frames: frame 0 stays the given frame (up to its noise), frame 1 does not
+    sv.main(["--sample", "--ckpt", ckpt, "--n", "6", "--out", str(tmp_path / "i.npz"), "--task", "i2v",
+             "--long_frames", "3"])
+    real, labels, _, _ = sv.moving_digits(sv.Config(img_size=(8, 8), digit_size=4, frames=2), "test")
+    with np.load(tmp_path / "i.npz") as f:
+        v, ref = torch.as_tensor(f["images"]).float(), real[:6].permute(0, 1, 3, 4, 2).float()
+        assert v.shape == (6, 3, 8, 8, 1) and f["labels"].tolist() == labels[:6].tolist()
+    assert (v[:, 0] - ref[:, 0]).abs().mean() < 15 < (v[:, 1] - ref[:, 1]).abs().mean()  # sigma 0.1: ~10 of 255
+
+
+def test_torchrun_two_processes_match_single_process(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                str(ROOT / "starflow_v.py")]
+    exact = ["--noise_std", "0", "--denoiser_layers", "0", "--label_drop", "0", "--denoise", "none"]
+    sv.main(SMALL + exact + ["--steps", "3", "--out_dir", str(tmp_path / "one")])
+    _cli(SMALL + exact + ["--steps", "3", "--out_dir", str(tmp_path / "two")], cmd=torchrun)
+    a, b = (common.load_checkpoint(tmp_path / p / "ckpt.pt") for p in ("one", "two"))
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=2e-5, rtol=0, msg=k)
+    # FSDP2 with the denoiser (its target an input gradient taken inside the sharded step), against DDP: the same
+    # per-rank noise, so the same weights; the FSDP run ends with the sharded evaluation and sampling
+    den = ["--steps", "3", "--denoiser_lr", "1e-3", "--lr", "1e-3", "--v2v", "0.5"]  # with V2V pairs and task tags
+    _cli(SMALL + den + ["--out_dir", str(tmp_path / "ddp")], cmd=torchrun)
+    r = _cli(SMALL + den + ["--out_dir", str(tmp_path / "fsdp"), "--fsdp", "--eval_every", "3"], cmd=torchrun)
+    assert "i2v_frame0_err" in r.stdout and "v2v_target_err" in r.stdout
+    c, f = (common.load_checkpoint(tmp_path / p / "ckpt.pt") for p in ("ddp", "fsdp"))
+    for k in c["model"]:
+        torch.testing.assert_close(c["model"][k], f["model"][k], atol=2e-5, rtol=0, msg=k)
+    assert any(not torch.equal(c["model"][k], a["model"][k]) for k in a["model"])
+    out = tmp_path / "s.npz"  # sampling under torchrun: the ranks split the videos, one file is written
+    _cli(["--sample", "--ckpt", str(tmp_path / "fsdp" / "ckpt.pt"), "--num_samples", "5", "--out", str(out),
+          "--sampler", "jacobi"], cmd=torchrun)
+    with np.load(out) as f:
+        assert f["images"].shape == (5, 2, 8, 8, 1) and sorted(f["labels"].tolist()) == [0, 1, 2, 3, 4]
+    assert len(list((tmp_path / "s_strips").glob("*.png"))) == 5 and not list(tmp_path.glob(".s.rank*"))
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path):
+    r = _cli(["--vae_family", "wan2.1", "--vae", "x", "--frames", "6", "--steps", "1"], ok=False)
+    assert r.stderr.strip().splitlines()[-1] == "error: --frames 6: the Wan VAE takes 1 + 4k frames (e.g. 5 or 9)"
+    with pytest.raises(ValueError, match="latent frame 8x8 is not divisible by patch_size 3"):
+        sv.main(["--img_size", "8", "--digit_size", "4", "--patch_size", "3", "--steps", "1",
+                 "--out_dir", str(tmp_path / "p")])
+    m, cfg = _model(torch.float32)
+    with pytest.raises(ValueError, match=r"video frames of shape \(1, 8, 6\), the model takes \(1, 8, 8\)"):
+        m(torch.randn(1, 3, 1, 8, 6), m.make_cond(torch.tensor([1])))
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 10\)"):
+        m.make_cond(torch.tensor([3, 10]))
+    with pytest.raises(ValueError, match="needs a model trained with it"):
+        m.make_cond(torch.tensor([3]), task=torch.tensor([1]))
+    with pytest.raises(ValueError, match="--context_frames 3 must be below the window of 3"):
+        sv.sample(m, m.make_cond(torch.tensor([1])), dataclasses.replace(cfg, long_frames=5, context_frames=3))
+    np.savez(tmp_path / "v.npz", images=np.zeros((4, 5, 8, 8, 1), np.uint8))  # 5 frames, the config says 3
+    with pytest.raises(ValueError, match=r"images must be uint8 videos \(N, 3, 8, 8, 1\)"):
+        sv.load_data(dataclasses.replace(cfg, data=str(tmp_path / "v.npz")))
+    state = {"config": dataclasses.asdict(cfg), "kind": "starflow"}
+    with pytest.raises(ValueError, match="is a starflow checkpoint, not starflow_v"):
+        common.config_from_checkpoint(sv.Config, state)
+
+
+def test_video_and_image_vae_latents():
+    wan = common.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1,
+                                  temporal_downsample=(True, True))
+    vae = common.VideoVAE(wan, [0.0] * 16, [1.0] * 16)
+    cfg = sv.Config(img_size=(8, 8), frames=5, channels=3, vae="w", vae_family="wan2.1", num_classes=0,
+                    patch_size=1, width=32, head_dim=8, layers=(1, 1), denoiser_layers=1)
+    assert sv.latent_shape(cfg, vae) == (16, 2, 2, 2)  # 5 frames -> 1 + 1 latent frames, f = 4 here
+    videos = torch.randint(0, 256, (2, 5, 3, 8, 8), dtype=torch.uint8)
+    lat = sv.to_model_space(videos, vae)
+    assert lat.shape == (2, 2, 16, 2, 2)
+    torch.testing.assert_close(lat[:, :1], sv.to_model_space(videos[:, :1], vae))  # causal: frame 0 on its own
+    model = sv.STARFlowV(cfg, *sv.latent_shape(cfg, vae))
+    loss, _ = sv.train_loss(model, lat, model.make_cond(batch=2), cfg.noise_std, True)
+    assert torch.isfinite(loss)
+    assert sv.decode(lat, vae).shape == (2, 5, 3, 8, 8)
+    img = common.VAE(common.AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(32, 32),
+                                          layers_per_block=1, latent_channels=4, norm_num_groups=32))
+    lat = sv.to_model_space(torch.randint(0, 256, (2, 3, 1, 8, 8), dtype=torch.uint8), img)  # frame by frame
+    assert lat.shape == (2, 3, 4, 4, 4) and sv.decode(lat, img).shape == (2, 3, 1, 8, 8)
