@@ -680,6 +680,8 @@ def add_args(p: argparse.ArgumentParser):
 
 def main(argv=None):
     cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=add_args, doc=__doc__)
+    if args.plot:
+        return common.print0(f"wrote {common.plot_log(args.plot)}")
     if args.arch:
         overrides = {**ARCHS[args.arch], **overrides}
         cfg = dataclasses.replace(cfg, **overrides)

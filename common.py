@@ -1149,17 +1149,20 @@ def wrap_model(model: nn.Module, d: Dist, fsdp: bool = False, shard_types: tuple
 
 @contextlib.contextmanager
 def full_params(model: nn.Module):
-    """Gather an FSDP2 root's own parameters for code that calls submodules directly (e.g. a sampler); the sharded
-    children gather theirs in their forward. A no-op for any other module."""
-    unshard = getattr(model, "unshard", None)
-    if unshard is None:
-        yield model
-        return
-    unshard()
+    """Gather an FSDP2 model's parameters once, for code that runs many forwards or calls submodules directly (a
+    sampler): every FSDP2 module unshards here and stays unsharded until the block ends, instead of all-gathering
+    its weights in each forward -- once per token in an autoregressive sampler. On exit each module reshards and gets
+    FSDP2's default back (reshard after forward, except the root). A no-op for any other module."""
+    fsdp = [m for m in model.modules() if hasattr(m, "set_reshard_after_forward")]
+    for m in fsdp:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
     try:
         yield model
     finally:
-        model.reshard()
+        for m in fsdp:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -1562,7 +1565,14 @@ class ArrayDataset(torch.utils.data.Dataset):
         return len(self.arrays[0])
 
     def __getitem__(self, idx):
-        return tuple(torch.as_tensor(np.asarray(a[idx])) if isinstance(a, np.ndarray) else a[idx] for a in self.arrays)
+        return tuple(_writable_tensor(a[idx]) if isinstance(a, np.ndarray) else a[idx] for a in self.arrays)
+
+
+def _writable_tensor(x) -> torch.Tensor:
+    """A numpy result as a tensor; a read-only view (a memory-mapped array indexed by an int or a slice) is copied,
+    since torch may not share memory it cannot write."""
+    x = np.asarray(x)
+    return torch.as_tensor(x if x.flags.writeable else x.copy())
 
 
 def batches(data: torch.utils.data.Dataset, batch_size: int, d: Dist, seed: int = 0, start_step: int = 0,
@@ -1799,12 +1809,22 @@ def plot_log(log_path: str | Path, out: str | Path | None = None) -> Path:
                 series[k][1].append(v)
     if not series:
         raise ValueError(f"{log_path} has no numeric series to plot")
-    names = sorted(series, key=lambda k: (k != "loss", not series[k][2], k))[:11]
-    panels = names + (["lr"] if train and "lr" in train[0] else [])
+    # an evaluation metric with a single point (a run evaluated once, at the end) is a number, not a curve: those go
+    # into one text panel
+    once = {k: v[1][0] for k, v in series.items() if not v[2] and len(v[0]) == 1}
+    names = sorted((k for k in series if k not in once), key=lambda k: (k != "loss", not series[k][2], k))[:11]
+    panels = names + (["lr"] if train and "lr" in train[0] else []) + (["once"] if once else [])
     cols = min(3, len(panels))
     rows_n = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 2.8 * rows_n), squeeze=False)
     for ax, name in zip(axes.flat, panels):
+        if name == "once":
+            step = series[next(iter(once))][0][0]
+            ax.axis("off")
+            ax.set_title(f"evaluation at step {step}", fontsize=10)
+            ax.text(0, 1, "\n".join(f"{k} = {v:.4g}" for k, v in sorted(once.items())[:14]), va="top",
+                    family="monospace", fontsize=9, transform=ax.transAxes)
+            continue
         steps, values = ([r["step"] for r in train], [r["lr"] for r in train]) if name == "lr" else series[name][:2]
         ax.plot(steps, values, "-" if len(steps) > 20 else "o-", ms=3)
         ax.set_title(name + ("" if name == "lr" or series[name][2] else " (evaluation)"), fontsize=10)

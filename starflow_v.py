@@ -138,7 +138,7 @@ class Config(common.TrainConfig):
 
 PRESETS = {
     # CPU demo: 8x8 digits moving with constant velocity (bouncing off the walls) on a 12x12 canvas, 4 frames, in pixel
-    # space; patches of 2x2 make 36 tokens a frame, 144 a video. Label-conditional. About 12 CPU-minutes.
+    # space; patches of 2x2 make 36 tokens a frame, 144 a video. Label-conditional. About 15 minutes on 2 CPU cores.
     # (Patches of 4x4 on a 16x16 canvas are 2.5x cheaper but model each 16-pixel patch as independent pixels given
     # the tokens before it, which blurs the digits: frame accuracy 0.28 unguided at 1500 steps against 0.54 here.)
     "moving-digits": dict(img_size=(12, 12), patch_size=2, width=64, layers=(2, 2, 4), steps=3000, batch_size=32,

@@ -1,5 +1,6 @@
 """Figures: labelled with matplotlib when it is installed, a bare PNG and a one-line note without it; training curves
 from any log.jsonl (`common.plot_log`, `python X.py --plot LOG`)."""
+import importlib
 import json
 import sys
 
@@ -54,6 +55,28 @@ def test_plot_log_draws_every_series_and_the_cli_calls_it(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match="bad.jsonl is not a JSONL log"):
         common.plot_log(tmp_path / "bad.jsonl")
+
+
+@pytest.mark.parametrize("name", ["starflow", "starflow_v", "wcfm", "latent_fm", "mogfn", "arflow"])
+def test_every_model_file_plots_a_log_instead_of_training(tmp_path, capsys, name):
+    need("matplotlib")
+    log = write_log(tmp_path / "log.jsonl")
+    importlib.import_module(name).main(["--plot", str(log), "--out_dir", str(tmp_path / "run")])
+    assert png(tmp_path / "log.png") == (1200, 560) and not (tmp_path / "run").exists()
+    assert f"wrote {tmp_path / 'log.png'}" in capsys.readouterr().out
+
+
+def test_plot_log_puts_a_single_evaluation_in_one_text_panel(tmp_path):
+    need("matplotlib")
+    log = write_log(tmp_path / "log.jsonl")
+    rows = [json.loads(r) for r in log.read_text().splitlines() if "loss" in r] + [{"step": 200, "fd": 2.0, "acc": 0.9}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert png(common.plot_log(log)) == (1200, 560)  # loss, bpd, lr and the text panel: 2 rows of 3
+    rows[-1] = {"step": 200, "fd": 2.0, "acc": 0.9, "extra": 1.0}
+    for r in rows[:-1]:
+        r.pop("bpd")
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert png(common.plot_log(log)) == (1200, 280)  # loss, lr, one text panel instead of three flat axes
 
 
 def test_plot_log_without_matplotlib_says_what_to_install(tmp_path, no_matplotlib):

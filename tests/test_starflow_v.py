@@ -119,6 +119,31 @@ def test_video_jacobi_warm_start_equals_sequential_with_fewer_evaluations():
     assert (g_jac - g_seq).abs().max() < 1e-3 and (g_seq - plain).abs().max() > 1e-3
 
 
+def test_jacobi_redoes_a_chunk_whose_last_iterate_overflows():
+    """An overflowing Jacobi iterate (an under-trained model's garbage guess) must not reach the sample: a chunk still
+    non-finite at its last iterate is redone token by token, so the video equals the sequential sampler's (without
+    the guard it comes back with an inf)."""
+    m, cfg = _model(torch.float32)
+    cond = _cond(m)
+    z = torch.randn(2, m.T * m.N, m.D, generator=torch.Generator().manual_seed(2))
+    seq, _ = sv.sample(m, cond, cfg, z=z)
+    run, calls = m.deep.run, []
+
+    def overflow(u, *a, **k):
+        mu, log_sigma = run(u, *a, **k)
+        calls.append(u.shape[1])
+        if len(calls) == 4:  # the first chunk's last iterate (4 tokens, 4 iterations at threshold 0)
+            mu = mu.clone()
+            mu[0, -1] = float("inf")
+        return mu, log_sigma
+
+    m.deep.run = overflow
+    jac, _ = sv.sample(m, cond, dataclasses.replace(cfg, sampler="jacobi", jacobi_chunk=4, jacobi_chunk_video=8,
+                                                    jacobi_max_iter=8, jacobi_threshold=0.0), z=z)
+    assert calls[:8] == [4, 4, 4, 4, 1, 1, 1, 1]  # the chunk, then its redo one token at a time
+    assert torch.isfinite(jac).all() and (jac - seq).abs().max() < 1e-4
+
+
 def test_image_to_video_reproduces_the_first_frame_and_v2v_continues_its_source():
     m, cfg = _model(v2v=0.5, frames=4)
     x, N = _video(m), m.N

@@ -36,6 +36,8 @@ def main(argv=None):
     p.add_argument("--sigterm_at", type=int, default=-1)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--noise", action="store_true", help="random noise in the loss (exercises RNG restore)")
+    p.add_argument("--count_gathers", action="store_true",
+                   help="after training, count FSDP all-gathers of an 8-step decode -> OUT_DIR/gathers.json")
     a = p.parse_args(argv)
     d = common.setup_distributed("cpu")
     cfg = common.TrainConfig(out_dir=a.out_dir, steps=a.steps, batch_size=8, lr=1e-2, warmup=3, log_every=4,
@@ -58,6 +60,37 @@ def main(argv=None):
 
     resume = str(Path(a.out_dir) / "ckpt.pt") if a.resume else None
     common.train(cfg, model, loss_fn, data, d, resume=resume, overwrite=True)
+    if a.count_gathers:
+        count_gathers(model, d, Path(a.out_dir))
+
+
+def count_gathers(model, d, out: Path):
+    """All-gathers of an autoregressive decode (8 forwards) without and with common.full_params."""
+    import json
+    gathers, all_gather = [0], torch.distributed.all_gather_single
+
+    def counted(*args, **kw):
+        gathers[0] += 1
+        return all_gather(*args, **kw)
+
+    def decode():
+        x = torch.zeros(1, 1, 4)
+        with torch.no_grad():
+            for _ in range(8):
+                x = torch.cat([x, model(x)[:, -1:]], 1)
+        return x, gathers[0]
+
+    torch.distributed.all_gather_single = counted
+    plain, per_forward = decode()
+    gathers[0] = 0
+    with common.full_params(model):  # the gathers on entry count too
+        once, in_block = decode()
+    torch.distributed.all_gather_single = all_gather
+    sharded = all(p.to_local().numel() < p.numel() for p in model.parameters())  # resharded after the block
+    (model(torch.zeros(2, 3, 4)).square().mean()).backward()  # and it still trains
+    if d.is_main:
+        (out / "gathers.json").write_text(json.dumps(dict(per_forward=per_forward, full_params=in_block,
+                                                          same=torch.equal(plain, once), sharded=sharded)))
 
 
 if __name__ == "__main__":
