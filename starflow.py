@@ -114,8 +114,6 @@ class Config(common.TrainConfig):
             raise ValueError(f"--vae {self.vae} needs a latent --vae_family (sd, sdxl or flux)")
         if self.dequant == "uniform" and self.vae_family != "none":
             raise ValueError("--dequant uniform dequantises 8-bit pixels; a latent model takes --dequant gaussian")
-        if self.decoder and self.vae_family == "none":
-            raise ValueError(f"--decoder {self.decoder} needs a latent model (--vae, --vae_family)")
         if self.guidance > 0 and not (self.num_classes or self.txt_dim) and self.attn_temp == 1:
             raise ValueError(f"--guidance {self.guidance} needs a class- or text-conditional model (or TARFlow's "
                              f"--attn_temp != 1 for the unconditional branch); pass --guidance 0")
@@ -616,6 +614,8 @@ def denoise(model: STARFlow, x: torch.Tensor, cond: dict, sigma: float, parts: i
 
 def load_vae(cfg: Config, device):
     if cfg.vae_family == "none" and not cfg.vae:
+        if cfg.decoder:  # checked here, not in the config: `--eval --ckpt --decoder` takes the VAE from the checkpoint
+            raise ValueError(f"--decoder {cfg.decoder} needs a latent model (--vae, --vae_family)")
         return None
     if not cfg.vae:
         raise ValueError(f"--vae_family {cfg.vae_family} needs --vae PATH to the VAE weights")

@@ -415,7 +415,7 @@ def test_text_to_image_end_to_end_through_a_latent_folder(vae_folder, tmp_path, 
     assert (padded - unpadded)[::2].abs().max() > 0 and torch.equal(padded[1::2], unpadded[1::2])  # masks reach it
 
 
-def test_decoder_finetuned_on_noisy_latents_decodes_them_better(vae_folder, tmp_path, monkeypatch):
+def test_decoder_finetuned_on_noisy_latents_decodes_them_better(vae_folder, tmp_path, monkeypatch, capsys):
     cfg = sf.Config(img_size=16, vae=vae_folder, vae_family="sd", noise_std=0.3, out_dir=str(tmp_path), batch_size=16,
                     lr=1e-3, warmup=5, layers=(1, 1), width=32, head_dim=16, guidance=0.0)
     x = common.to_float(common.load_digits("test", 16)[0][:128])  # held-out images
@@ -427,6 +427,13 @@ def test_decoder_finetuned_on_noisy_latents_decodes_them_better(vae_folder, tmp_
     tuned = dataclasses.replace(cfg, decoder=str(path))
     after = (sf.load_vae(tuned, "cpu").decode(noisy) - x).square().mean()
     assert after < 0.6 * before, (before, after)  # measured: MSE 0.144 -> 0.054 after 25 steps
+    # the README's `--eval --ckpt --decoder`: the latent model (and its VAE) come from the checkpoint
+    run = tmp_path / "run"
+    sf.main(["--img_size", "16", "--vae", vae_folder, "--vae_family", "sd", "--noise_std", "0.3", "--layers", "1,1",
+             "--width", "32", "--head_dim", "16", "--steps", "1", "--batch_size", "8", "--out_dir", str(run)])
+    capsys.readouterr()
+    sf.main(["--eval", "--ckpt", str(run / "ckpt.pt"), "--decoder", str(path)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy_guided"] >= 0
     model, _ = sf.build(tuned, "cpu")
     monkeypatch.setattr(sf, "denoise", lambda *a, **k: pytest.fail("the score step ran with a fine-tuned decoder"))
     sf.sample(model.eval(), model.make_cond(torch.arange(2)), tuned)
