@@ -777,8 +777,8 @@ def load_data(cfg: Config, split: str = "train"):
         videos, labels, _, task = moving_digits(cfg, split)
         return common.ArrayDataset(videos, labels, task)
     path = Path(cfg.data)
-    if path.is_dir():  # precomputed latents (memory-mapped)
-        a = common.load_arrays(path, ("latents", "labels", "task"))
+    if path.is_dir():  # precomputed latents (memory-mapped, the text embeddings too)
+        a = common.load_arrays(path, ("latents", "labels", "task", "text", "text_mask"))
         x = a["latents"]
     else:
         a = common.load_arrays(path, ("images", "labels", "task", "text", "text_mask"))
@@ -793,7 +793,10 @@ def load_data(cfg: Config, split: str = "train"):
         raise ValueError(f"{path} holds V2V pairs (task 1): train with --v2v > 0 to give the model its task tag")
     arrays = [x, a.get("labels", np.zeros(n, np.int64)), task]
     if cfg.txt_dim:
-        arrays += [a["text"].astype(np.float32), a["text_mask"].astype(bool)]
+        if "text" not in a or "text_mask" not in a:
+            raise ValueError(f"{path} has no `text` and `text_mask` for the text-conditional model (--txt_dim "
+                             f"{cfg.txt_dim})")
+        arrays += [a["text"], a["text_mask"]]  # memory-mapped in a latent folder: cast per batch, not here
     return common.ArrayDataset(*arrays)
 
 
@@ -951,7 +954,8 @@ def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[STARFlowV, Co
 
 
 def precompute_latents(cfg: Config, src: str, d: common.Dist):
-    """Encode an .npz of videos through the VAE once: <cfg.data>/latents.npy (N, T, c, h, w) + labels.npy, task.npy."""
+    """Encode an .npz of videos through the VAE once: <cfg.data>/latents.npy (N, T, c, h, w) + labels.npy, task.npy
+    (and the captions' text.npy, text_mask.npy for a text model)."""
     vae = load_vae(cfg, d.device)
     if vae is None:
         raise ValueError("--precompute needs --vae and --vae_family")
@@ -959,16 +963,17 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
     out = Path(cfg.data)
     out.mkdir(parents=True, exist_ok=True)
     start, count = common.rank_split(len(data), d)
-    parts = [(to_model_space(xb.to(d.device), vae).half().cpu(), yb, tb)
-             for xb, yb, tb, *_ in common.progress(_loader(data, start, count, 4, cfg.num_workers), desc="encoding")]
-    lat, lab, task = (torch.cat(p).numpy() for p in zip(*parts, strict=True))
-    common.save_npz(out / "latents.npz", d, latents=lat, labels=lab, task=task)
+    keys = ("latents", "labels", "task") + (("text", "text_mask") if cfg.txt_dim else ())
+    parts = [(to_model_space(b[0].to(d.device), vae).half().cpu(), *b[1:len(keys)])
+             for b in common.progress(_loader(data, start, count, 4, cfg.num_workers), desc="encoding")]
+    arrays = {k: torch.cat(p).numpy() for k, p in zip(keys, zip(*parts, strict=True), strict=True)}
+    common.save_npz(out / "latents.npz", d, **arrays)
     if d.is_main:
         with np.load(out / "latents.npz") as f:
-            for k in ("latents", "labels", "task"):
+            for k in keys:
                 np.save(out / f"{k}.npy", f[k])
         (out / "latents.npz").unlink()
-        common.print0(f"wrote {out}/latents.npy, labels.npy and task.npy")
+        common.print0(f"wrote {', '.join(f'{out}/{k}.npy' for k in keys)}")
 
 
 def sampling_context(args, cfg: Config, start: int, count: int):

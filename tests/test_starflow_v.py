@@ -358,6 +358,36 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
         common.config_from_checkpoint(sv.Config, state)
 
 
+def test_text_to_video_through_a_latent_folder(tmp_path, capsys):
+    """--precompute keeps the captions: videos + text embeddings -> a latent folder (text memory-mapped beside the
+    latents) -> a text-conditional model trains on it, evaluates, and samples from --captions."""
+    vae = common.train_vae(tmp_path, steps=2, size=8)  # a real (untrained) latent space: 8x8 -> 4x4x4
+    cfg = sv.Config(img_size=(8, 8), digit_size=4, frames=2, videos_per_digit=1)
+    videos, _, _, _ = sv.moving_digits(cfg)
+    g = np.random.default_rng(0)
+    text, mask = g.normal(size=(24, 3, 6)).astype(np.float32), np.arange(3)[None] < g.integers(1, 4, (24, 1))
+    np.savez(tmp_path / "v.npz", images=videos[:24].permute(0, 1, 3, 4, 2).numpy(), text=text, text_mask=mask)
+    model = ["--img_size", "8", "--frames", "2", "--vae", vae, "--vae_family", "sd", "--num_classes", "0",
+             "--txt_dim", "6", "--txt_len", "3", "--patch_size", "2", "--width", "32", "--head_dim", "16",
+             "--layers", "1,1", "--denoiser_layers", "1", "--noise_std", "0.3"]
+    folder = tmp_path / "lat"
+    sv.main(model + ["--precompute", str(tmp_path / "v.npz"), "--data", str(folder)])
+    assert np.array_equal(np.load(folder / "text.npy"), text)
+    assert np.array_equal(np.load(folder / "text_mask.npy"), mask)
+    data = sv.load_data(sv.Config(**{**dataclasses.asdict(cfg), "data": str(folder), "txt_dim": 6, "txt_len": 3,
+                                     "num_classes": 0, "vae": vae, "vae_family": "sd"}))
+    assert isinstance(data.arrays[3], np.memmap) and data[np.arange(2)][0].shape == (2, 2, 4, 4, 4)
+    run = tmp_path / "run"
+    sv.main(model + ["--data", str(folder), "--steps", "2", "--batch_size", "8", "--out_dir", str(run)])
+    assert "bpd" in capsys.readouterr().out  # the final evaluation, with the first items' captions
+    sv.main(["--sample", "--ckpt", str(run / "ckpt.pt"), "--n", "3", "--out", str(tmp_path / "s.npz"), "--captions",
+             str(tmp_path / "v.npz")])
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["images"].shape == (3, 2, 8, 8, 1) and f["images"].std() > 1
+    with pytest.raises(ValueError, match="needs --captions|samples from --captions"):
+        sv.main(["--sample", "--ckpt", str(run / "ckpt.pt"), "--n", "3", "--out", str(tmp_path / "t.npz")])
+
+
 def test_video_and_image_vae_latents():
     wan = common.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1,
                                   temporal_downsample=(True, True))
