@@ -1152,8 +1152,13 @@ def full_params(model: nn.Module):
     """Gather an FSDP2 model's parameters once, for code that runs many forwards or calls submodules directly (a
     sampler): every FSDP2 module unshards here and stays unsharded until the block ends, instead of all-gathering
     its weights in each forward -- once per token in an autoregressive sampler. On exit each module reshards and gets
-    FSDP2's default back (reshard after forward, except the root). A no-op for any other module."""
+    FSDP2's default back (reshard after forward, except the root). Nested blocks gather nothing more; a no-op for any
+    other module."""
     fsdp = [m for m in model.modules() if hasattr(m, "set_reshard_after_forward")]
+    if not fsdp or model.__dict__.get("_full_params"):  # a plain module, or nested in another full_params
+        yield model
+        return
+    model.__dict__["_full_params"] = True
     for m in fsdp:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
@@ -1163,6 +1168,7 @@ def full_params(model: nn.Module):
         for m in fsdp:
             m.reshard()
             m.set_reshard_after_forward(m is not model, recurse=False)
+        model.__dict__["_full_params"] = False
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,6 @@ states of flan-t5-xl. Held-out data: digits' test split; else --val_data, or els
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -271,7 +270,7 @@ class FlowBlock(nn.Module):
     # place (a Jacobi iteration rewrites its chunk's slots, nothing to rewind), no mask at all for one-token steps
     # without padding (SDPA's fused kernels), one causal mask built per call and sliced, RoPE tables cast once, the
     # conditioning prefix through the layers once per call, and no module hooks per token (an FSDP2 model is
-    # gathered once per sampling call by `sample`).
+    # gathered once per sampling call by `sample`, through common.full_params).
     def start(self, nb: int, prefix, mask, device, temp: float = 1.0, n_temp: int = 0) -> dict:
         """Decoding state for nb sequences; the prefix (nb, L, W) goes into the caches now. `temp` divides the
         attention logits of the last `n_temp` sequences (TARFlow's temperature of the unconditional branch)."""
@@ -565,7 +564,7 @@ def sample(model: STARFlow, cond: dict, cfg: Config, generator=None, z: torch.Te
         z = torch.randn(B, model.T, model.D, device=dev, generator=generator)
     chunk, iters = (cfg.jacobi_chunk, cfg.jacobi_max_iter) if cfg.sampler == "jacobi" else (1, 1)
     x, nfe = z, 0
-    with _gathered(model):
+    with common.full_params(model):
         for i, block in reversed(list(enumerate(model.blocks))):
             w = cfg.guidance if (i == len(model.blocks) - 1 or cfg.guide_all_blocks) else 0.0
             x, n = block.reverse(x, cond, w, cfg.guidance_rule, cfg.guide_what, cfg.guidance_anneal, chunk, iters,
@@ -576,20 +575,6 @@ def sample(model: STARFlow, cond: dict, cfg: Config, generator=None, z: torch.Te
     if cfg.denoise and cfg.noise_std > 0 and cfg.dequant == "gaussian" and not cfg.decoder:
         x = denoise(model, x, cond, cfg.noise_std)
     return x, nfe
-
-
-@contextlib.contextmanager
-def _gathered(model: nn.Module):
-    """An FSDP2-sharded model's weights gathered once for a whole sampling call (the decoder calls the blocks'
-    layers directly, so no per-token all-gather); a no-op for a plain module."""
-    mods = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
-    for m in mods:
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.reshard()
 
 
 def denoise(model: STARFlow, x: torch.Tensor, cond: dict, sigma: float, parts: int = 4) -> torch.Tensor:

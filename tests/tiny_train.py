@@ -84,7 +84,9 @@ def count_gathers(model, d, out: Path):
     plain, per_forward = decode()
     gathers[0] = 0
     with common.full_params(model):  # the gathers on entry count too
-        once, in_block = decode()
+        with common.full_params(model):  # nested (a sampler inside an evaluation): it gathers nothing more
+            once, _ = decode()
+        _, in_block = decode()  # and the outer block is still gathered after the inner one ends
     torch.distributed.all_gather_single = all_gather
     sharded = all(p.to_local().numel() < p.numel() for p in model.parameters())  # resharded after the block
     (model(torch.zeros(2, 3, 4)).square().mean()).backward()  # and it still trains
