@@ -904,7 +904,7 @@ def evaluate(model: STARFlowV, cfg: Config, vae, d: common.Dist) -> dict:
         for task in ("t2v", "i2v") + (("v2v",) if cfg.v2v else ()):
             ctx = real[idx, :1] if task == "i2v" else real[idx, :half] if task == "v2v" else None
             vids, nfe = generate(model, cfg, labels[idx], vae, seed=cfg.seed + 7 + d.rank, task=task, context=ctx)
-            vids, labs, ref = _gather(vids, d), _gather(labels[idx], d), _gather(real[idx], d)
+            vids, labs, ref = common.gather(vids, d), common.gather(labels[idx], d), common.gather(real[idx], d)
             if d.is_main:
                 if task == "v2v":  # judge the target half; the truth is the source reversed
                     out["v2v_target_err"] = (vids[:, half:].float() - ref[:, :half].flip(1).float()).abs().mean().item()
@@ -918,14 +918,6 @@ def evaluate(model: STARFlowV, cfg: Config, vae, d: common.Dist) -> dict:
                                                                  cfg.digit_size).items()})
     model.train()
     return out
-
-
-def _gather(t: torch.Tensor, d: common.Dist) -> torch.Tensor:
-    if not d.distributed:
-        return t
-    parts = [None] * d.world_size
-    torch.distributed.all_gather_object(parts, t.cpu())
-    return torch.cat(parts)
 
 
 def strip(video: torch.Tensor, zoom: int = 1) -> np.ndarray:
