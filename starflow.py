@@ -215,7 +215,7 @@ class FlowBlock(nn.Module):
         return self.class_emb(y)[:, None], None  # (B, 1, W)
 
     def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Network output (B, n, W) -> (mu, log sigma) in fp32, each (B, n, D)."""
+        """Network output (..., W) -> (mu, log sigma) in fp32, each (..., D)."""
         out = F.linear(h if self.norm_out is None else self.norm_out(h), self.proj_out.weight, self.proj_out.bias)
         if self.cfg.soft_clip > 0:
             out = self.cfg.soft_clip * torch.tanh(out / self.cfg.soft_clip)
@@ -269,15 +269,16 @@ class FlowBlock(nn.Module):
     # in the network's compute dtype (bf16 under autocast; no per-token cast of the cache), positions written in
     # place (a Jacobi iteration rewrites its chunk's slots, nothing to rewind), no mask at all for one-token steps
     # without padding (SDPA's fused kernels), one causal mask built per call and sliced, RoPE tables cast once, the
-    # conditioning prefix through the layers once per call, and no module hooks per token (an FSDP2 model is
-    # gathered once per sampling call by `sample`, through common.full_params).
+    # conditioning prefix through the layers once per call, LayerNorm gains folded into the weights, and no module
+    # hooks per token (an FSDP2 model is gathered once per sampling call by `sample`, through common.full_params).
+    # On CPU a one-token step is all dispatch overhead: bench.py measures it against ml-tarflow's decoder.
     def start(self, nb: int, prefix, mask, device, temp: float = 1.0, n_temp: int = 0) -> dict:
         """Decoding state for nb sequences; the prefix (nb, L, W) goes into the caches now. `temp` divides the
         attention logits of the last `n_temp` sequences (TARFlow's temperature of the unconditional branch)."""
         dt = _compute_dtype(self, device)
         Lmax, a = self.prefix + self.seq_len, self.layers[0].attn
-        st = dict(dtype=dt, kv=[torch.empty(2, nb, a.n_heads, Lmax, a.head_dim, device=device, dtype=dt)
-                                for _ in self.layers],  # (K | V, nb, H, positions, Dh) per layer
+        kv = [torch.empty(2, nb, a.n_heads, Lmax, a.head_dim, device=device, dtype=dt) for _ in self.layers]
+        st = dict(dtype=dt, kv=kv, k=[c[0] for c in kv], v=[c[1] for c in kv],  # (K | V, nb, H, positions, Dh)
                   key_mask=None if mask is None else torch.cat([mask, mask.new_ones(nb, 1, 1, self.seq_len)], -1),
                   tril=torch.ones(Lmax, Lmax, dtype=torch.bool, device=device).tril(), qscale=None, cs=None,
                   w=self._weights(dt))
@@ -292,42 +293,47 @@ class FlowBlock(nn.Module):
 
     def step(self, u: torch.Tensor, s: int, st: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Stream positions s..s+n of input u (nb, n, D), after positions < s are in the caches -> (mu, log sigma)."""
-        n = u.shape[1]
-        h = F.linear(u.to(st["dtype"]), self.proj_in.weight, self.proj_in.bias)  # no module dispatch per token
+        nb, n, D = u.shape  # 2-D matmuls below: F.linear on 3-D inputs costs reshapes per token
+        h = F.linear(u.reshape(nb * n, D).to(st["dtype"]), self.proj_in.weight, self.proj_in.bias).view(nb, n, -1)
         if not self.cfg.rope:
             h = h + self.pos[s:s + n]  # dtypes as in the training forward (fp32 after this add under autocast)
-        return self.head(self._layers(h, self.prefix + s, st))
+        mu, log_sigma = self.head(self._layers(h, self.prefix + s, st))  # (nb n, D) each
+        return mu.view(nb, n, D), log_sigma.view(nb, n, D)
 
     def _layers(self, h: torch.Tensor, p0: int, st: dict) -> torch.Tensor:
-        """h (nb, n, W) at absolute positions p0..p0+n (prefix included) through every layer, writing the caches.
-        Plain matmuls on weights transposed and cast once per call (`_weights`): no module dispatch and no weight
-        cast per token, which dominate small batches."""
+        """h (nb, n, W) at absolute positions p0..p0+n (prefix included) through every layer, writing the caches;
+        returns (nb n, W).
+        Plain matmuls on weights prepared once per call (`_weights`): no module dispatch, no weight cast and no
+        LayerNorm affine per token, which dominate small batches."""
         nb, n, W = h.shape
         m = p0 + n
         mask = st["key_mask"][..., :m] if st["key_mask"] is not None else None
         if n > 1:  # the last n queries of m keys: causal among themselves
             mask = st["tril"][p0:m, :m] if mask is None else mask & st["tril"][p0:m, :m]
         h = h.reshape(nb * n, W)
-        for (n1, wqkv, bqkv, wo, bo, n2, w1, b1, w2, b2), KV in zip(st["w"], st["kv"]):
-            H, Dh = KV.shape[2], KV.shape[4]
-            qkv = torch.addmm(bqkv, F.layer_norm(h, (W,), *n1), wqkv).view(nb, n, 3, H, Dh).permute(2, 0, 3, 1, 4)
+        for (wqkv, bqkv, wo, bo, w1, b1, w2, b2, eps1, eps2), KV, K, V in zip(st["w"], st["kv"], st["k"], st["v"]):
+            H, Dh = K.shape[1], K.shape[3]
+            qkv = torch.addmm(bqkv, F.layer_norm(h, (W,), eps=eps1), wqkv).view(nb, n, 3, H, Dh).permute(2, 0, 3, 1, 4)
             if st["cs"] is not None:  # (3, nb, H, n, Dh): rotate q and k together
                 qkv = torch.cat([_rotate(qkv[:2], st["cs"][0][p0:m], st["cs"][1][p0:m]), qkv[2:]])
             KV[:, :, :, p0:m] = qkv[1:]  # keys and values in one write
             q = qkv[0] if st["qscale"] is None else qkv[0] * st["qscale"]
-            y = F.scaled_dot_product_attention(q, KV[0, :, :, :m], KV[1, :, :, :m], attn_mask=mask)  # (nb, H, n, Dh)
+            y = F.scaled_dot_product_attention(q, K[:, :, :m], V[:, :, :m], attn_mask=mask)  # (nb, H, n, Dh)
             h = h + torch.addmm(bo, y.transpose(1, 2).reshape(nb * n, W), wo)
-            h = h + torch.addmm(b2, F.gelu(torch.addmm(b1, F.layer_norm(h, (W,), *n2), w1)), w2)
-        return h.view(nb, n, W)
+            h = h + torch.addmm(b2, F.gelu(torch.addmm(b1, F.layer_norm(h, (W,), eps=eps2), w1)), w2)
+        return h  # (nb n, W)
 
     def _weights(self, dt: torch.dtype) -> list:
-        """Per layer: (norm1 args, W_qkv^T, b_qkv, W_o^T, b_o, norm2 args, W_1^T, b_1, W_2^T, b_2) in dtype dt."""
+        """Per layer: (W_qkv^T, b_qkv, W_o^T, b_o, W_1^T, b_1, W_2^T, b_2, eps_1, eps_2) in dtype dt, each LayerNorm's
+        gain and bias folded into the matmul after it: LN(h) W^T + b = norm(h) (g * W)^T + (W beta + b)."""
         out = []
         for layer in self.layers:
-            fc1, fc2 = layer.mlp[0], layer.mlp[2]
-            lin = [(lin.weight.t().to(dt), lin.bias.to(dt)) for lin in (layer.attn.qkv, layer.attn.proj, fc1, fc2)]
-            out.append(((layer.norm1.weight, layer.norm1.bias, layer.norm1.eps), *lin[0], *lin[1],
-                        (layer.norm2.weight, layer.norm2.bias, layer.norm2.eps), *lin[2], *lin[3]))
+            (qkv, o, fc1, fc2), n1, n2 = (layer.attn.qkv, layer.attn.proj, layer.mlp[0], layer.mlp[2]), \
+                layer.norm1, layer.norm2
+            out.append(((qkv.weight * n1.weight).t().to(dt), (qkv.bias + (qkv.weight * n1.bias).sum(1)).to(dt),
+                        o.weight.t().to(dt), o.bias.to(dt),  # (elementwise sums: autocast cannot round them to bf16)
+                        (fc1.weight * n2.weight).t().to(dt), (fc1.bias + (fc1.weight * n2.bias).sum(1)).to(dt),
+                        fc2.weight.t().to(dt), fc2.bias.to(dt), n1.eps, n2.eps))
         return out
 
     @torch.no_grad()
@@ -362,7 +368,7 @@ class FlowBlock(nn.Module):
             if guided:
                 w = guidance * ((torch.arange(s, e, device=z.device) + 1) / P)[None, :, None] if anneal else guidance
                 mu, log_sigma = guide(mu[:B], log_sigma[:B], mu[B:], log_sigma[B:], w, rule, what)
-            return mu + log_sigma.exp() * z[:, s + self.shift:e + self.shift]
+            return torch.addcmul(mu, log_sigma.exp(), z[:, s + self.shift:e + self.shift])
 
         for s in range(0, P, chunk):
             e = min(s + chunk, P)
@@ -399,7 +405,7 @@ def _compute_dtype(module: nn.Module, device) -> torch.dtype:
     """The network's compute dtype: autocast's when it is on (bf16 sampling), else the weights' (bf16 under FSDP's
     mixed precision, fp64 in tests)."""
     dev = torch.device(device).type
-    if torch.is_autocast_enabled(dev):
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):  # (not on the meta device)
         return torch.get_autocast_dtype(dev)
     return next(module.parameters()).dtype
 
@@ -564,13 +570,17 @@ def sample(model: STARFlow, cond: dict, cfg: Config, generator=None, z: torch.Te
         z = torch.randn(B, model.T, model.D, device=dev, generator=generator)
     chunk, iters = (cfg.jacobi_chunk, cfg.jacobi_max_iter) if cfg.sampler == "jacobi" else (1, 1)
     x, nfe = z, 0
-    with common.full_params(model):
+    # Per-token overheads: inference mode skips autograd's view and version bookkeeping; on CPU in fp32, oneDNN's
+    # per-call set-up (~10 us for a GELU) outweighs a one-token step, so plain ATen kernels run instead.
+    onednn = torch.backends.mkldnn.enabled and (dev.type != "cpu" or torch.is_autocast_enabled("cpu"))
+    with common.full_params(model), torch.inference_mode(), torch.backends.mkldnn.flags(
+            enabled=onednn, deterministic=None, allow_tf32=None, fp32_precision=None):
         for i, block in reversed(list(enumerate(model.blocks))):
             w = cfg.guidance if (i == len(model.blocks) - 1 or cfg.guide_all_blocks) else 0.0
             x, n = block.reverse(x, cond, w, cfg.guidance_rule, cfg.guide_what, cfg.guidance_anneal, chunk, iters,
                                  cfg.jacobi_threshold, cfg.attn_temp)
             nfe += n
-    x = model.unpatchify(x)
+    x = model.unpatchify(x.clone())  # a normal tensor again: inference tensors cannot enter the score step's autograd
     # the score step undoes the Gaussian training noise; a fine-tuned decoder (STARFlow) takes noisy latents instead
     if cfg.denoise and cfg.noise_std > 0 and cfg.dequant == "gaussian" and not cfg.decoder:
         x = denoise(model, x, cond, cfg.noise_std)

@@ -304,9 +304,48 @@ def test_bf16_sampling_under_autocast_tracks_fp32(undertrained):
             low, _ = sf.sample(model, cond, c, z=z)
             block = model.blocks[-1]
             st = block.start(2, *block.embed_cond(model.make_cond(torch.arange(2))), "cpu")
-        assert low.dtype == torch.float32 and st["kv"][0][0].dtype == torch.bfloat16
+        assert low.dtype == torch.float32 and st["kv"][0].dtype == torch.bfloat16
         err = (low - ref).abs().max().item()
         assert 1e-4 < err < 0.1, (sampler, err)
+
+
+def test_default_sample_batch_is_sized_to_the_kv_cache_sampling_allocates():
+    """t2i256 built on the meta device (its shapes, none of its 3B weights): the default batch is the largest whose
+    KV caches, as `FlowBlock.start` allocates them for both guidance branches, fit the CPU budget of 4 GiB."""
+    cfg = sf.Config(**sf.PRESETS["t2i256"])
+    with torch.device("meta"):
+        m = sf.STARFlow(cfg, *sf.latent_shape(cfg))
+    n = sf.sample_batch(m, cfg, "cpu")
+    text = torch.zeros(1, cfg.txt_len, cfg.txt_dim, device="meta")
+    per = 0  # bytes per sample of the biggest block's caches
+    for block in m.blocks:
+        branches = 2 if block.prefix else 1  # `reverse` guides a block that has a condition: one sample, two rows
+        cond = m.make_cond(text=text.expand(branches, -1, -1), null=torch.arange(branches, device="meta") > 0)
+        st = block.start(branches, *block.embed_cond(cond), "meta")
+        per = max(per, sum(kv.numel() * kv.element_size() for kv in st["kv"]))
+    assert n * per <= 4 * 2 ** 30 < (n + 1) * per and n == 3
+    assert sf.sample_batch(m, dataclasses.replace(cfg, sample_batch=7), "cpu") == 7  # an explicit batch wins
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_training_loss_reads_no_value_on_the_host(text):
+    """The training step's model code (condition, noise, NLL, latent regulariser, backward) runs on the meta device,
+    where anything that reads a value on the host (.item(), bool(), a data-dependent check) raises: so on a GPU the
+    step never waits for the device. The label range check of `make_cond` is such a sync, hence skipped there."""
+    kw = dict(num_classes=0, txt_dim=6, txt_len=4) if text else {}
+    cfg = sf.Config(**{**TINY, **kw})
+    with torch.device("meta"):
+        m = sf.STARFlow(cfg, *sf.latent_shape(cfg))
+        x = torch.randn(4, cfg.channels, cfg.img_size, cfg.img_size)
+        batch = (x, torch.randn(4, cfg.txt_len, cfg.txt_dim), torch.ones(4, cfg.txt_len, dtype=torch.bool)) \
+            if text else (x, torch.zeros(4, dtype=torch.long))
+        batch = (batch[0], None, *batch[1:]) if text else batch
+    loss = sf.nll_loss(m, x, sf.batch_cond(m, batch, drop=0.1), noise_std=0.1, latent_reg=1e-4)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.is_meta for p in m.blocks[-1].parameters())
+    if not text:
+        with pytest.raises(RuntimeError, match="meta"):  # the checked path does read a value: the test can fail
+            m.make_cond(batch[1])
 
 
 def test_attention_temperature_and_guidance_without_a_condition():
