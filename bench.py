@@ -137,8 +137,9 @@ def _trained_demo(sf, device):
 
 @bench("starflow")
 def bench_starflow(device):
-    """Train step of the digits demo; sequential vs Jacobi on a trained model at batch 1/16/64 with and without
-    guidance; sequential decoding vs ml-tarflow's on the same TARFlow config; on GPU the 1.4B bf16 train step."""
+    """Train step of the digits demo; sequential vs Jacobi vs the compiled sequential step on a trained model at
+    batch 1/16/64 with and without guidance; sequential decoding vs ml-tarflow's on the same TARFlow config; on GPU
+    the 1.4B bf16 train step."""
     import starflow as sf
     cfg = sf.Config()
     torch.manual_seed(0)
@@ -165,16 +166,18 @@ def bench_starflow(device):
 
 
 def _samplers(sf, device):
-    """Sequential vs Jacobi on a trained model, each ratio with the condition it was measured under."""
+    """Sequential vs Jacobi vs the compiled sequential step on a trained model, each ratio with the condition it was
+    measured under."""
     model, cfg, how = _trained_demo(sf, device)
     for B in (1, 16, 64):
         cond = model.make_cond(torch.arange(B, device=device) % 10)
         z = torch.randn(B, model.T, model.D, device=device, generator=torch.Generator(device).manual_seed(0))
         for w in (0.0, 1.0):
             res = {}
-            for name in ("sequential", "jacobi"):
-                c = dataclasses.replace(cfg, sampler=name, guidance=w, denoise=False)
-                res[name] = sf.sample(model, cond, c, z=z)
+            for name in ("sequential", "jacobi", "compiled"):  # compiled: the sequential sampler under --compile
+                c = dataclasses.replace(cfg, sampler="sequential" if name == "compiled" else name, guidance=w,
+                                        denoise=False, compile=name == "compiled")
+                res[name] = sf.sample(model, cond, c, z=z)  # (and the compilation, before the timing)
                 res[name + "_ms"] = timeit(lambda: sf.sample(model, cond, c, z=z), device, 1, 5)
                 yield dict(model="starflow", variant=f"sample B={B} w={w:g}, {name}", ms=res[name + "_ms"],
                            per_s=B / res[name + "_ms"] * 1e3, mem=peak_mb(device),
@@ -182,6 +185,9 @@ def _samplers(sf, device):
             diff = (res["jacobi"][0] - res["sequential"][0]).abs().max().item()
             yield dict(ratio=f"starflow Jacobi over sequential, B={B}, guidance {w:g}, {how} (max |diff| {diff:.1e})",
                        value=res["sequential_ms"] / res["jacobi_ms"])
+            diff = (res["compiled"][0] - res["sequential"][0]).abs().max().item()
+            yield dict(ratio=f"starflow compiled one-token step over eager, sequential, B={B}, guidance {w:g} "
+                             f"(max |diff| {diff:.1e})", value=res["sequential_ms"] / res["compiled_ms"])
 
 
 def _vs_ml_tarflow(sf, device):

@@ -29,6 +29,7 @@ states of flan-t5-xl. Held-out data: digits' test split; else --val_data, or els
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -277,8 +278,10 @@ class FlowBlock(nn.Module):
         attention logits of the last `n_temp` sequences (TARFlow's temperature of the unconditional branch)."""
         dt = _compute_dtype(self, device)
         Lmax, a = self.prefix + self.seq_len, self.layers[0].attn
-        kv = [torch.empty(2, nb, a.n_heads, Lmax, a.head_dim, device=device, dtype=dt) for _ in self.layers]
+        # zeros, not empty: the static-shape step attends to unwritten slots under a mask, and 0 * NaN would leak
+        kv = [torch.zeros(2, nb, a.n_heads, Lmax, a.head_dim, device=device, dtype=dt) for _ in self.layers]
         st = dict(dtype=dt, kv=kv, k=[c[0] for c in kv], v=[c[1] for c in kv],  # (K | V, nb, H, positions, Dh)
+                  slots=torch.arange(Lmax, device=device),
                   key_mask=None if mask is None else torch.cat([mask, mask.new_ones(nb, 1, 1, self.seq_len)], -1),
                   tril=torch.ones(Lmax, Lmax, dtype=torch.bool, device=device).tril(), qscale=None, cs=None,
                   w=self._weights(dt))
@@ -292,11 +295,13 @@ class FlowBlock(nn.Module):
         return st
 
     def step(self, u: torch.Tensor, s: int, st: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stream positions s..s+n of input u (nb, n, D), after positions < s are in the caches -> (mu, log sigma)."""
+        """Stream positions s..s+n of input u (nb, n, D), after positions < s are in the caches -> (mu, log sigma).
+        s may instead be a 0-d tensor (one token): then no shape depends on the position, and torch.compile captures
+        the step once for every token (`reverse(compiled=True)`)."""
         nb, n, D = u.shape  # 2-D matmuls below: F.linear on 3-D inputs costs reshapes per token
         h = F.linear(u.reshape(nb * n, D).to(st["dtype"]), self.proj_in.weight, self.proj_in.bias).view(nb, n, -1)
-        if not self.cfg.rope:
-            h = h + self.pos[s:s + n]  # dtypes as in the training forward (fp32 after this add under autocast)
+        if not self.cfg.rope:  # dtypes as in the training forward (fp32 after this add under autocast)
+            h = h + (self.pos.index_select(0, s.view(1)) if torch.is_tensor(s) else self.pos[s:s + n])
         mu, log_sigma = self.head(self._layers(h, self.prefix + s, st))  # (nb n, D) each
         return mu.view(nb, n, D), log_sigma.view(nb, n, D)
 
@@ -306,17 +311,23 @@ class FlowBlock(nn.Module):
         Plain matmuls on weights prepared once per call (`_weights`): no module dispatch, no weight cast and no
         LayerNorm affine per token, which dominate small batches."""
         nb, n, W = h.shape
-        m = p0 + n
-        mask = st["key_mask"][..., :m] if st["key_mask"] is not None else None
-        if n > 1:  # the last n queries of m keys: causal among themselves
-            mask = st["tril"][p0:m, :m] if mask is None else mask & st["tril"][p0:m, :m]
+        if torch.is_tensor(p0):  # static shapes (one token): write slot p0 by index, attend to every slot under a mask
+            slots, m = p0.view(1), st["slots"].shape[0]
+            mask = (st["slots"] <= p0).view(1, m)
+            mask = mask if st["key_mask"] is None else mask & st["key_mask"]
+        else:
+            slots, m = slice(p0, p0 + n), p0 + n
+            mask = st["key_mask"][..., :m] if st["key_mask"] is not None else None
+            if n > 1:  # the last n queries of m keys: causal among themselves
+                mask = st["tril"][p0:m, :m] if mask is None else mask & st["tril"][p0:m, :m]
+        cs = None if st["cs"] is None else (st["cs"][0][slots], st["cs"][1][slots])
         h = h.reshape(nb * n, W)
         for (wqkv, bqkv, wo, bo, w1, b1, w2, b2, eps1, eps2), KV, K, V in zip(st["w"], st["kv"], st["k"], st["v"]):
             H, Dh = K.shape[1], K.shape[3]
             qkv = torch.addmm(bqkv, F.layer_norm(h, (W,), eps=eps1), wqkv).view(nb, n, 3, H, Dh).permute(2, 0, 3, 1, 4)
-            if st["cs"] is not None:  # (3, nb, H, n, Dh): rotate q and k together
-                qkv = torch.cat([_rotate(qkv[:2], st["cs"][0][p0:m], st["cs"][1][p0:m]), qkv[2:]])
-            KV[:, :, :, p0:m] = qkv[1:]  # keys and values in one write
+            if cs is not None:  # (3, nb, H, n, Dh): rotate q and k together
+                qkv = torch.cat([_rotate(qkv[:2], *cs), qkv[2:]])
+            KV[:, :, :, slots] = qkv[1:]  # keys and values in one write
             q = qkv[0] if st["qscale"] is None else qkv[0] * st["qscale"]
             y = F.scaled_dot_product_attention(q, K[:, :, :m], V[:, :, :m], attn_mask=mask)  # (nb, H, n, Dh)
             h = h + torch.addmm(bo, y.transpose(1, 2).reshape(nb * n, W), wo)
@@ -339,7 +350,7 @@ class FlowBlock(nn.Module):
     @torch.no_grad()
     def reverse(self, z: torch.Tensor, cond: dict, guidance: float = 0.0, rule: str = "starflow", what: str = "ab",
                 anneal: bool = False, chunk: int = 1, max_iter: int = 1, threshold: float = 0.0,
-                attn_temp: float = 1.0) -> tuple[torch.Tensor, int]:
+                attn_temp: float = 1.0, compiled: bool = False) -> tuple[torch.Tensor, int]:
         """z (B, T, D) -> x, and the number of network evaluations. Jacobi decoding over chunks of `chunk` stream
         positions: iterate x_chunk <- mu(x_<) + sigma(x_<) z_chunk on top of the cached prefix. chunk = 1 is the
         sequential sampler. Guidance (`guide` with `rule`, `what`; `anneal` ramps w over the tokens) runs the
@@ -349,7 +360,10 @@ class FlowBlock(nn.Module):
         Jacobi stops a chunk when every sample's relative change is below `threshold` (a batch mean lets one
         large-scale sample hide the others' unconverged tokens), treats a non-finite iterate as unconverged (and
         zeroes it so it cannot poison later positions), and redoes a chunk one token at a time if its last iterate
-        is still non-finite, so it never returns a non-finite sample where the sequential sampler would not."""
+        is still non-finite, so it never returns a non-finite sample where the sequential sampler would not.
+
+        compiled: one-token steps run through torch.compile, positions passed as tensors so that one graph serves
+        every token and every call of the same batch size (fusing the LayerNorms, GELUs and adds on a GPU)."""
         B, T = z.shape[0], z.shape[1]
         z = _fp32(z.flip(1) if self.flip else z)
         guided = guidance > 0 and (self.prefix > 0 or attn_temp != 1.0)
@@ -362,9 +376,15 @@ class FlowBlock(nn.Module):
         x = z.clone()  # x_0 = z_0 for TARFlow; every other token is overwritten
         P, nfe = T - self.shift, 0  # stream positions
 
+        one = torch.compile(self.step, fullgraph=True, dynamic=False) if compiled else None
+
         def update(s, e):  # one network evaluation of stream positions s..e -> the new tokens s+shift..e+shift
             u = self.stream(x, s, e)
-            mu, log_sigma = self.step(torch.cat([u, u]) if guided else u, s, st)
+            u = torch.cat([u, u]) if guided else u
+            if one is not None and e - s == 1:  # (contiguous: the guided and unguided inputs share the graph)
+                mu, log_sigma = one(u.contiguous(), st["slots"][s], st)
+            else:
+                mu, log_sigma = self.step(u, s, st)
             if guided:
                 w = guidance * ((torch.arange(s, e, device=z.device) + 1) / P)[None, :, None] if anneal else guidance
                 mu, log_sigma = guide(mu[:B], log_sigma[:B], mu[B:], log_sigma[B:], w, rule, what)
@@ -573,12 +593,14 @@ def sample(model: STARFlow, cond: dict, cfg: Config, generator=None, z: torch.Te
     # Per-token overheads: inference mode skips autograd's view and version bookkeeping; on CPU in fp32, oneDNN's
     # per-call set-up (~10 us for a GELU) outweighs a one-token step, so plain ATen kernels run instead.
     onednn = torch.backends.mkldnn.enabled and (dev.type != "cpu" or torch.is_autocast_enabled("cpu"))
-    with common.full_params(model), torch.inference_mode(), torch.backends.mkldnn.flags(
-            enabled=onednn, deterministic=None, allow_tf32=None, fp32_precision=None):
+    onednn = torch.backends.mkldnn.flags(enabled=onednn, deterministic=None, allow_tf32=None, fp32_precision=None)
+    # --compile: a graph per block shape and batch size (`FlowBlock.reverse`), more than dynamo's default 8 allows
+    graphs = torch._dynamo.config.patch(recompile_limit=64) if cfg.compile else contextlib.nullcontext()
+    with common.full_params(model), torch.inference_mode(), onednn, graphs:
         for i, block in reversed(list(enumerate(model.blocks))):
             w = cfg.guidance if (i == len(model.blocks) - 1 or cfg.guide_all_blocks) else 0.0
             x, n = block.reverse(x, cond, w, cfg.guidance_rule, cfg.guide_what, cfg.guidance_anneal, chunk, iters,
-                                 cfg.jacobi_threshold, cfg.attn_temp)
+                                 cfg.jacobi_threshold, cfg.attn_temp, cfg.compile)
             nfe += n
     x = model.unpatchify(x.clone())  # a normal tensor again: inference tensors cannot enter the score step's autograd
     # the score step undoes the Gaussian training noise; a fine-tuned decoder (STARFlow) takes noisy latents instead

@@ -309,6 +309,34 @@ def test_bf16_sampling_under_autocast_tracks_fp32(undertrained):
         assert 1e-4 < err < 0.1, (sampler, err)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside inductor
+def test_compiled_one_token_step_is_one_graph_per_block_and_equals_eager(monkeypatch):
+    """`--compile` sampling: the one-token step takes its position as a tensor, so torch.compile captures it whole
+    (fullgraph) once per block shape and batch size, for every token and every later call, and it computes what the
+    eager step does: with the caption mask and learned positions, and with RoPE and guidance (two batch sizes)."""
+    from torch._dynamo.testing import CompileCounter
+    for case in (dict(num_classes=0, txt_dim=6, txt_len=4), dict(param="tarflow", rope=True, cond_deep_only=False)):
+        m, cfg = _model(**case)
+        cond = _cond(m, text=bool(cfg.txt_dim))
+        c = dataclasses.replace(cfg, sampler="sequential", guidance=1.5)
+        z = torch.randn(3, m.T, m.D, dtype=torch.float64)
+        ref, _ = sf.sample(m, cond, c, z=z)
+        counter, compile_ = CompileCounter(), torch.compile
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=counter, **kw))
+        graphs = []
+        for _ in range(2):
+            out, _ = sf.sample(m, cond, dataclasses.replace(c, compile=True), z=z)
+            assert (out - ref).abs().max() < 1e-10
+            graphs.append(counter.frame_count)
+        # at most a graph per block (blocks of one shape and batch size share one); the second call compiles none
+        assert 0 < graphs[0] == graphs[1] <= len(m.blocks)
+        monkeypatch.setattr(torch, "compile", compile_)
+    torch._dynamo.reset()
+    m32 = m.float()  # and inductor's kernels (fp32) agree with eager
+    out, _ = sf.sample(m32, cond, dataclasses.replace(c, compile=True), z=z.float())
+    assert (out - sf.sample(m32, cond, c, z=z.float())[0]).abs().max() < 1e-4
+
+
 def test_default_sample_batch_is_sized_to_the_kv_cache_sampling_allocates():
     """t2i256 built on the meta device (its shapes, none of its 3B weights): the default batch is the largest whose
     KV caches, as `FlowBlock.start` allocates them for both guidance branches, fit the CPU budget of 4 GiB."""
