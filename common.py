@@ -1279,7 +1279,7 @@ class TrainConfig:
     eval_every: int = 500  # steps between evaluations / sample grids (0 = only at the end)
     ckpt_every: int = 500  # steps between checkpoints (0 = only at the end)
     amp: bool = True  # bf16 autocast on GPU
-    compile: bool = False  # torch.compile the training forward
+    compile: bool = False  # torch.compile the training forward (and a sampler's fixed-shape step, where one has it)
     fsdp: bool = False  # FSDP2 instead of DDP under torchrun
     num_workers: int = 0  # DataLoader workers for image folders
     stop_after: int = 0  # stop with a checkpoint after this many steps of this run (job time limits); 0 = off
