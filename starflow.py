@@ -590,13 +590,9 @@ def sample(model: STARFlow, cond: dict, cfg: Config, generator=None, z: torch.Te
         z = torch.randn(B, model.T, model.D, device=dev, generator=generator)
     chunk, iters = (cfg.jacobi_chunk, cfg.jacobi_max_iter) if cfg.sampler == "jacobi" else (1, 1)
     x, nfe = z, 0
-    # Per-token overheads: inference mode skips autograd's view and version bookkeeping; on CPU in fp32, oneDNN's
-    # per-call set-up (~10 us for a GELU) outweighs a one-token step, so plain ATen kernels run instead.
-    onednn = torch.backends.mkldnn.enabled and (dev.type != "cpu" or torch.is_autocast_enabled("cpu"))
-    onednn = torch.backends.mkldnn.flags(enabled=onednn, deterministic=None, allow_tf32=None, fp32_precision=None)
     # --compile: a graph per block shape and batch size (`FlowBlock.reverse`), more than dynamo's default 8 allows
     graphs = torch._dynamo.config.patch(recompile_limit=64) if cfg.compile else contextlib.nullcontext()
-    with common.full_params(model), torch.inference_mode(), onednn, graphs:
+    with common.full_params(model), common.decoding(dev), graphs:
         for i, block in reversed(list(enumerate(model.blocks))):
             w = cfg.guidance if (i == len(model.blocks) - 1 or cfg.guide_all_blocks) else 0.0
             x, n = block.reverse(x, cond, w, cfg.guidance_rule, cfg.guide_what, cfg.guidance_anneal, chunk, iters,

@@ -636,24 +636,26 @@ def sample(model: STARFlowV, cond: dict, cfg: Config, z: torch.Tensor | None = N
               threshold=cfg.jacobi_threshold)
     deep = model.deep
     guided = cfg.guidance > 0 and deep.cond is not None
-    caches = deep.new_caches(2 * B if guided else B, min(T, total) * N, dev, deep.proj_in.weight.dtype)
     frames, nfe, known, done = [], 0, None, n_ctx
-    if n_ctx:
-        known, _ = model.shallow(model.patchify(context), cond)  # the deep-block inputs of the given frames
-        frames.append(context)
-    while done < total:
-        start = 0 if done == n_ctx else done - c  # later windows restart c frames back, with those frames known
-        end = min(start + T, total)
-        x, n = deep.reverse(z[:, start * N:end * N], cond, cfg.guidance, chunk_video=cfg.jacobi_chunk_video if jacobi
-                            else 1, frame=N, warm=jacobi and cfg.jacobi_warm_start, known=known, caches=caches, **it)
-        known, k = x[:, x.shape[1] - c * N:], end - done  # the next window's context
-        u, fcond = x[:, (done - start) * N:].reshape(B * k, N, D), fold_cond(cond, k)
-        for block in reversed(model.blocks[:-1]):  # local blocks: all new frames at once, no cross-frame state
-            u, m = block.reverse(u, fcond, **it)
-            n += m
-        frames.append(model.unpatchify(u.view(B, k, N, D)))
-        nfe, done = nfe + n, end
-    x = torch.cat(frames, 1)
+    with common.decoding(dev):  # (inference tensors inside: the exact score step below needs a clone)
+        caches = deep.new_caches(2 * B if guided else B, min(T, total) * N, dev, deep.proj_in.weight.dtype)
+        if n_ctx:
+            known, _ = model.shallow(model.patchify(context), cond)  # the deep-block inputs of the given frames
+            frames.append(context)
+        while done < total:
+            start = 0 if done == n_ctx else done - c  # later windows restart c frames back, with those frames known
+            end = min(start + T, total)
+            x, n = deep.reverse(z[:, start * N:end * N], cond, cfg.guidance, chunk_video=cfg.jacobi_chunk_video
+                                if jacobi else 1, frame=N, warm=jacobi and cfg.jacobi_warm_start, known=known,
+                                caches=caches, **it)
+            known, k = x[:, x.shape[1] - c * N:], end - done  # the next window's context
+            u, fcond = x[:, (done - start) * N:].reshape(B * k, N, D), fold_cond(cond, k)
+            for block in reversed(model.blocks[:-1]):  # local blocks: all new frames at once, no cross-frame state
+                u, m = block.reverse(u, fcond, **it)
+                n += m
+            frames.append(model.unpatchify(u.view(B, k, N, D)))
+            nfe, done = nfe + n, end
+    x = torch.cat(frames, 1)  # (outside inference mode: a normal tensor)
     if cfg.denoise == "learned":  # (the config guarantees a denoiser and sigma > 0)
         # Tweedie, x + sigma^2 grad log p, with the denoiser's sigma grad log p. (ml-starflow's apply_denoising steps
         # by a constant 0.3 * sigma grad log p, Tweedie only at sigma = 0.3; we follow the formula)

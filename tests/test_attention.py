@@ -1,4 +1,4 @@
-"""common.py section 1: attention, KV cache, RoPE."""
+"""common.py section 1: attention, KV cache, RoPE, the decoding context."""
 import pytest
 import torch
 
@@ -104,3 +104,24 @@ def test_rope_splits_frequencies_per_axis():
     assert not torch.allclose(angles[same_row[0], 4:], angles[same_row[1], 4:])
     with pytest.raises(ValueError, match="sum"):
         common.RoPE(16, (4, 4), axes_dims=(3, 3))
+
+
+def test_decoding_context_runs_aten_kernels_in_fp32_and_restores_the_flags():
+    """`common.decoding`: inference mode, oneDNN off on CPU in fp32 (its GELU set-up dominates one-token steps) and on
+    under CPU autocast (bf16 matmuls need it); the same decoded values; every flag as it was afterwards."""
+    blocks, x = _stack(), torch.randn(2, 5, 32)
+    ref = _incremental(blocks, x, 1)[0]
+    with common.decoding("cpu"):
+        assert torch.is_inference_mode_enabled() and not torch.backends.mkldnn.enabled
+        out = _incremental(blocks, x, 1)[0]
+    assert out.is_inference() and (out - ref).abs().max() < 1e-5
+    assert torch.backends.mkldnn.enabled and not torch.is_inference_mode_enabled()
+    with torch.autocast("cpu", dtype=torch.bfloat16), common.decoding("cpu"):
+        assert torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # a user's choice is kept
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16), common.decoding("cpu"):
+            assert not torch.backends.mkldnn.enabled
+    finally:
+        torch.backends.mkldnn.enabled = True
+    assert not out.clone().is_inference()  # a clone made outside is a normal tensor again (for autograd)
