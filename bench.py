@@ -9,6 +9,7 @@ Each group yields rows (model, variant, train step ms, samples/s, peak memory MB
 model files add their group with the @bench decorator below.
 """
 import argparse
+import copy
 import dataclasses
 import math
 import os
@@ -318,11 +319,12 @@ def bench_mogfn(device):
     if Path("out/mogfn/ckpt.pt").is_file():
         common.load_weights(m, common.load_checkpoint("out/mogfn/ckpt.pt"), ema=False)
         note = "trained weights (out/mogfn)"
-    loss_fn, data = mg.train_step_fn(m, cfg, common.Dist(device=device))
-    opt, it = mg.optimizer(m, cfg), data(0)
+    trained = copy.deepcopy(m)  # the sampling rows below time the checkpoint's weights, not a few more steps
+    loss_fn, data = mg.train_step_fn(trained, cfg, common.Dist(device=device))
+    opt, it = mg.optimizer(trained, cfg), data(0)
 
     def step():
-        loss, _ = loss_fn(m, next(it))
+        loss, _ = loss_fn(trained, next(it))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -386,16 +388,15 @@ def bench_latent_fm(device):
     x, y = common.load_digits("train", cfg.img_size)
     mean, std = lf.encode_moments(vae, common.to_float(x[:B].to(device)))
     y = y[:B].to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    trained = copy.deepcopy(model).train()  # the samplers below time and score the checkpoint's weights
+    opt = torch.optim.AdamW(trained.parameters(), lr=1e-4)
 
     def step():
         z0 = mean + std * torch.randn_like(std)
-        lf.lfm_loss(model, z0, y).backward()
+        lf.lfm_loss(trained, z0, y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    model.train()
     ms = timeit(step, device)
-    model.eval()
     yield dict(model="latent_fm", variant=f"digits train step B={B}", ms=ms, per_s=B / ms * 1e3, mem=peak_mb(device),
                note=f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, 16 tokens")
     n = 100
@@ -600,26 +601,25 @@ def bench_starflow_v(device):
                 p.add_(0.02 * torch.randn_like(p))
         note = "random weights (run `python starflow_v.py` first for trained ones)"
 
-    # 1. train step, demo batch
+    # 1. train step, demo batch, on a copy: the samplers below must time the checkpoint's weights, not a few more steps
     videos, labels, _, _ = sv.moving_digits(cfg, "train")
     B = cfg.batch_size
     x, y = common.to_float(videos[:B]).to(device), labels[:B].to(device)
-    opt = sv.make_optimizer(model, cfg)
+    trained = copy.deepcopy(model).train()
+    opt = sv.make_optimizer(trained, cfg)
     ms = {}
     for den in (False, True):
         def step(den=den):
-            loss, _ = sv.train_loss(model, x, model.make_cond(y), cfg.noise_std, den)
+            loss, _ = sv.train_loss(trained, x, trained.make_cond(y), cfg.noise_std, den)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        model.train()
         ms[den] = timeit(step, device, 1, 3)
         yield dict(model="starflow_v", variant=f"demo train step{', + flow-score matching' if den else ''}",
                    ms=ms[den], per_s=B / ms[den] * 1e3, mem=peak_mb(device), note=f"videos/s; B={B}, {model.T} "
                    f"frames x {model.N} tokens")
     yield dict(ratio="starflow_v train step with / without flow-score matching (ScoreTap)",
                value=ms[True] / ms[False])
-    model.eval()
 
     # 2. sampling: sequential vs Jacobi vs warm-started Jacobi. From the prior, and from the noise of real test
     # videos (z = f(x)), whose frames repeat most of the frame before them
