@@ -294,7 +294,7 @@ class FlowBlock(nn.Module):
             self._layers(prefix, 0, st)
         return st
 
-    def step(self, u: torch.Tensor, s: int, st: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, u: torch.Tensor, s: int | torch.Tensor, st: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Stream positions s..s+n of input u (nb, n, D), after positions < s are in the caches -> (mu, log sigma).
         s may instead be a 0-d tensor (one token): then no shape depends on the position, and torch.compile captures
         the step once for every token (`reverse(compiled=True)`)."""
@@ -305,7 +305,7 @@ class FlowBlock(nn.Module):
         mu, log_sigma = self.head(self._layers(h, self.prefix + s, st))  # (nb n, D) each
         return mu.view(nb, n, D), log_sigma.view(nb, n, D)
 
-    def _layers(self, h: torch.Tensor, p0: int, st: dict) -> torch.Tensor:
+    def _layers(self, h: torch.Tensor, p0: int | torch.Tensor, st: dict) -> torch.Tensor:
         """h (nb, n, W) at absolute positions p0..p0+n (prefix included) through every layer, writing the caches;
         returns (nb n, W).
         Plain matmuls on weights prepared once per call (`_weights`): no module dispatch, no weight cast and no
