@@ -551,8 +551,6 @@ def _svmem(cfg_kw, frames, window_frames, device):
     """(peak sampling memory MB, deep KV-cache MB) of a guided batch of 16 videos. CUDA: max allocated above the
     model. CPU: the peak of the running sum of the profiler's allocation records (RSS high-water marks are set by the
     imports long before sampling, so they cannot see it)."""
-    import dataclasses
-
     import starflow_v as sv
     from torch.profiler import ProfilerActivity, profile
     cfg = sv.Config(**{**cfg_kw, "frames": window_frames})
@@ -584,9 +582,6 @@ def bench_starflow_v(device):
     sequential (KV cache) vs Jacobi vs video-aware Jacobi with warm start (network evaluations and wall time, batch 1
     and 16, deep-block evaluations in the note); peak sampling memory against the number of generated frames with the
     sliding window (flat) and against the window (linear); on GPU, sampling at a larger size."""
-    import dataclasses
-
-    import common
     import starflow_v as sv
     ckpt = Path("out/starflow_v/ckpt.pt")
     if ckpt.exists():  # Jacobi's speed depends on the trained model's dependencies, so prefer the demo checkpoint

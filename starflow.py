@@ -339,8 +339,8 @@ class FlowBlock(nn.Module):
         gain and bias folded into the matmul after it: LN(h) W^T + b = norm(h) (g * W)^T + (W beta + b)."""
         out = []
         for layer in self.layers:
-            (qkv, o, fc1, fc2), n1, n2 = (layer.attn.qkv, layer.attn.proj, layer.mlp[0], layer.mlp[2]), \
-                layer.norm1, layer.norm2
+            qkv, o, fc1, fc2 = layer.attn.qkv, layer.attn.proj, layer.mlp[0], layer.mlp[2]
+            n1, n2 = layer.norm1, layer.norm2
             out.append(((qkv.weight * n1.weight).t().to(dt), (qkv.bias + (qkv.weight * n1.bias).sum(1)).to(dt),
                         o.weight.t().to(dt), o.bias.to(dt),  # (elementwise sums: autocast cannot round them to bf16)
                         (fc1.weight * n2.weight).t().to(dt), (fc1.bias + (fc1.weight * n2.bias).sum(1)).to(dt),

@@ -53,7 +53,6 @@ def test_torchrun_two_processes_match_single_process(tmp_path, fsdp):
     assert len(b["rng"]) == 2 and not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])
 
 
-
 def test_full_params_gathers_each_fsdp_module_once_for_a_whole_decode(tmp_path):
     """Sampling under FSDP2 (the trainer's evaluation): without common.full_params every forward all-gathers the
     block's weights again (once per token); inside it, one gather per FSDP module for the whole decode, the same
@@ -62,6 +61,7 @@ def test_full_params_gathers_each_fsdp_module_once_for_a_whole_decode(tmp_path):
     g = json.loads((tmp_path / "gathers.json").read_text())
     assert g["per_forward"] >= 8 and g["full_params"] <= 2, g  # modules: the Block and the root
     assert g["same"] and g["sharded"], g
+
 
 def _init_out_weight():
     sys.path.insert(0, str(ROOT / "tests"))
