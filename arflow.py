@@ -72,7 +72,6 @@ class Config(common.TrainConfig):
     t_scale: float = common.opt(1.0, gt=0)  # the time embedding sees t_scale * t (SiT: 1; DiT's 1000 learns faster)
     attention: str = common.opt("hybrid", choices=("hybrid", "softmax"))  # hybrid (ARFlow) | softmax (full baseline)
     label_drop: float = common.opt(0.1, max=1)  # probability of the null label for a whole sequence
-    grad_clip_value: float = 0.0  # clamp every gradient element to [-v, v] before the step (0 = off)
     # sampler
     sampler: str = common.opt("sde", choices=("sde", "euler", "heun"))  # Euler-Maruyama SDE | Euler ODE | Heun ODE
     sample_steps: int = common.opt(250, min=1)  # time steps (network evaluations; Heun: twice as many)
@@ -83,7 +82,7 @@ class Config(common.TrainConfig):
     eval_n: int = common.opt(500, min=1)  # samples per guidance value in evaluations
 
     NAME = "arflow"
-    RUNTIME = ("data", "vae", "hflip", "label_drop", "grad_clip_value", "sampler", "sample_steps", "last_step",
+    RUNTIME = ("data", "vae", "hflip", "label_drop", "sampler", "sample_steps", "last_step",
                "diffusion_norm", "guidance", "eval_guidance", "eval_n")
 
     def __post_init__(self):
@@ -99,8 +98,6 @@ class Config(common.TrainConfig):
             raise ValueError(f"--img_size {self.img_size} is not divisible by --patch_size {self.patch_size}")
         if self.vae and self.vae_family == "none":
             raise ValueError(f"--vae {self.vae} needs --vae_family (sd, sdxl or flux)")
-        if self.grad_clip_value and self.fsdp:  # the clamping optimizer is built before train() shards the model
-            raise ValueError("--grad_clip_value does not work with --fsdp; use --grad_clip (the global norm)")
 
 
 PRESETS = {
@@ -625,26 +622,6 @@ def evaluate(model: ARFlow, cfg: Config, vae, d: common.Dist, n: int | None = No
 # Trainer
 
 
-class ValueClippedAdamW(torch.optim.AdamW):
-    """AdamW that first clamps every gradient element to [-v, v], after the all-reduce, as the reference's
-    clip_grad_value_(3.0) (common.train clips the global norm only). Weight decay on matrices only, as there."""
-
-    def __init__(self, model: nn.Module, cfg: Config):
-        params = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        super().__init__(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-        self.clip_value = cfg.grad_clip_value
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.clamp_(-self.clip_value, self.clip_value)
-        return super().step(closure)
-
-
 def precompute_latents(cfg: Config, src: str, d: common.Dist):
     """Encode an image folder (or .npz of images) through the VAE once, the images and their mirror images (the
     reference caches both): <cfg.data>/latents.npy, latents_flip.npy (N, c, h, w) fp16 and labels.npy."""
@@ -738,8 +715,7 @@ def main(argv=None):
         return res
 
     common.train(cfg, model, loss_fn, data, d, resume=ckpt if args.resume else None, overwrite=args.overwrite,
-                 evaluate=on_eval, shard_types=(ARFlowBlock,),
-                 optimizer=ValueClippedAdamW(model, cfg) if cfg.grad_clip_value else None)
+                 evaluate=on_eval, shard_types=(ARFlowBlock,))
     out = Path(cfg.out_dir)
     common.print0("done: " + common.existing(out / "ckpt.pt", out / "samples.png", out / "log.jsonl"))
 

@@ -1281,11 +1281,13 @@ class TrainConfig:
     grad_accum: int = opt(1, min=1)  # micro-batches per optimizer step (the global batch stays --batch_size)
     lr: float = opt(1e-3, gt=0)  # peak learning rate
     lr_schedule: str = opt("cosine", choices=("cosine", "constant"))  # cosine | constant (after linear warmup)
+    min_lr: float = 0.0  # where the cosine schedule ends (its floor); groups with their own lr end at the same fraction
     warmup: int = 100  # linear warmup steps
     weight_decay: float = 1e-4  # AdamW weight decay on matrices
     beta1: float = opt(0.9, max=0.9999)  # AdamW beta1
     beta2: float = opt(0.95, max=0.9999)  # AdamW beta2
     grad_clip: float = 1.0  # max global grad norm (0 = off)
+    grad_clip_value: float = 0.0  # then clamp every gradient element to [-v, v], after the all-reduce (0 = off)
     ema_decay: float = opt(0.999, max=0.99999)  # EMA of the weights, used for sampling and eval (0 = off)
     seed: int = 0  # base seed (each rank adds its rank)
     log_every: int = 50  # steps between log.jsonl lines (0 = off)
@@ -1308,6 +1310,8 @@ class TrainConfig:
             raise ValueError(f"--device {self.device!r} is not one of: auto, cpu, cuda, cuda:N, mps")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"--batch_size {self.batch_size} is not divisible by --grad_accum {self.grad_accum}")
+        if self.lr_schedule == "cosine" and self.min_lr >= self.lr:
+            raise ValueError(f"--min_lr {self.min_lr} must be below --lr {self.lr} (or use --lr_schedule constant)")
 
 
 def _field_help(cls) -> dict[str, str]:
@@ -1881,23 +1885,35 @@ class JsonlLog:
 # --- the training loop ------------------------------------------------------------------------------------------------
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on biases, norms, or scalars)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr or cfg.lr, betas=(cfg.beta1, cfg.beta2),
+def make_optimizer(model: nn.Module, cfg: TrainConfig, groups: dict[str, dict] | None = None) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on biases, norms, or scalars). `groups` gives the parameters whose
+    names start with a prefix their own options, e.g. {"denoiser.": {"lr": 1e-4}}: a second optimizer in one.
+    Build it after FSDP2 sharding (train() does), which replaces the parameters."""
+    named, groups = [(n, p) for n, p in model.named_parameters() if p.requires_grad], groups or {}
+    owner = [next((k for k in groups if n.startswith(k)), None) for n, _ in named]
+    out = []
+    for prefix in (None, *groups):  # the rest at --lr first, then each prefix's parameters with its options
+        mine = [p for (_, p), o in zip(named, owner) if o == prefix]
+        extra = groups.get(prefix, {})
+        out += [{"params": [p for p in mine if p.ndim >= 2], "weight_decay": cfg.weight_decay, **extra},
+                {"params": [p for p in mine if p.ndim < 2], "weight_decay": 0.0, **extra}]
+    return torch.optim.AdamW([g for g in out if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=next(model.parameters()).is_cuda or None)
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """Linear warmup, then cosine to zero at cfg.steps (or constant)."""
+    """Linear warmup, then cosine from --lr to --min_lr at cfg.steps (or constant). A factor of each group's own lr,
+    so a group at another lr ends at the same fraction min_lr / lr of it. `--resume --steps N` with a larger N
+    stretches the remaining cosine to the new end."""
+    floor = cfg.min_lr / cfg.lr if cfg.lr_schedule == "cosine" else 0.0
+
     def f(step):
         if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
+            return floor + (1 - floor) * (step + 1) / cfg.warmup
         if cfg.lr_schedule == "constant":
             return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))))
+        cos = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))))
+        return floor + (1 - floor) * cos
     return f
 
 
@@ -1933,14 +1949,15 @@ def _params_finite(model: nn.Module, d: Dist) -> bool:
 
 def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, *, resume: str | None = None,
           overwrite: bool = False, evaluate: Callable | None = None, shard_types: tuple[type, ...] = (Block,),
-          optimizer=None, max_bad_steps: int = 20):
+          optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None, max_bad_steps: int = 20):
     """The loop every model file shares.
 
     loss_fn(net, batch) -> (loss, {name: value}) is called with the wrapped network (DDP / FSDP2 / compiled) on each
     of cfg.grad_accum micro-batches (every tensor of the batch split along dim 0; the loss must be a mean over the
     examples, so the weighted micro-losses add up to the full batch's); data is a Dataset, or a function
     start_step -> iterator of this rank's batches; evaluate(step, model, ema) -> {name: value} runs on every rank every
-    cfg.eval_every steps and at the end. `shard_types` are the modules FSDP2 shards one by one.
+    cfg.eval_every steps and at the end. `shard_types` are the modules FSDP2 shards one by one. optimizer(model)
+    builds the optimizer (default: make_optimizer) after DDP / FSDP2 wrapping, since FSDP2 replaces the parameters.
     Steps with a non-finite gradient are skipped and never reach a checkpoint, non-finite weights stop the run;
     SIGTERM/SIGINT save and exit with 128 + the signal. Returns (model, ema); `model` is the unwrapped module.
     """
@@ -1950,7 +1967,7 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
     model.to(d.device)
     net = wrap_model(model, d, cfg.fsdp, shard_types)
     ema = EMA(model, cfg.ema_decay)
-    opt = optimizer or make_optimizer(model, cfg)
+    opt = (optimizer or (lambda m: make_optimizer(m, cfg)))(model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     step = 0
     if resume:
@@ -1992,6 +2009,10 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
                 logs = {n: logs.get(n, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach() * weight
                         for n, v in micro_logs.items()}
             gnorm = _full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+            if cfg.grad_clip_value:  # after the norm, so a non-finite gradient is still seen as one
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.clamp_(-cfg.grad_clip_value, cfg.grad_clip_value)
             flags = torch.stack([(~torch.isfinite(gnorm)).float(),
                                  torch.tensor(float(stop.requested), device=gnorm.device)])
             if d.distributed:  # every rank must agree on skipping a step and on stopping

@@ -43,7 +43,6 @@ Inpainting and semantic models sample from `--cond NPZ` (`images` (N,H,W,C) uint
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
@@ -55,7 +54,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.checkpoint import checkpoint
 
 import common
@@ -91,7 +89,7 @@ class Config(common.TrainConfig):
     patch_size: int = common.opt(2, min=1)  # patch side on the latent grid (tokens = (latent side / patch)^2)
     mlp_ratio: float = common.opt(4.0, gt=0)  # MLP hidden width / width
     grad_ckpt: bool = False  # gradient checkpointing of the DiT blocks
-    min_lr: float = 1e-5  # the cosine schedule's floor (LFM's eta_min); --lr_schedule constant is LFM's --no_lr_decay
+    min_lr: float = 1e-5  # where the cosine schedule ends (LFM's eta_min); --lr_schedule constant is LFM's --no_lr_decay
     # sampler
     sampler: str = common.opt("heun", choices=("euler", "heun", "dopri5"))  # ODE solver from t = 1 to t = 0
     sample_steps: int = common.opt(16, min=1)  # steps of euler / heun
@@ -122,8 +120,6 @@ class Config(common.TrainConfig):
         if self.condition != "class" and (self.guidance != 1.0 or self.guidance_rule != "cfg"):
             raise ValueError(f"--guidance {self.guidance} / --guidance_rule {self.guidance_rule} need --condition "
                              f"class, this is {self.condition}: pass --guidance 1 (or a preset of {self.condition})")
-        if self.lr_schedule == "cosine" and self.min_lr >= self.lr:
-            raise ValueError(f"--min_lr {self.min_lr} must be below --lr {self.lr} (or use --lr_schedule constant)")
 
 
 _DIGITS = dict(img_size=16, channels=1, vae_family="sd", width=96, depth=4, heads=4, patch_size=2, batch_size=64,
@@ -779,33 +775,6 @@ def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[LatentFlow, C
     return common.load_weights(model, state).to(device).eval(), cfg
 
 
-@contextlib.contextmanager
-def cosine_floor(cfg: Config):
-    """common's cosine decays to 0, LFM's CosineAnnealingLR to eta_min = 1e-5: inside this block every optimizer step
-    runs with the scheduled lr0 f replaced by min_lr + (lr0 - min_lr) f, then restored, so the schedule and the
-    checkpoints stay common's. Global step hooks, because common.train builds its optimizer after sharding."""
-    if cfg.lr_schedule != "cosine" or cfg.min_lr <= 0:
-        yield
-        return
-    held = []
-
-    def floor(opt, *_):
-        held[:] = [g["lr"] for g in opt.param_groups]
-        for g in opt.param_groups:
-            base = g.get("initial_lr", cfg.lr)
-            g["lr"] = cfg.min_lr + (base - cfg.min_lr) * g["lr"] / base
-
-    def restore(opt, *_):
-        for g, lr in zip(opt.param_groups, held):
-            g["lr"] = lr
-    hooks = [register_optimizer_step_pre_hook(floor), register_optimizer_step_post_hook(restore)]
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 def precompute(cfg: Config, src: str, d: common.Dist):
     """Encode images (an .npz or a folder) through the VAE once: <--data>/mean.npy, std.npy (the posterior, fp16),
     labels.npy [, segmentation.npy]; train then reads them memory-mapped and draws z0 = mean + std eps."""
@@ -934,9 +903,8 @@ def main(argv=None):
         return res
 
     data = training_batches(cfg, data, (model.C, model.S, model.S), d)
-    with cosine_floor(cfg):
-        common.train(cfg, model, loss_fn, data, d, resume=ckpt if args.resume else None, overwrite=args.overwrite,
-                     evaluate=on_eval, shard_types=(DiTBlock,))
+    common.train(cfg, model, loss_fn, data, d, resume=ckpt if args.resume else None, overwrite=args.overwrite,
+                 evaluate=on_eval, shard_types=(DiTBlock,))
     out = Path(cfg.out_dir)
     common.print0("done: " + common.existing(out / "ckpt.pt", out / "samples.png", out / "log.jsonl"))
 

@@ -1065,7 +1065,7 @@ def main(argv=None):
 
     t0 = time.time()
     common.train(cfg, model, loss_fn, data, d, resume=ckpt if args.resume else None, overwrite=args.overwrite,
-                 evaluate=on_eval, optimizer=optimizer(model, cfg))
+                 evaluate=on_eval, optimizer=lambda m: optimizer(m, cfg))
     out = Path(cfg.out_dir)
     common.print0(f"done in {time.time() - t0:.0f}s: "
                   + common.existing(out / "ckpt.pt", out / "front.png", out / "log.jsonl"))

@@ -167,7 +167,7 @@ PRESETS = {
         denoiser_layers=8,  # transformer_flow.py l.1110 (num_layers=8) for l.33 learnable_self_denoiser
         denoiser_window=10,  # l.35 denoiser_window (with l.37 temporal_causal 2: one frame of lookahead)
         denoiser_lr=1e-4,  # train.py l.172 (its own AdamW)
-        batch_size=192, lr=5e-5,  # l.17, l.20 (l.21 min_lr 1e-6: our cosine ends at 0)
+        batch_size=192, lr=5e-5, min_lr=1e-6,  # l.17, l.20, l.21
         grad_clip=1.0,  # l.48
         fsdp=True, grad_ckpt=True,  # l.3 fsdp, l.39 gradient_checkpoint
         guidance=2.5,  # l.44 cfg
@@ -594,13 +594,7 @@ def train_loss(net, x: torch.Tensor, cond: dict, noise_std: float, denoiser: boo
 def make_optimizer(model: STARFlowV, cfg: Config) -> torch.optim.AdamW:
     """AdamW with the denoiser in its own parameter groups at --denoiser_lr (weight decay on matrices only).
     The parameter sets and losses are disjoint, so this is two optimizers but for train()'s one global-norm clip."""
-    named, groups = list(model.named_parameters()), []
-    for lr, params in ((cfg.lr, [p for n, p in named if not n.startswith("denoiser.")]),
-                       (cfg.denoiser_lr, [p for n, p in named if n.startswith("denoiser.")])):
-        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
-                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=next(model.parameters()).is_cuda or None)
+    return common.make_optimizer(model, cfg, {"denoiser.": {"lr": cfg.denoiser_lr}})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1067,12 +1061,8 @@ def main(argv=None):
         common.print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
         return res
 
-    # FSDP2 replaces the parameters while sharding, so there the optimizer must be train()'s own, built after it
-    opt = None if cfg.fsdp and d.distributed else make_optimizer(model, cfg)
-    if opt is None and denoiser and cfg.denoiser_lr != cfg.lr:
-        common.print0(f"note: under FSDP the denoiser trains at --lr {cfg.lr}, not --denoiser_lr {cfg.denoiser_lr}")
     common.train(cfg, model, loss_fn, data, d, resume=ckpt if args.resume else None, overwrite=args.overwrite,
-                 evaluate=on_eval, optimizer=opt)
+                 evaluate=on_eval, optimizer=lambda m: make_optimizer(m, cfg))
     out = Path(cfg.out_dir)
     common.print0("done: " + common.existing(out / "ckpt.pt", out / "samples.png", out / "log.jsonl"))
 

@@ -53,6 +53,41 @@ def test_torchrun_two_processes_match_single_process(tmp_path, fsdp):
     assert len(b["rng"]) == 2 and not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])
 
 
+def test_optimizer_groups_value_clipping_and_lr_floor_under_fsdp2(tmp_path):
+    """The optimizer is built after FSDP2 sharding: a parameter group with its own lr and betas, value clipping and
+    the cosine floor give the single-process result on two FSDP2 ranks."""
+    _run(TINY + [str(tmp_path / "single"), "--groups"])
+    _run(TORCHRUN + [str(tmp_path / "two"), "--fsdp", "--groups"])
+    a, b = _ckpt(tmp_path / "single"), _ckpt(tmp_path / "two")
+    _assert_same_params(a["model"], b["model"], 1e-5)
+    for st in (a, b):  # at the last step the cosine sits on its floor: min_lr, and the same fraction of the group's lr
+        lrs = sorted((g["lr"], g["initial_lr"], tuple(g["betas"])) for g in st["optimizer"]["param_groups"])
+        assert [(round(lr, 12), i, bt) for lr, i, bt in lrs] == [(2e-3, 1e-2, (0.9, 0.95))] * 2 + \
+            [(1e-2, 5e-2, (0.5, 0.9))] * 2
+    _run(TINY + [str(tmp_path / "plain")])
+    plain = _ckpt(tmp_path / "plain")
+    assert (a["model"]["out.weight"] - plain["model"]["out.weight"]).abs().max() > 1e-3  # the options did act
+
+
+def test_grad_clip_value_clamps_each_element_after_the_norm(tmp_path):
+    lin = torch.nn.Linear(3, 2)
+    w0 = lin.weight.detach().clone()
+    x, y = torch.randn(8, 3), 10 * torch.randn(8, 2)
+    loss_fn = lambda net, b: ((net(b[0]) - b[1]).square().mean(), {})  # noqa: E731
+    (loss_fn(lin, (x, y))[0]).backward()
+    g = lin.weight.grad.clone()
+    lin.zero_grad()
+    v = g.abs().median().item()  # some elements clamped, some not
+    cfg = common.TrainConfig(out_dir=str(tmp_path), steps=1, batch_size=8, warmup=0, lr=1.0, grad_clip=0.0,
+                             grad_clip_value=v, ema_decay=0.0, log_every=0, ckpt_every=0, eval_every=0,
+                             lr_schedule="constant")
+    common.train(cfg, lin, loss_fn, common.ArrayDataset(x, y), common.Dist(),
+                 optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=1.0))
+    torch.testing.assert_close(lin.weight.detach(), w0 - g.clamp(-v, v), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="--min_lr 0.1 must be below --lr 0.01"):
+        common.TrainConfig(lr=1e-2, min_lr=0.1)
+
+
 def test_full_params_gathers_each_fsdp_module_once_for_a_whole_decode(tmp_path):
     """Sampling under FSDP2 (the trainer's evaluation): without common.full_params every forward all-gathers the
     block's weights again (once per token); inside it, one gather per FSDP module for the whole decode, the same
@@ -205,7 +240,7 @@ def test_nonfinite_steps_are_skipped_and_never_saved(tmp_path):
     lin = torch.nn.Linear(3, 1)
     with pytest.raises(common.Diverged, match="weights became non-finite at step 1;.*no checkpoint"):
         common.train(big, lin, lambda net, b: ((net(b[0]) - b[1]).square().mean() * 1e10, {}), data, d,
-                     optimizer=torch.optim.SGD(lin.parameters(), lr=1e38))
+                     optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=1e38))
     model.weight.data[0, 0] = float("nan")
     with pytest.raises(RuntimeError, match="non-finite weights"):
         common.save_checkpoint(tmp_path / "nan.pt", model, cfg, 0)

@@ -1,6 +1,7 @@
 """A tiny model trained through common.train, for the distributed / resume / SIGTERM tests.
 
     python tests/tiny_train.py OUT_DIR [--fsdp] [--steps N] [--grad_accum K] [--sigterm_at K] [--resume] [--noise]
+                                       [--groups]
     torchrun --nproc_per_node=2 tests/tiny_train.py OUT_DIR ...
 """
 import argparse
@@ -36,12 +37,15 @@ def main(argv=None):
     p.add_argument("--sigterm_at", type=int, default=-1)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--noise", action="store_true", help="random noise in the loss (exercises RNG restore)")
+    p.add_argument("--groups", action="store_true",
+                   help="the output layer in its own optimizer group (lr, betas), value clipping, a cosine floor")
     p.add_argument("--count_gathers", action="store_true",
                    help="after training, count FSDP all-gathers of an 8-step decode -> OUT_DIR/gathers.json")
     a = p.parse_args(argv)
     d = common.setup_distributed("cpu")
     cfg = common.TrainConfig(out_dir=a.out_dir, steps=a.steps, batch_size=8, lr=1e-2, warmup=3, log_every=4,
-                             eval_every=1000, ckpt_every=1000, fsdp=a.fsdp, ema_decay=0.9, grad_accum=a.grad_accum)
+                             eval_every=1000, ckpt_every=1000, fsdp=a.fsdp, ema_decay=0.9, grad_accum=a.grad_accum,
+                             **(dict(min_lr=2e-3, grad_clip_value=0.02) if a.groups else {}))
     common.seed_all(0)
     model = Tiny()
     g = torch.Generator().manual_seed(1)
@@ -59,7 +63,9 @@ def main(argv=None):
         return (net(xb) - yb).square().mean(), {}
 
     resume = str(Path(a.out_dir) / "ckpt.pt") if a.resume else None
-    common.train(cfg, model, loss_fn, data, d, resume=resume, overwrite=True)
+    groups = {"out.": {"lr": 5e-2, "betas": (0.5, 0.9)}} if a.groups else None
+    common.train(cfg, model, loss_fn, data, d, resume=resume, overwrite=True,
+                 optimizer=lambda m: common.make_optimizer(m, cfg, groups))
     if a.count_gathers:
         count_gathers(model, d, Path(a.out_dir))
 
