@@ -1291,6 +1291,7 @@ class TrainConfig:
     ema_decay: float = opt(0.999, max=0.99999)  # EMA of the weights, used for sampling and eval (0 = off)
     seed: int = 0  # base seed (each rank adds its rank)
     log_every: int = 50  # steps between log.jsonl lines (0 = off)
+    logger: str = opt("none", choices=("none", "tensorboard", "wandb"))  # also send log.jsonl's numbers and the PNG figures of each evaluation to TensorBoard (<out_dir>/tensorboard) or Weights & Biases ($WANDB_PROJECT, default flowzoo)
     eval_every: int = 500  # steps between evaluations / sample grids (0 = only at the end)
     ckpt_every: int = 500  # steps between checkpoints (0 = only at the end)
     amp: bool = True  # bf16 autocast on GPU
@@ -1866,20 +1867,84 @@ def plot_log(log_path: str | Path, out: str | Path | None = None) -> Path:
 
 
 class JsonlLog:
-    """Appends one JSON object per line on rank 0 (a fresh run truncates, a resumed one appends)."""
+    """Appends one JSON object per line on rank 0 (a fresh run truncates, a resumed one appends). With `logger`
+    ("tensorboard" | "wandb") the same numbers go there too, and `figures` sends the PNGs an evaluation wrote."""
 
-    def __init__(self, path: str | Path, resume: bool = False):
+    def __init__(self, path: str | Path, resume: bool = False, logger: str = "none", config=None):
         self.path = Path(path)
+        self.sink = None
         if is_main():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not resume:
                 self.path.write_text("")
+            if logger != "none":
+                self.sink = (TensorBoardSink if logger == "tensorboard" else WandbSink)(self.path.parent, config, resume)
 
     def __call__(self, **record):
         if is_main():
+            record = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
             with open(self.path, "a") as f:
-                f.write(json.dumps({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()})
-                        + "\n")
+                f.write(json.dumps(record) + "\n")
+            if self.sink is not None:
+                self.sink.scalars(record.get("step", 0), {k: float(v) for k, v in record.items() if k != "step"
+                                                          and isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    def figures(self, step: int, since: float):
+        """The PNGs in the run folder written at or after time `since` (an evaluation's sample grid, plots)."""
+        if self.sink is not None:
+            for png in sorted(self.path.parent.glob("*.png")):
+                if png.stat().st_mtime >= since:
+                    self.sink.image(step, png.stem, png)
+
+    def close(self):
+        if self.sink is not None:
+            self.sink.close()
+
+
+class TensorBoardSink:
+    """torch.utils.tensorboard into <out_dir>/tensorboard; images are read back with Pillow (TensorBoard needs it)."""
+
+    def __init__(self, folder: Path, config, resume: bool):
+        writer = _need("torch.utils.tensorboard", "--logger tensorboard").SummaryWriter
+        self.w = writer(str(folder / "tensorboard"))
+        if config is not None and not resume:
+            self.w.add_text("config", json.dumps(dataclasses.asdict(config), default=str))
+
+    def scalars(self, step: int, values: dict):
+        for k, v in values.items():
+            self.w.add_scalar(k, v, step)
+        self.w.flush()
+
+    def image(self, step: int, name: str, path: Path):
+        img = np.asarray(_need("PIL.Image", "--logger tensorboard's images").open(path).convert("RGB"))
+        self.w.add_image(name, img, step, dataformats="HWC")
+        self.w.flush()
+
+    def close(self):
+        self.w.close()
+
+
+class WandbSink:
+    """Weights & Biases: one run per out_dir (its id kept in <out_dir>/wandb_id, so --resume continues it); the
+    project is $WANDB_PROJECT (default flowzoo); WANDB_MODE=offline works without an account or network."""
+
+    def __init__(self, folder: Path, config, resume: bool):
+        self.wandb = _need("wandb", "--logger wandb")
+        id_file = folder / "wandb_id"
+        run_id = id_file.read_text().strip() if resume and id_file.exists() else self.wandb.util.generate_id()
+        id_file.write_text(run_id)
+        self.run = self.wandb.init(project=os.environ.get("WANDB_PROJECT", "flowzoo"), name=folder.name, id=run_id,
+                                   resume="allow", dir=str(folder),
+                                   config=dataclasses.asdict(config) if config is not None else None)
+
+    def scalars(self, step: int, values: dict):
+        self.run.log(values, step=step)
+
+    def image(self, step: int, name: str, path: Path):
+        self.run.log({name: self.wandb.Image(str(path))}, step=step)
+
+    def close(self):
+        self.run.finish()
 
 
 # --- the training loop ------------------------------------------------------------------------------------------------
@@ -1982,7 +2047,7 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
         data = batches(data, cfg.batch_size, d, cfg.seed, step, cfg.num_workers)
     elif callable(data):  # a batch generator that knows how to start at a step (e.g. synthetic data)
         data = data(step)
-    log = JsonlLog(out / "log.jsonl", resume=bool(resume))
+    log = JsonlLog(out / "log.jsonl", resume=bool(resume), logger=cfg.logger, config=cfg)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and d.device.type == "cuda" and not cfg.fsdp)
 
     def every(n, done):  # 0 = off (only at the end)
@@ -1993,7 +2058,7 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
         return Diverged(f"{msg}; {good} (try a lower --lr)")
 
     sums, n_sums, bad, t0 = {}, 0, 0, time.time()
-    with GracefulStop() as stop:
+    with GracefulStop() as stop, contextlib.closing(log):
         first_step = step
         bar = progress(range(step, cfg.steps), initial=step, total=cfg.steps)
         for step in bar:
@@ -2045,7 +2110,9 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
                 bar.set_postfix({k: f"{v:.4g}" for k, v in list(means.items())[:3]})
                 sums, n_sums = {}, 0
             if evaluate is not None and every(cfg.eval_every, done):
+                t_eval = time.time() - 1  # file times can be a second coarse
                 log(step=done, **evaluate(done, model, ema))
+                log.figures(done, since=t_eval)
             stopping = stopping or (cfg.stop_after > 0 and done - first_step >= cfg.stop_after)
             if every(cfg.ckpt_every, done) or stopping:
                 save_checkpoint(ckpt_path, model, cfg, done, ema, opt, sched)

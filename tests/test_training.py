@@ -365,3 +365,76 @@ def test_image_folder_and_npz_data(tmp_path):
     assert arrays["images"].shape == (5, 4, 4, 3) and arrays["labels"].tolist() == list(range(5))
     with pytest.raises(ValueError, match="has no array 'latents'"):
         common.load_arrays(tmp_path / "d.npz", ("latents",))
+
+
+def _logged_run(tmp_path, logger, resume=False, steps=4):
+    """A tiny common.train run whose evaluation writes a PNG grid, as the model files' evaluations do."""
+    cfg = common.TrainConfig(out_dir=str(tmp_path), steps=steps, batch_size=4, warmup=0, log_every=2, eval_every=2,
+                             ckpt_every=2, logger=logger)
+    lin = torch.nn.Linear(3, 1)
+    data = common.ArrayDataset(torch.randn(16, 3), torch.randn(16, 1))
+
+    def evaluate(step, model, ema):
+        common.save_png(tmp_path / "samples.png", np.full((4, 6, 3), 40 * step, np.uint8))
+        return {"score": float(step) / 10}
+
+    common.train(cfg, lin, lambda net, b: ((net(b[0]) - b[1]).square().mean(), {}), data, common.Dist(),
+                 resume=str(tmp_path / "ckpt.pt") if resume else None, overwrite=not resume, evaluate=evaluate)
+    return [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
+
+
+def test_tensorboard_logger_gets_the_jsonl_numbers_and_the_sample_grid(tmp_path):
+    need("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    records = _logged_run(tmp_path, "tensorboard")
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    want = {}
+    for r in records:
+        for k, v in r.items():
+            if k != "step":
+                want.setdefault(k, []).append((r["step"], pytest.approx(v, rel=1e-6)))
+    assert set(want) == set(acc.Tags()["scalars"]) and {"loss", "score", "lr"} <= set(want)
+    for k, pts in want.items():
+        assert [(e.step, e.value) for e in acc.Scalars(k)] == pts, k
+    assert [e.step for e in acc.Images("samples")] == [2, 4]  # the grid of each evaluation
+
+
+def test_wandb_logger_sends_the_same_and_resume_continues_the_run(tmp_path, monkeypatch):
+    """W&B's API as flowzoo uses it (init / log / Image / finish), recorded by a stand-in module."""
+    import types
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("log", step, values))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kw):
+        calls.append(("init", kw["id"], kw["resume"], kw["config"]["steps"]))
+        return Run()
+
+    fake = types.SimpleNamespace(init=init, Image=lambda path: ("image", Path(path).name),
+                                 util=types.SimpleNamespace(generate_id=lambda: "run42"))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    records = _logged_run(tmp_path, "wandb")
+    assert calls[0] == ("init", "run42", "allow", 4) and calls[-1] == ("finish",)
+    numbers = [(c[1], c[2]) for c in calls if c[0] == "log" and "samples" not in c[2]]
+    assert numbers == [(r["step"], {k: v for k, v in r.items() if k != "step"}) for r in records]
+    assert [(c[1], c[2]) for c in calls if c[0] == "log" and "samples" in c[2]] == \
+        [(2, {"samples": ("image", "samples.png")}), (4, {"samples": ("image", "samples.png")})]
+    calls.clear()
+    _logged_run(tmp_path, "wandb", resume=True, steps=6)
+    assert calls[0][:2] == ("init", "run42") and [c[1] for c in calls if c[0] == "log"][0] == 6
+
+
+def test_no_logger_unless_asked_and_a_missing_package_is_one_line(tmp_path, monkeypatch):
+    _logged_run(tmp_path / "plain", "none")
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["ckpt.pt", "log.jsonl", "samples.png"]
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ImportError, match="--logger wandb needs wandb: pip install wandb"):
+        _logged_run(tmp_path / "w", "wandb")
+    with pytest.raises(ValueError, match="--logger 'tensorbord' is not one of: none, tensorboard, wandb"):
+        common.TrainConfig(logger="tensorbord")
