@@ -1389,6 +1389,14 @@ def parse_config(cls, presets: dict[str, dict], argv=None, extra: Callable | Non
                         "as torchrun's own parser takes --n for one of its options")
     g.add_argument("--out", type=str, default="samples.npz", help="output file for --sample (default: %(default)s)")
     g.add_argument("--plot", metavar="LOG", default=None, help="draw the training curves of a log.jsonl to LOG.png")
+    g.add_argument("--dry_run", action="store_true",
+                   help="size the config without allocating it and print one JSON line: parameters (total and per "
+                        "part), tokens per example, and GiB per GPU under FSDP2 on --gpus GPUs: fp32 weights, "
+                        "gradients and AdamW states sharded (16 B/parameter/GPU), the largest block's bf16 weights "
+                        "gathered twice, the activations of one micro-batch (batch_size / gpus / grad_accum) counted "
+                        "from a bf16 forward on the meta device as a fused attention kernel keeps them, with and "
+                        "without gradient checkpointing; the sampler's caches; and any dense attention mask")
+    g.add_argument("--gpus", type=int, default=8, help="GPUs the --dry_run estimate is for (default: %(default)s)")
     if extra is not None:
         extra(p)
     args = p.parse_args(argv)
@@ -1399,17 +1407,19 @@ def parse_config(cls, presets: dict[str, dict], argv=None, extra: Callable | Non
     cfg = cls(**{**presets[args.preset], **overrides})
     if not cfg.out_dir:
         cfg.out_dir = f"out/{cls.NAME}" + ("" if args.preset == default else f"-{args.preset}")
-    if sum((args.resume, args.sample, args.eval, bool(args.plot))) > 1 or (args.overwrite and args.resume):
-        raise ValueError("pick one of --resume, --sample, --eval, --plot (and --overwrite or --resume, not both)")
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if sum((args.resume, args.sample, args.eval, bool(args.plot), args.dry_run)) > 1 or (args.overwrite and args.resume):
+        raise ValueError("pick one of --resume, --sample, --eval, --plot, --dry_run (and --overwrite or --resume, "
+                         "not both)")
+    for name in ("n", "gpus"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.sample:
         if Path(args.out).suffix != ".npz":
             raise ValueError(f"--out {args.out} must end in .npz")
         check_writable(args.out, "--out")
         if Path(args.out).exists() and not args.overwrite:
             raise ValueError(f"--out {args.out} exists; pass --overwrite to replace it")
-    elif not args.eval and not args.plot:
+    elif not args.eval and not args.plot and not args.dry_run:
         check_writable(cfg.out_dir, "--out_dir")
     return cfg, args, overrides
 
@@ -2155,6 +2165,147 @@ def run(main: Callable):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# --- paper scale on the meta device ----------------------------------------------------------------------------------
+
+
+class _FusedAttention(torch.autograd.Function):
+    """The dry run's F.scaled_dot_product_attention: the output's shape, and for the backward what a fused kernel
+    (FlashAttention, cuDNN) keeps -- q, k, v, the output and the rows' log-sum-exp -- not the (L, L) weights that the
+    math path saves."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):  # (B, H, L, D): the output is laid out (B, L, H, D), as the kernels write it
+        out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1]).transpose(1, 2)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@contextlib.contextmanager
+def record_attention(calls: list, fused: bool = False):
+    """Record every F.scaled_dot_product_attention call as dict(q=shape, k=shape, mask=shape | None, mask_bytes,
+    causal); with `fused`, compute it as _FusedAttention (shapes and saved memory only: for the meta device)."""
+    sdpa = F.scaled_dot_product_attention
+
+    def recorded(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        m = attn_mask
+        calls.append(dict(q=tuple(q.shape), k=tuple(k.shape), causal=bool(is_causal),
+                          mask=None if m is None else tuple(m.shape),
+                          mask_bytes=0 if m is None else m.numel() * m.element_size()))
+        return _FusedAttention.apply(q, k, v) if fused else sdpa(q, k, v, attn_mask, dropout_p, is_causal, **kw)
+
+    F.scaled_dot_product_attention = recorded
+    try:
+        yield calls
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
+def as_fsdp_bf16(model: nn.Module) -> nn.Module:
+    """What FSDP2's MixedPrecisionPolicy(param_dtype=bf16) does to a model's forward, in one process and on any
+    device: bf16 parameters, autocast off, and the root's floating-point inputs cast to bf16 (cast_forward_inputs)."""
+    def cast(module, args, kwargs):
+        def bf16(a):
+            return a.bfloat16() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+        return tuple(bf16(a) for a in args), {k: bf16(v) for k, v in kwargs.items()}
+    model.to(torch.bfloat16).register_forward_pre_hook(cast, with_kwargs=True)
+    return model
+
+
+def dense_masks(calls: list) -> list:
+    """The recorded attention calls that carry an (L_q, L_k) mask for L_q > 1: a mask a fused kernel must read from
+    memory (FlashAttention takes none), where a causal flag, no mask, or a block mask would do."""
+    return [c for c in calls if c["mask"] is not None and c["mask"][-2] > 1]
+
+
+def activation_bytes(model: nn.Module, forward: Callable, block_types: tuple[type, ...], calls: list | None = None) -> dict:
+    """What a training forward keeps for its backward, counted on whatever device it runs (meta: shapes only):
+    the storages autograd saves, each once, parameters excluded. With gradient checkpointing of every `block_types`
+    module, a block keeps only its inputs, and the backward holds one block's activations at a time, so
+    ckpt = all - sum(blocks) + sum(block inputs) + max(block). Attention counts as a fused kernel keeps it (its
+    calls are recorded into `calls`)."""
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen, total, per_block, inputs, stack = set(), [0], [], [0], []
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st._cdata not in params and st._cdata not in seen:
+            seen.add(st._cdata)
+            total[0] += st.nbytes()
+            if stack:
+                per_block[stack[0]] += st.nbytes()
+        return t
+
+    def pre(module, args):
+        if not stack:
+            per_block.append(0)
+            inputs[0] += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+        stack.append(len(per_block) - 1)
+
+    def post(module, args, out):
+        stack.pop()
+
+    hooks = [h for m in model.modules() if isinstance(m, block_types)
+             for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), record_attention(
+                [] if calls is None else calls, fused=True):
+            forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    ckpt = total[0] - sum(per_block) + inputs[0] + max(per_block, default=0)
+    return dict(all=total[0], grad_ckpt=ckpt)
+
+
+def dry_run(cfg: TrainConfig, build: Callable[[], nn.Module], loss: Callable[[nn.Module, int], torch.Tensor], *,
+            tokens: int, gpus: int, block_types: tuple[type, ...], sample_bytes: Callable[[nn.Module], dict] | None
+            = None, parts: dict[str, str] | None = None) -> dict:
+    """A paper-scale config sized without allocating it: build() on the meta device, cast to bf16 as FSDP2's
+    MixedPrecisionPolicy(param_dtype=bf16) runs it, and one training forward loss(model, micro_batch) on shapes
+    alone. Per GPU, for `gpus` GPUs under FSDP2: fp32 weights, fp32 gradients and AdamW's two fp32 states, all
+    sharded (16 bytes / parameter / gpus); the bf16 weights of the largest sharded block gathered twice (the current
+    one and the prefetched next); the activations of a micro-batch (batch_size / gpus / grad_accum) as a fused
+    attention kernel keeps them, with and without gradient checkpointing of the blocks; and, from
+    sample_bytes(model), the sampler's caches or states. Every attention call is recorded: a dense (L, L) mask is
+    listed with its size. `parts` names parameter-name prefixes to count apart (default: the top-level modules)."""
+    with torch.device("meta"):
+        model = as_fsdp_bf16(build())
+    named = list(model.named_parameters())
+    n_params = sum(p.numel() for _, p in named)
+    parts = parts or {n: n for n, _ in model.named_children()}
+    by_part = {name: sum(p.numel() for n, p in named if n.startswith(prefix + ".") or n == prefix)
+               for name, prefix in parts.items()}
+    by_part = {k: v for k, v in by_part.items() if v}
+    rest = n_params - sum(by_part.values())
+    if rest:
+        by_part["other"] = rest
+    micro = max(1, cfg.batch_size // (gpus * cfg.grad_accum))
+    calls = []
+    with torch.device("meta"):  # the loss's own inputs (torch.randn and the like) are shapes too
+        act = activation_bytes(model, lambda: loss(model, micro), block_types, calls)
+    block = max((sum(p.numel() for p in m.parameters()) for m in model.modules() if isinstance(m, block_types)),
+                default=0)
+    gib = 2.0 ** 30
+    states = 16 * n_params / gpus
+    gathered = 2 * 2 * block
+    train = dict(weights_grads_adam=states / gib, gathered_bf16=gathered / gib, activations=act["all"] / gib,
+                 activations_grad_ckpt=act["grad_ckpt"] / gib, total=(states + gathered + act["all"]) / gib,
+                 total_grad_ckpt=(states + gathered + act["grad_ckpt"]) / gib)
+    dense = dense_masks(calls)
+    out = dict(params=n_params, params_by_part=by_part, tokens_per_example=tokens, gpus=gpus, batch_size=cfg.batch_size,
+               micro_batch=micro, train_gib_per_gpu={k: float(f"{v:.4g}") for k, v in train.items()},
+               attention_calls=len(calls), dense_masks=len(dense),
+               dense_mask_gib=float(f"{sum(c['mask_bytes'] for c in dense) / gib:.4g}"))
+    if sample_bytes is not None:
+        out["sample_gib"] = {k: float(f"{v / gib:.4g}") for k, v in sample_bytes(model).items()}
+    return out
 
 
 # --- digits metric ----------------------------------------------------------------------------------------------------

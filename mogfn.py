@@ -322,13 +322,12 @@ class Task:
         """Sum of log P_F over each trajectory, every (state, action) pair in one batched forward.
         xs: (T+1, B, S) states, acts: (T, B) with -1 after the end, cond: (B, C)."""
         T, B = acts.shape
-        live = acts >= 0
-        x, a = xs[:-1][live], acts[live]  # (N, S), (N,)
-        c = cond.expand(T, *cond.shape)[live]  # (N, C)
-        logits = policy(x, c).masked_fill(~self.valid(x), -math.inf)
-        logp = logits.log_softmax(-1).gather(1, a[:, None])[:, 0]
-        row = torch.arange(B, device=acts.device).expand(T, B)[live]
-        return torch.zeros(B, device=acts.device, dtype=logp.dtype).index_add(0, row, logp)
+        live = (acts >= 0).flatten()  # (T*B,): every step is scored, the ended ones dropped after (no host sync)
+        x, c = xs[:-1].flatten(0, 1), cond.expand(T, *cond.shape).flatten(0, 1)  # (T*B, S), (T*B, C)
+        valid = self.valid(x) | ~live[:, None]  # an ended row keeps finite logits, so no NaN reaches the gradient
+        logp = policy(x, c).masked_fill(~valid, -math.inf).log_softmax(-1)
+        logp = logp.gather(1, acts.flatten().clamp(min=0)[:, None])[:, 0]
+        return torch.where(live, logp, 0.0).view(T, B).sum(0)
 
 
 # --- HyperGrid ------------------------------------------------------------------------------------------------------
@@ -920,6 +919,22 @@ def plot_front(path, task: Task, model: MOGFN, cfg: Config, metrics: dict | None
 # Trainer
 
 
+def dry_run(cfg: Config, gpus: int) -> dict:
+    """--dry_run: the trainable forward (P_F of whole trajectories and log Z) on the meta device; the rollouts are
+    no-grad and hold one (T+1, B, S) trajectory batch."""
+    task = make_task(cfg)
+    T = task.max_steps
+
+    def loss(model, b):
+        xs, acts = torch.zeros(T + 1, b, task.state_dim, dtype=torch.long), torch.zeros(T, b, dtype=torch.long)
+        log_pf, log_z = model(xs, acts, torch.rand(b, model.cond_dim))
+        return (log_pf + log_z).square().mean()
+
+    return common.dry_run(cfg, lambda: MOGFN(cfg, task), loss, tokens=T, gpus=gpus, block_types=(),
+                          sample_bytes=lambda m: {f"rollout_batch{cfg.batch_size}": 8 * (T + 1) * cfg.batch_size
+                                                  * task.state_dim})
+
+
 def build(cfg: Config, device="cpu") -> MOGFN:
     task = make_task(cfg)
     if len(cfg.alpha) not in (1, task.n_obj):
@@ -1025,6 +1040,8 @@ def main(argv=None):
     cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=extra, doc=__doc__)
     if args.plot:
         return common.print0(f"wrote {common.plot_log(args.plot)}")
+    if args.dry_run:
+        return common.print0(json.dumps(dry_run(cfg, args.gpus)))
     d = common.setup_distributed(cfg.device)
     ckpt = args.ckpt or str(Path(cfg.out_dir) / "ckpt.pt")
 

@@ -430,7 +430,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x, t, y=None):  # (B, C, H, W), (B,), (B,) or None -> (B, C, H, W)
-        emb = self.time(time_features(t, self.width))
+        emb = self.time(time_features(t, self.width).to(x.dtype))  # (bf16 under FSDP2's bf16 parameters)
         if self.label is not None:
             emb = emb + self.label(y if y is not None else torch.full_like(t, self.num_classes, dtype=torch.long))
         h = self.inp(x)
@@ -875,6 +875,21 @@ def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[Flow, Config]
     return model, cfg
 
 
+def dry_run(cfg: Config, gpus: int) -> dict:
+    """--dry_run: the config on the meta device (common.dry_run); sampling holds dopri5's 7 stages of the state."""
+    shape = data_shape(cfg)
+    fm = FlowMatcher(runs(cfg.coupling)[0][1], cfg.sigma, math.prod(shape), cfg.kappa, cfg.cost, "sinkhorn")
+
+    def loss(model, b):
+        x0, x1 = torch.randn(b, *shape), torch.randn(b, *shape)
+        y = torch.zeros(b, dtype=torch.long) if cfg.num_classes else None
+        return cfm_loss(model, fm, x0, x1, y, cfg.p_uncond, cfg.num_classes)[0]
+
+    return common.dry_run(cfg, lambda: build(cfg), loss, tokens=math.prod(shape[1:]), gpus=gpus,
+                          block_types=(Stage,), sample_bytes=lambda m: {f"dopri5_batch{cfg.eval_n}": 8 * 4 * cfg.eval_n
+                                                                         * math.prod(shape)})
+
+
 def add_args(p: argparse.ArgumentParser):
     p.add_argument("--select-kappa", dest="select_kappa", action="store_true",
                    help="print the tilt curve Var(tau)/E[tau]^2 over the kappa grid and the budget / elbow choices")
@@ -896,6 +911,8 @@ def main(argv=None):
     cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=add_args, doc=__doc__)
     if args.plot:
         return common.print0(f"wrote {common.plot_log(args.plot)}")
+    if args.dry_run:
+        return common.print0(json.dumps(dry_run(cfg, args.gpus)))
     if cfg.kappa_rule != "fixed" and "kappa" in overrides:
         raise ValueError(f"--kappa is chosen by --kappa_rule {cfg.kappa_rule}: add --kappa_rule fixed to set it")
     d = common.setup_distributed(cfg.device)
