@@ -1140,8 +1140,10 @@ def rank_split(n: int, d: Dist) -> tuple[int, int]:
     return start, per + (d.rank < extra)
 
 
-def wrap_model(model: nn.Module, d: Dist, fsdp: bool = False, shard_types: tuple[type, ...] = (Block,)) -> nn.Module:
-    """DDP, or FSDP2 (`fully_shard` on every module of `shard_types`, then the root; bf16 params on GPU).
+def wrap_model(model: nn.Module, d: Dist, fsdp: bool = False, shard_types: tuple[type, ...] = (Block,),
+               bf16: bool = False) -> nn.Module:
+    """DDP, or FSDP2 (`fully_shard` on every module of `shard_types`, then the root; with `bf16` the forward and
+    backward run on bf16 copies of the fp32 sharded weights, gradients reduced in fp32: FSDP2 mixed precision).
 
     FSDP2 shards the parameters in place, so `model` itself stays the module to take state dicts from; the returned
     module is the one to call in the training step. A single process gets the model back unchanged."""
@@ -1149,8 +1151,8 @@ def wrap_model(model: nn.Module, d: Dist, fsdp: bool = False, shard_types: tuple
         return model
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if d.device.type == "cuda" else MixedPrecisionPolicy()
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+            MixedPrecisionPolicy()
         for m in model.modules():
             if isinstance(m, shard_types):
                 fully_shard(m, mp_policy=mp)
@@ -1294,7 +1296,7 @@ class TrainConfig:
     logger: str = opt("none", choices=("none", "tensorboard", "wandb"))  # also send log.jsonl's numbers and the PNG figures of each evaluation to TensorBoard (<out_dir>/tensorboard) or Weights & Biases ($WANDB_PROJECT, default flowzoo)
     eval_every: int = 500  # steps between evaluations / sample grids (0 = only at the end)
     ckpt_every: int = 500  # steps between checkpoints (0 = only at the end)
-    amp: bool = True  # bf16 autocast on GPU
+    amp: bool = True  # bf16 mixed precision: autocast on GPU; under --fsdp, FSDP2's bf16 weights (on CPU too)
     compile: bool = False  # torch.compile the training forward (and a sampler's fixed-shape step, where one has it)
     fsdp: bool = False  # FSDP2 instead of DDP under torchrun
     num_workers: int = 0  # DataLoader workers for image folders
@@ -2040,7 +2042,7 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
     ckpt_path = out / "ckpt.pt"
     check_fresh(out, bool(resume), overwrite)
     model.to(d.device)
-    net = wrap_model(model, d, cfg.fsdp, shard_types)
+    net = wrap_model(model, d, cfg.fsdp, shard_types, bf16=cfg.amp)
     ema = EMA(model, cfg.ema_decay)
     opt = (optimizer or (lambda m: make_optimizer(m, cfg)))(model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))

@@ -438,3 +438,16 @@ def test_no_logger_unless_asked_and_a_missing_package_is_one_line(tmp_path, monk
         _logged_run(tmp_path / "w", "wandb")
     with pytest.raises(ValueError, match="--logger 'tensorbord' is not one of: none, tensorboard, wandb"):
         common.TrainConfig(logger="tensorbord")
+
+
+def test_fsdp2_bf16_weights_train_on_two_gloo_ranks(tmp_path):
+    """--fsdp with --amp: FSDP2's MixedPrecisionPolicy(param_dtype=bf16) on CPU gloo; the sharded weights stay fp32,
+    the compute is bf16 (not the fp32 run's numbers), and it learns as the fp32 single-process run does."""
+    _run(TINY + [str(tmp_path / "single")])
+    _run(TORCHRUN + [str(tmp_path / "bf16"), "--fsdp", "--bf16"])
+    a, b = _ckpt(tmp_path / "single"), _ckpt(tmp_path / "bf16")
+    assert all(v.dtype == torch.float32 for v in b["model"].values())
+    assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) > 1e-3
+    loss = {r: [json.loads(s)["loss"] for s in (tmp_path / r / "log.jsonl").read_text().splitlines()]
+            for r in ("single", "bf16")}
+    assert loss["bf16"][-1] < 0.95 * loss["bf16"][0] and abs(loss["bf16"][-1] / loss["single"][-1] - 1) < 0.01, loss

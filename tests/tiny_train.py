@@ -37,6 +37,7 @@ def main(argv=None):
     p.add_argument("--sigterm_at", type=int, default=-1)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--noise", action="store_true", help="random noise in the loss (exercises RNG restore)")
+    p.add_argument("--bf16", action="store_true", help="--amp: under --fsdp, FSDP2 with bf16 weights")
     p.add_argument("--groups", action="store_true",
                    help="the output layer in its own optimizer group (lr, betas), value clipping, a cosine floor")
     p.add_argument("--count_gathers", action="store_true",
@@ -44,7 +45,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     d = common.setup_distributed("cpu")
     cfg = common.TrainConfig(out_dir=a.out_dir, steps=a.steps, batch_size=8, lr=1e-2, warmup=3, log_every=4,
-                             eval_every=1000, ckpt_every=1000, fsdp=a.fsdp, ema_decay=0.9, grad_accum=a.grad_accum,
+                             eval_every=1000, ckpt_every=1000, fsdp=a.fsdp, ema_decay=0.9, grad_accum=a.grad_accum, amp=a.bf16,
                              **(dict(min_lr=2e-3, grad_clip_value=0.02) if a.groups else {}))
     common.seed_all(0)
     model = Tiny()
