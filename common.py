@@ -2353,8 +2353,7 @@ def fid_features(images, weights: str, device="cpu", batch_size: int = 50) -> to
     net, _ = fid_inception(weights, device)
     device = torch.device(device)
     if isinstance(images, (torch.Tensor, np.ndarray)):
-        x = _nchw_uint8(images)
-        images = (x[i:i + batch_size] for i in range(0, len(x), batch_size))
+        images = _nchw_uint8(images).split(batch_size)
     out = []
     with torch.autocast(device.type, enabled=False):
         for x in images:
