@@ -2371,6 +2371,8 @@ def _image_batches(path: Path, batch_size: int):
             if key is None:
                 raise ValueError(f"--fid_ref {path} has neither mu/sigma statistics nor images (or arr_0)")
             x = z[key]
+        if x.dtype != np.uint8 or x.ndim != 4:
+            raise ValueError(f"--fid_ref {path}: '{key}' must be uint8 images (N, H, W, C), got {x.dtype} {x.shape}")
         yield from (x[i:i + batch_size] for i in range(0, len(x), batch_size))
         return
     files = sorted(f for f in path.rglob("*") if f.suffix.lower() in ImageFolder.EXTS)
@@ -2414,7 +2416,7 @@ def fid_stats(ref: str, weights: str, device="cpu", batch_size: int = 50) -> dic
                                  f"the (2048,) and (2048, 2048) of Inception pool features")
             return stats
     _, sha = fid_inception(weights, device)
-    saved = path.with_name(path.name + ".fid_stats.npz")
+    saved = path.resolve().with_name(path.resolve().name + ".fid_stats.npz")
     if saved.is_file():
         with np.load(saved) as z:
             if "weights" in z and str(z["weights"]) == sha:

@@ -101,7 +101,7 @@ def test_fid_equals_torch_fidelity(weights, sets, tmp_path):
     npz = tmp_path / "ref.npz"  # the samples' format: images uint8 (N, H, W, C)
     np.savez(npz, images=ref.permute(0, 2, 3, 1).numpy())
     got = common.fid(gen, str(npz), weights)
-    assert expected > 1 and abs(got - expected) <= 1e-6 * expected, (got, expected)
+    assert expected > 1 and abs(got - expected) <= 1e-5 * expected, (got, expected)  # measured 6e-7
     saved = np.load(tmp_path / "ref.npz.fid_stats.npz")  # pytorch-fid's stats layout, with the package's numbers
     assert saved["mu"].shape == (2048,) and saved["sigma"].shape == (2048, 2048) and int(saved["n"]) == 4
     np.testing.assert_allclose(saved["mu"], st_ref["mu"], rtol=1e-5, atol=1e-6)
