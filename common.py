@@ -2251,8 +2251,8 @@ def _fid_block(kind: str, cin: int, c: int = 0) -> _FIDMixed:
                           (f"{b}3x3dbl_3", 96, 96, 3, 1, 1)], ["avg", (f"{b}_pool", cin, c, 1)])
     if kind == "b":
         return _FIDMixed([(f"{b}3x3", cin, 384, 3, 2)],
-                         [(f"{b}3x3dbl_1", cin, 64, 1), (f"{b}3x3dbl_2", 64, 96, 3, 1, 1), (f"{b}3x3dbl_3", 96, 96, 3, 2)],
-                         ["max/2"])
+                         [(f"{b}3x3dbl_1", cin, 64, 1), (f"{b}3x3dbl_2", 64, 96, 3, 1, 1),
+                          (f"{b}3x3dbl_3", 96, 96, 3, 2)], ["max/2"])
     row, col = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))  # 1x7 and 7x1 kernels, stride, padding
     if kind == "c":
         return _FIDMixed([(f"{b}1x1", cin, 192, 1)],
