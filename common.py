@@ -10,8 +10,10 @@ flowzoo/common.py -- the plumbing every model file shares, and nothing model-spe
     3. Distributed + training: torchrun setup (NCCL/gloo), DDP or FSDP2, EMA; the config CLI (`TrainConfig`, `opt`
        for validated fields, `parse_config`, checkpoint configs checked against the model file); atomic rank-0
        checkpoints; the training loop (`train`: gradient accumulation, non-finite guards, SIGTERM, resume, no
-       clobbering); data helpers; PNG grids and JSONL logs; `run`, the one-line-error entry point; and a digits
-       classifier that stands in for Inception (accuracy + Frechet distance), since no weights can be downloaded.
+       clobbering); data helpers; PNG grids and JSONL logs; `run`, the one-line-error entry point; a digits
+       classifier that stands in for Inception on the demos (accuracy + Frechet distance); and the standard
+       Inception FID on your own images (`fid`, `fid_stats`: the FID InceptionV3 written out, with a weights file
+       you have locally, reference statistics saved once in pytorch-fid's .npz layout).
 
 A model file does `import common` and nothing else of ours.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -1301,6 +1304,8 @@ class TrainConfig:
     fsdp: bool = False  # FSDP2 instead of DDP under torchrun
     num_workers: int = 0  # DataLoader workers for image folders
     stop_after: int = 0  # stop with a checkpoint after this many steps of this run (job time limits); 0 = off
+    fid_ref: str = ""  # --eval also gives the Inception FID against this image folder, .npz of images or mu/sigma .npz
+    fid_weights: str = ""  # the FID's Inception weights: a local pt_inception-2015-12-05-6726825d.pth (pytorch-fid)
 
     NAME: ClassVar[str] = "model"  # the model file: default out_dir, and what its checkpoints are checked against
     # fields of a model config that may differ from a checkpoint's (sampler settings and the like)
@@ -1315,6 +1320,8 @@ class TrainConfig:
             raise ValueError(f"--batch_size {self.batch_size} is not divisible by --grad_accum {self.grad_accum}")
         if self.lr_schedule == "cosine" and self.min_lr >= self.lr:
             raise ValueError(f"--min_lr {self.min_lr} must be below --lr {self.lr} (or use --lr_schedule constant)")
+        if self.fid_ref and not self.fid_weights:
+            raise ValueError(f"--fid_ref needs --fid_weights, {FID_WEIGHTS_HINT}")
 
 
 def _field_help(cls) -> dict[str, str]:
@@ -2358,15 +2365,24 @@ def digits_classifier(cache: str | Path | None = None) -> DigitsClassifier:
     return clf.eval()
 
 
-def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
+def moments(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (N, D) -> their mean (D,) and unbiased covariance (D, D), in float64."""
+    f = torch.as_tensor(f).double()
+    return f.mean(0), torch.cov(f.T)
+
+
+def frechet_from_moments(mu1, s1, mu2, s2) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), with the trace of the root from the symmetric S1^1/2 S2 S1^1/2."""
-    f1, f2 = f1.double(), f2.double()
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
+    mu1, s1, mu2, s2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, s1, mu2, s2))
     e, v = torch.linalg.eigh(s1)
     r1 = (v * e.clamp(min=0).sqrt()) @ v.T
     cross = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()
     return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * cross)
+
+
+def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """The Frechet distance of two feature sets (N, D), each summarised by its mean and covariance."""
+    return frechet_from_moments(*moments(f1), *moments(f2))
 
 
 @torch.no_grad()
@@ -2383,3 +2399,270 @@ def digits_metrics(images: torch.Tensor, labels: torch.Tensor | None = None,
     if labels is not None:
         out["accuracy"] = (logits.argmax(1) == labels.cpu()).float().mean().item()
     return out
+
+
+# --- Inception FID ----------------------------------------------------------------------------------------------------
+# The standard FID (Heusel et al. 2017): the Frechet distance above, on the 2048-d pool features of the TensorFlow
+# InceptionV3 graph of 2015-12-05 that the original FID code (bioinf-jku/TTUR) used and that pytorch-fid, torch-fidelity
+# and clean-fid port. The network is written out here because those packages import torchvision, which cannot be
+# installed beside every torch build (CPU torch with PyPI's torchvision fails); tests/test_fid.py checks it against
+# torch-fidelity 0.4.0, whose preprocessing (TF1's bilinear resize to 299 of uint8 images) it follows. Its weights are a
+# file the user has (nothing downloads): pytorch-fid's pt_inception-2015-12-05-6726825d.pth or torch-fidelity's
+# weights-inception-2015-12-05-6726825d.pth, both a state dict with torchvision's Inception3 key names.
+
+FID_WEIGHTS_HINT = ("a local copy of pt_inception-2015-12-05-6726825d.pth (from https://github.com/"
+                    "mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth) "
+                    "or torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
+
+
+class _FIDConv(nn.Module):
+    """conv (no bias) -> BatchNorm (eps 1e-3) -> ReLU, with torchvision's BasicConv2d key names."""
+
+    def __init__(self, cin, cout, k, stride=1, pad=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, pad, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class _FIDMixed(nn.Module):
+    """One Inception block: branches concatenated along channels. A branch is a chain of steps: a conv (name, cin, cout,
+    kernel, stride, pad), a list of convs run side by side and concatenated, or a 3x3 pool ("avg", "max", "max/2")."""
+
+    def __init__(self, *branches):
+        super().__init__()
+        self.branches = []
+        for chain in branches:
+            steps = []
+            for step in chain:
+                if not isinstance(step, str):
+                    for name, *args in (step if isinstance(step, list) else [step]):
+                        self.add_module(name, _FIDConv(*args))
+                    step = [s[0] for s in step] if isinstance(step, list) else step[0]
+                steps.append(step)
+            self.branches.append(steps)
+
+    def forward(self, x):
+        out = []
+        for chain in self.branches:
+            h = x
+            for step in chain:
+                if step == "avg":  # TF's average pool leaves the zero padding out of the mean
+                    h = F.avg_pool2d(h, 3, 1, 1, count_include_pad=False)
+                elif step in ("max", "max/2"):
+                    h = F.max_pool2d(h, 3, 1, 1) if step == "max" else F.max_pool2d(h, 3, 2)
+                elif isinstance(step, list):
+                    h = torch.cat([getattr(self, s)(h) for s in step], 1)
+                else:
+                    h = getattr(self, step)(h)
+            out.append(h)
+        return torch.cat(out, 1)
+
+
+def _fid_block(kind: str, cin: int, c: int = 0) -> _FIDMixed:
+    """Mixed_5b-d ("a", c = pool width), 6a ("b"), 6b-e ("c", c = 7x7 width), 7a ("d"), 7b-c ("e"/"e_max": the FID
+    graph's last block max-pools where the paper average-pools)."""
+    b = "branch"
+    if kind == "a":
+        return _FIDMixed([(f"{b}1x1", cin, 64, 1)], [(f"{b}5x5_1", cin, 48, 1), (f"{b}5x5_2", 48, 64, 5, 1, 2)],
+                         [(f"{b}3x3dbl_1", cin, 64, 1), (f"{b}3x3dbl_2", 64, 96, 3, 1, 1),
+                          (f"{b}3x3dbl_3", 96, 96, 3, 1, 1)], ["avg", (f"{b}_pool", cin, c, 1)])
+    if kind == "b":
+        return _FIDMixed([(f"{b}3x3", cin, 384, 3, 2)],
+                         [(f"{b}3x3dbl_1", cin, 64, 1), (f"{b}3x3dbl_2", 64, 96, 3, 1, 1),
+                          (f"{b}3x3dbl_3", 96, 96, 3, 2)], ["max/2"])
+    row, col = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))  # 1x7 and 7x1 kernels, stride, padding
+    if kind == "c":
+        return _FIDMixed([(f"{b}1x1", cin, 192, 1)],
+                         [(f"{b}7x7_1", cin, c, 1), (f"{b}7x7_2", c, c, *row), (f"{b}7x7_3", c, 192, *col)],
+                         [(f"{b}7x7dbl_1", cin, c, 1), (f"{b}7x7dbl_2", c, c, *col), (f"{b}7x7dbl_3", c, c, *row),
+                          (f"{b}7x7dbl_4", c, c, *col), (f"{b}7x7dbl_5", c, 192, *row)],
+                         ["avg", (f"{b}_pool", cin, 192, 1)])
+    if kind == "d":
+        return _FIDMixed([(f"{b}3x3_1", cin, 192, 1), (f"{b}3x3_2", 192, 320, 3, 2)],
+                         [(f"{b}7x7x3_1", cin, 192, 1), (f"{b}7x7x3_2", 192, 192, *row),
+                          (f"{b}7x7x3_3", 192, 192, *col), (f"{b}7x7x3_4", 192, 192, 3, 2)], ["max/2"])
+
+    def split(name):  # 1x3 and 3x1 side by side
+        return [(name + "a", 384, 384, (1, 3), 1, (0, 1)), (name + "b", 384, 384, (3, 1), 1, (1, 0))]
+    return _FIDMixed([(f"{b}1x1", cin, 320, 1)], [(f"{b}3x3_1", cin, 384, 1), split(f"{b}3x3_2")],
+                     [(f"{b}3x3dbl_1", cin, 448, 1), (f"{b}3x3dbl_2", 448, 384, 3, 1, 1), split(f"{b}3x3dbl_3")],
+                     ["max" if kind == "e_max" else "avg", (f"{b}_pool", cin, 192, 1)])
+
+
+def _resize_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
+    """TF1's ResizeBilinear (align_corners=False, no half-pixel centres), which the FID graph applies: output pixel i
+    reads input coordinate i * in/out, interpolated a + (b - a) * t along the width, then along the height."""
+    for dim in (3, 2):
+        n = x.shape[dim]
+        pos = torch.arange(size, device=x.device, dtype=torch.float32) * (n / size)
+        lo = pos.floor().long()
+        t = (pos - lo).to(x.dtype).view(-1, *[1] * (3 - dim))
+        a, b = x.index_select(dim, lo), x.index_select(dim, (lo + 1).clamp(max=n - 1))
+        x = a + (b - a) * t
+    return x
+
+
+class FIDInception(nn.Module):
+    """The FID InceptionV3: uint8 images (B, 3, H, W) at any size -> pool features (B, 2048), in float32."""
+
+    def __init__(self):
+        super().__init__()
+        stem = dict(Conv2d_1a_3x3=(3, 32, 3, 2), Conv2d_2a_3x3=(32, 32, 3), Conv2d_2b_3x3=(32, 64, 3, 1, 1),
+                    Conv2d_3b_1x1=(64, 80, 1), Conv2d_4a_3x3=(80, 192, 3))
+        for name, args in stem.items():
+            self.add_module(name, _FIDConv(*args))
+        blocks = dict(Mixed_5b=("a", 192, 32), Mixed_5c=("a", 256, 64), Mixed_5d=("a", 288, 64), Mixed_6a=("b", 288),
+                      Mixed_6b=("c", 768, 128), Mixed_6c=("c", 768, 160), Mixed_6d=("c", 768, 160),
+                      Mixed_6e=("c", 768, 192), Mixed_7a=("d", 768), Mixed_7b=("e", 1280), Mixed_7c=("e_max", 2048))
+        for name, args in blocks.items():
+            self.add_module(name, _fid_block(*args))
+        self.fc = nn.Linear(2048, 1008)  # the graph's logits: unused by FID, kept so the released file loads exactly
+
+    def forward(self, x):
+        x = (_resize_tf1(x.float(), 299) - 128) / 128  # (B, 3, 299, 299) in [-1, 1)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2))), 3, 2)  # (B, 192, 35, 35)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+            x = getattr(self, f"Mixed_{name}")(x)
+        return x.mean((2, 3))  # (B, 2048)
+
+
+_FID_NET: dict = {}  # the last network loaded: (weights, mtime, device) -> (FIDInception, sha256 of the file)
+
+
+def fid_inception(weights: str, device="cpu") -> tuple[FIDInception, str]:
+    """The FID Inception with the weights in `weights` (a torch state dict; see above), and the first 8 hex digits of
+    the file's sha256 ("6726825d" for the released one). One line says what to pass when the file is missing."""
+    if not weights or not Path(weights).is_file():
+        raise ValueError(f"no file at --fid_weights {weights}: it takes {FID_WEIGHTS_HINT}" if weights else
+                         f"the Inception FID needs --fid_weights, {FID_WEIGHTS_HINT}")
+    key = (str(Path(weights).resolve()), Path(weights).stat().st_mtime_ns, str(device))
+    if key not in _FID_NET:
+        try:
+            sd = torch.load(weights, map_location="cpu", weights_only=True)
+            if not isinstance(sd, dict):
+                raise ValueError(f"a {type(sd).__name__}, not a state dict")
+        except Exception as e:  # a TorchScript archive (clean-fid's inception-2015-12-05.pt), a torn download, ...
+            raise ValueError(f"cannot read Inception weights from {weights}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:150] if str(e) else ''}") from None
+        net = FIDInception()
+        sd = {**{k: v for k, v in net.state_dict().items() if k.endswith("num_batches_tracked")}, **sd}
+        _load_exact(net, sd, f"the Inception weights in {weights}")
+        sha = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:8]
+        _FID_NET.clear()
+        _FID_NET[key] = net.requires_grad_(False).eval().to(device), sha
+    return _FID_NET[key]
+
+
+def _nchw_uint8(images) -> torch.Tensor:
+    """uint8 or [-1, 1] float images, (N, C, H, W) or (N, H, W, C) with C = 1 or 3 -> uint8 (N, C, H, W)."""
+    x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    if x.dim() == 4 and x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    if x.dim() != 4 or x.shape[1] not in (1, 3) or not len(x):
+        raise ValueError(f"FID images must be (N, C, H, W) or (N, H, W, C) with C = 1 or 3, got {tuple(x.shape)}")
+    return x if x.dtype == torch.uint8 else to_uint8(x)
+
+
+@torch.no_grad()
+def fid_features(images, weights: str, device="cpu", batch_size: int = 50) -> torch.Tensor:
+    """Inception pool features (N, 2048), float32 on the CPU, of images as `_nchw_uint8` takes them (grey repeated to
+    RGB), or of an iterable of such batches. In float32 even inside autocast."""
+    net, _ = fid_inception(weights, device)
+    device = torch.device(device)
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        images = _nchw_uint8(images).split(batch_size)
+    out = []
+    with torch.autocast(device.type, enabled=False):
+        for x in images:
+            x = _nchw_uint8(x).to(device)
+            out.append(net(x.expand(-1, 3, -1, -1)).float().cpu())
+    return torch.cat(out)
+
+
+def _image_batches(path: Path, batch_size: int):
+    """uint8 (B, H, W, C) batches of --fid_ref images: an .npz's `images` (`arr_0` as in ADM's reference batches), or
+    every image file under a folder at its own size (consecutive ones of one size batched together)."""
+    if path.is_file():
+        with np.load(path) as z:
+            key = next((k for k in ("images", "arr_0") if k in z), None)
+            if key is None:
+                raise ValueError(f"--fid_ref {path} has neither mu/sigma statistics nor images (or arr_0)")
+            x = z[key]
+        if x.dtype != np.uint8 or x.ndim != 4:
+            raise ValueError(f"--fid_ref {path}: '{key}' must be uint8 images (N, H, W, C), got {x.dtype} {x.shape}")
+        yield from (x[i:i + batch_size] for i in range(0, len(x), batch_size))
+        return
+    files = sorted(f for f in path.rglob("*") if f.suffix.lower() in ImageFolder.EXTS)
+    if not files:
+        raise ValueError(f"--fid_ref {path} holds no images ({', '.join(sorted(ImageFolder.EXTS))})")
+    Image = _need("PIL.Image", "an image folder as --fid_ref")
+    batch = []
+    for f in files:
+        img = np.asarray(Image.open(f).convert("RGB"))
+        if batch and (len(batch) == batch_size or img.shape != batch[0].shape):
+            yield np.stack(batch)
+            batch = []
+        batch.append(img)
+    yield np.stack(batch)
+
+
+def fid_stats(ref: str, weights: str, device="cpu", batch_size: int = 50) -> dict[str, np.ndarray]:
+    """Reference statistics {"mu": (2048,), "sigma": (2048, 2048)}, float64, of --fid_ref, which is either
+
+    - an .npz with `mu` and `sigma`, read as it is: the layout of pytorch-fid's `--save-stats` files, of ADM's
+      (guided-diffusion) reference batches and of TTUR's fid_stats_*.npz -- the same network and weights; pytorch-fid
+      resizes with torch's bilinear instead of TF's, clean-fid's default mode with PIL's bicubic, so their numbers can
+      differ slightly from these; or
+    - images: a folder (searched recursively, each image at its own size: store them at the size the samples have) or an
+      .npz of `images` uint8 (N, H, W, C) -- the samples' format -- whose statistics are computed once and saved to
+      `<ref>.fid_stats.npz` in the layout above (with `n` and `weights`, the weights' sha256 prefix); later calls read
+      that file, unless it was made with other weights. Delete it when the images change."""
+    path = Path(ref)
+    if not ref or not path.exists():
+        raise ValueError(f"--fid_ref {ref!r}: no such image folder or .npz" if ref else
+                         "the Inception FID needs --fid_ref: an image folder, an .npz of images or of mu/sigma")
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                stats = {k: z[k].astype(np.float64) for k in ("mu", "sigma") if k in z}
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"cannot read --fid_ref {path} as an .npz ({str(e).splitlines()[0][:120]})") from None
+        if len(stats) == 2:
+            if stats["mu"].shape != (2048,) or stats["sigma"].shape != (2048, 2048):
+                raise ValueError(f"--fid_ref {path}: mu {stats['mu'].shape} and sigma {stats['sigma'].shape} are not "
+                                 f"the (2048,) and (2048, 2048) of Inception pool features")
+            return stats
+    _, sha = fid_inception(weights, device)
+    saved = path.resolve().with_name(path.resolve().name + ".fid_stats.npz")
+    if saved.is_file():
+        with np.load(saved) as z:
+            if "weights" in z and str(z["weights"]) == sha:
+                return {k: z[k] for k in ("mu", "sigma")}
+    feats = fid_features(_image_batches(path, batch_size), weights, device)
+    stats = dict(zip(("mu", "sigma"), (m.numpy() for m in moments(feats))))
+    if is_main():
+        try:
+            tmp = saved.with_name(saved.name + f".tmp{os.getpid()}")
+            with open(tmp, "wb") as f:
+                np.savez(f, **stats, n=len(feats), weights=np.array(sha))
+            os.replace(tmp, saved)
+            print0(f"saved the FID statistics of the {len(feats)} images of --fid_ref {path} to {saved}")
+        except OSError as e:
+            print0(f"could not save the FID statistics of --fid_ref next to it ({e}); they are recomputed each time")
+    return stats
+
+
+def fid(images, ref: str, weights: str, device="cpu", batch_size: int = 50) -> float:
+    """The standard Inception FID of `images` (uint8 or [-1, 1] float, (N, C, H, W) or (N, H, W, C), C = 1 or 3)
+    against `ref` (--fid_ref, see fid_stats) with the Inception weights file `weights` (--fid_weights). Published FIDs
+    use 50,000 samples; FID is biased upwards with fewer, so compare numbers at the same sample count."""
+    fid_inception(weights, device)  # first: one line about the weights before any work
+    if len(images) < 2:
+        raise ValueError(f"the FID needs at least 2 images, got {len(images)}")
+    ref_stats = fid_stats(ref, weights, device, batch_size)
+    return frechet_from_moments(*moments(fid_features(images, weights, device, batch_size)),
+                                ref_stats["mu"], ref_stats["sigma"])
