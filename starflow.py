@@ -696,14 +696,14 @@ def official_source(state) -> str | None:
     return "starflow" if star else "tarflow"
 
 
-def from_official(path, device="cpu", null_text=None, **overrides) -> tuple[STARFlow, Config]:
-    """An official checkpoint (or the state dict read from it) -> our STARFlow computing the same function, and its
+def from_official(path, device="cpu", null_text=None, *, state=None, **overrides) -> tuple[STARFlow, Config]:
+    """An official checkpoint file (`state`: what was read from it) -> our STARFlow computing the same function, and its
     Config: the architecture from the tensor shapes; `overrides` only for what the weights do not carry (noise_std,
     channels / vae_family / img_size where the patch is ambiguous, head_dim without RoPE tables; ml-starflow's
     param, soft_clip, seq_order) and run-time fields. null_text: ml-starflow's null caption, the text encoder's
     embedding of "" (txt_len, txt_dim) (array, tensor or .npy path), which its guidance feeds the null branch.
     Sampler defaults are the official sampling scripts' (cited below)."""
-    sd = path if isinstance(path, dict) else common.load_checkpoint(path)
+    sd = common.load_checkpoint(path) if state is None else state
     src = official_source(sd)
     if src is None:
         raise ValueError(f"{path} is not an ml-tarflow / ml-starflow state dict")
@@ -746,16 +746,19 @@ def from_official(path, device="cpu", null_text=None, **overrides) -> tuple[STAR
         dflt = dict(param="starflow", soft_clip=4.0, seq_order="L2R", noise_std=0.3, channels=3, vae_family="sd",
                     head_dim=64, sampler="sequential", guidance=5.0 if txt else 0.0, guidance_rule="starflow",
                     guidance_anneal=False, guide_all_blocks=not inf["cond_deep_only"], attn_temp=1.0, denoise=False)
+    inf.update(width=W, layers=layers)
     for k, v in overrides.items():
         if k in inf and v != inf[k]:
             raise ValueError(f"{path}: the weights say {k}={inf[k]!r}, not {v!r}")
     c = {**dflt, **overrides, **inf}
-    down, ch = (1, c["channels"]) if c["vae_family"] == "none" else (8, {"sd": 4, "sdxl": 4, "flux": 16}[c["vae_family"]])
+    down, ch = (1, c["channels"]) if c["vae_family"] == "none" else \
+        (8, {"sd": 4, "sdxl": 4, "flux": 16}[c["vae_family"]])  # latent_shape's f8 VAEs
     side, p = math.isqrt(T), math.isqrt(D // ch)
-    if side * side != T or ch * p * p != D or c.setdefault("img_size", side * p * down) != side * p * down:
+    c.setdefault("img_size", side * p * down), c.setdefault("patch_size", p)
+    if side * side != T or ch * p * p != D or (c["img_size"], c["patch_size"]) != (side * p * down, p):
         raise ValueError(f"{path}: {T} tokens of {D} dims are not {ch}-channel square patches of a square image of "
-                         f"{c['img_size']}; pass channels, vae_family or img_size")
-    cfg = Config(**{**c, "width": W, "layers": layers, "patch_size": p})
+                         f"{c['img_size']} (patch {c['patch_size']}); pass channels, vae_family or img_size")
+    cfg = Config(**c)
     if cfg.txt_dim and null_text is None and cfg.guidance > 0:
         raise ValueError(f"guidance {cfg.guidance} of an ml-starflow text model needs null_text (--null_text NPY): "
                          f"the text encoder's embedding of the empty caption, ({cfg.txt_len}, {cfg.txt_dim})")
@@ -1117,11 +1120,15 @@ def finetune_decoder(cfg: Config, steps: int, d: common.Dist) -> Path:
     return path
 
 
-def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[STARFlow, Config]:
+def from_checkpoint(path: str, device="cpu", null_text=None, **overrides) -> tuple[STARFlow, Config]:
     """A trained model ready to sample (EMA weights, eval mode) and its config; `overrides` may change run-time fields
     (sampler, guidance, ...). `model.vae` is the VAE of a latent model (None in pixel space); it is kept out of the
-    module tree, so the flow's state dict stays the flow's."""
+    module tree, so the flow's state dict stays the flow's. An official state dict goes to `from_official`."""
     state = common.load_checkpoint(path)
+    if official_source(state):
+        return from_official(path, device, null_text, state=state, **overrides)
+    if null_text is not None:
+        raise ValueError(f"--null_text is for official ml-starflow weights; {path} is a {state.get('kind')} checkpoint")
     if state.get("kind") == Config.NAME:  # checkpoints from before a model field existed
         state["config"] = {**Config.LEGACY, **state["config"]}
     cfg = common.config_from_checkpoint(Config, state, overrides, what=str(path))
@@ -1138,6 +1145,10 @@ def main(argv=None):
                        help="text embeddings (`text`, `text_mask`) to --sample a text-conditional model from")
         p.add_argument("--finetune_decoder", metavar="STEPS", type=int, default=0,
                        help="fine-tune the VAE decoder on noisy latents for STEPS steps -> <out_dir>/decoder.pt")
+        p.add_argument("--init_from", metavar="CKPT", default=None,
+                       help="train from these weights (ours or an official .pth): the model fields are theirs")
+        p.add_argument("--null_text", metavar="NPY", default=None,
+                       help="official ml-starflow weights: the (txt_len, txt_dim) embedding of the empty caption")
     cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=extra, doc=__doc__)
     if args.plot:
         return common.print0(f"wrote {common.plot_log(args.plot)}")
@@ -1150,8 +1161,10 @@ def main(argv=None):
         return finetune_decoder(cfg, args.finetune_decoder, d)
 
     if args.sample or args.eval:
-        model, cfg = from_checkpoint(ckpt, d.device, **overrides)
+        model, cfg = from_checkpoint(ckpt, d.device, args.null_text, **overrides)
         vae = model.vae
+        if vae is None and cfg.vae_family != "none":
+            raise ValueError(f"a latent model ({cfg.vae_family}) needs --vae PATH to decode its samples")
         if args.eval:
             res = evaluate(model, cfg, vae, d)
             common.print0(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
@@ -1176,7 +1189,14 @@ def main(argv=None):
         return
 
     common.seed_all(cfg.seed)  # the same initial weights on every rank
+    if args.init_from:  # fine-tuning: the architecture is the weights' (an official file's as `from_official` reads it)
+        src, scfg = from_checkpoint(args.init_from, "cpu", args.null_text, **overrides)
+        if scfg.txt_null == "caption" and cfg.label_drop > 0 and args.null_text is None:
+            raise ValueError("--label_drop of an ml-starflow text model needs --null_text (or --label_drop 0)")
+        cfg = dataclasses.replace(cfg, **{k: getattr(scfg, k) for k in common.model_fields(cfg)})
     model, vae = build(cfg, d.device)
+    if args.init_from:
+        model.load_state_dict(src.state_dict())
     data = load_data(cfg)
     check_labels(cfg, data)
     padded = text_padded(data)  # no padding anywhere: no key masks, fused attention kernels
