@@ -22,6 +22,7 @@ and a VAE decoder fine-tuned on noisy latents (Sec. 3.3) in place of the score-b
     python starflow.py --preset t2i256 --precompute captions.npz --data t2i/ --vae sd-vae/  # latents + captions
     python starflow.py --preset digits-latent --finetune_decoder 500   # -> out/starflow-digits-latent/decoder.pt
     python starflow.py --sample --ckpt CKPT --decoder out/starflow-digits-latent/decoder.pt   # no score step
+    python starflow.py --sample --ckpt afhq_model_8_768_8_8_0.07.pth   # official ml-tarflow / ml-starflow weights
 
 Text conditioning takes precomputed embeddings (no text encoder here): an .npz with `text` (N, L, txt_dim) float and
 optionally `text_mask` (N, L) bool (padding at the end) beside the images, from any encoder, e.g. the last hidden
@@ -158,7 +159,7 @@ PRESETS = {
     # TARFlow conditional ImageNet 64 in pixels, ml-tarflow README.md (line): patch_size 2, channels 768, 8 blocks x
     # 8 layers (58), noise_std 0.05, batch 256, lr 1e-4, drop_label 0.1 (59); sampling --cfg 2.3 (104) with annealed
     # guidance (evaluate_fid.py:77) and the denoising step. Conditioning in every block; ml-tarflow adds a class
-    # embedding to every token, here it is a prefix token (which subsumes it); head_dim 64 as transformer_flow.py:131.
+    # embedding to every token (--class_cond add), here it is a prefix token; head_dim 64 as transformer_flow.py:131.
     "imagenet64-pixel": dict(data="imagenet64", img_size=64, channels=3, num_classes=1000, param="tarflow",
                              patch_size=2, width=768, head_dim=64, layers=(8,) * 8, cond_deep_only=False,
                              soft_clip=0.0, noise_std=0.05, label_drop=0.1, batch_size=256, lr=1e-4, warmup=5000,
