@@ -709,6 +709,8 @@ def from_official(path, device="cpu", null_text=None, *, state=None, **overrides
     if src is None:
         raise ValueError(f"{path} is not an ml-tarflow / ml-starflow state dict")
     sd = {k: v.float() for k, v in sd.items()}
+    if "var" not in sd or (src == "starflow" and "blocks.0.attn_mask" not in sd):  # persistent buffers of its Model
+        raise ValueError(f"{path}: no `var` / `attn_mask` buffers to read the token grid and text length from")
     K = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     layers = tuple(len({k.split(".")[3] for k in sd if k.startswith(f"blocks.{i}.attn_blocks.")}) for i in range(K))
     bad = [k for k in sd if k.startswith("learnable_self_denoiser.")] or [i for i in range(K) if not layers[i]]
