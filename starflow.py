@@ -77,7 +77,7 @@ class Config(common.TrainConfig):
     cond_deep_only: bool = True  # conditioning in the deep block only (STARFlow) or in every block (TARFlow)
     rope: bool = False  # 2D RoPE instead of learned positions
     rope_text: bool = False  # ml-starflow's 3D RoPE of a text model (8 frequency pairs turn with the text position)
-    class_cond: str = common.opt("prefix", choices=("prefix", "add"))  # prefix token | added to every token (ml-tarflow)
+    class_cond: str = common.opt("prefix", choices=("prefix", "add"))  # prefix token | added to each token (ml-tarflow)
     txt_null: str = common.opt("learned", choices=("learned", "caption"))  # null caption: learned | a fixed embedding
     patch_order: str = common.opt("hwc", choices=("hwc", "chw"))  # patch vector (p, p, C) | (C, p, p) as F.unfold
     prior_var: bool = False  # prior N(0, var) with a (T, D) buffer var (ml-tarflow's Model.var)
@@ -107,8 +107,8 @@ class Config(common.TrainConfig):
                "jacobi_max_iter", "jacobi_threshold", "guidance", "guidance_rule", "guide_what", "guidance_anneal",
                "guide_all_blocks", "attn_temp", "denoise", "sample_batch", "grad_ckpt", "label_drop")
     # what checkpoints written before a model field existed were trained with (filled in by from_checkpoint)
-    LEGACY = {"seq_order": "R2L", "final_norm": False, "rope_text": False, "class_cond": "prefix", "txt_null": "learned",
-              "patch_order": "hwc", "prior_var": False}
+    LEGACY = {"seq_order": "R2L", "final_norm": False, "rope_text": False, "class_cond": "prefix",
+              "txt_null": "learned", "patch_order": "hwc", "prior_var": False}
 
     def __post_init__(self):
         super().__post_init__()

@@ -2,6 +2,7 @@
 official code's log-likelihoods and samples. The fixtures (tests/fixtures/starflow_*, see the README there) hold tiny
 perturbed official models in the official key layout, inputs, noise and what the official code computed from them."""
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -82,7 +83,7 @@ def test_official_files_need_what_the_weights_do_not_carry_and_refuse_contradict
         sf.from_official(tmp_path / "other.pth")
 
 
-def test_cli_samples_and_fine_tunes_from_an_official_file(tmp_path):
+def test_cli_samples_evaluates_and_fine_tunes_from_an_official_file(tmp_path, capsys):
     io = _io("tarflow")
     out = tmp_path / "s.npz"
     sf.main(["--sample", "--ckpt", str(TARFLOW), "--head_dim", "8", "--n", "4", "--out", str(out), "--guidance", "1"])
@@ -91,6 +92,10 @@ def test_cli_samples_and_fine_tunes_from_an_official_file(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (32, 8, 8, 3), dtype=np.uint8),
              labels=rng.integers(0, 3, 32))
+    capsys.readouterr()
+    sf.main(["--eval", "--ckpt", str(TARFLOW), "--head_dim", "8", "--data", str(tmp_path / "d.npz")])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["bpd"] > 0 and res["bpd_dequantized"] > 0  # held-out bits/dim of the official model
     run = tmp_path / "run"
     sf.main(["--init_from", str(TARFLOW), "--head_dim", "8", "--data", str(tmp_path / "d.npz"), "--steps", "1",
              "--lr", "1e-9", "--warmup", "0", "--batch_size", "8", "--eval_every", "0", "--out_dir", str(run),
