@@ -22,6 +22,7 @@ and a VAE decoder fine-tuned on noisy latents (Sec. 3.3) in place of the score-b
     python starflow.py --preset t2i256 --precompute captions.npz --data t2i/ --vae sd-vae/  # latents + captions
     python starflow.py --preset digits-latent --finetune_decoder 500   # -> out/starflow-digits-latent/decoder.pt
     python starflow.py --sample --ckpt CKPT --decoder out/starflow-digits-latent/decoder.pt   # no score step
+    python starflow.py --sample --ckpt afhq_model_8_768_8_8_0.07.pth   # official ml-tarflow / ml-starflow weights
 
 Text conditioning takes precomputed embeddings (no text encoder here): an .npz with `text` (N, L, txt_dim) float and
 optionally `text_mask` (N, L) bool (padding at the end) beside the images, from any encoder, e.g. the last hidden
@@ -33,6 +34,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,11 @@ class Config(common.TrainConfig):
     seq_order: str = common.opt("R2L", choices=("R2L", "L2R"))  # R2L: block i reversed if i is odd | L2R: if even
     cond_deep_only: bool = True  # conditioning in the deep block only (STARFlow) or in every block (TARFlow)
     rope: bool = False  # 2D RoPE instead of learned positions
+    rope_text: bool = False  # ml-starflow's 3D RoPE of a text model (8 frequency pairs turn with the text position)
+    class_cond: str = common.opt("prefix", choices=("prefix", "add"))  # prefix token | added to each token (ml-tarflow)
+    txt_null: str = common.opt("learned", choices=("learned", "caption"))  # null caption: learned | a fixed embedding
+    patch_order: str = common.opt("hwc", choices=("hwc", "chw"))  # patch vector (p, p, C) | (C, p, p) as F.unfold
+    prior_var: bool = False  # prior N(0, var) with a (T, D) buffer var (ml-tarflow's Model.var)
     final_norm: bool = False  # RMSNorm before each block's output projection (ml-starflow's use_final_norm)
     soft_clip: float = 4.0  # STARFlow's soft clip c*tanh(./c) on the predicted (mu, a); 0 = off
     noise_std: float = 0.1  # Gaussian noise augmentation sigma (TARFlow 0.05-0.15 in pixels, STARFlow 0.3 in latents)
@@ -100,7 +107,8 @@ class Config(common.TrainConfig):
                "jacobi_max_iter", "jacobi_threshold", "guidance", "guidance_rule", "guide_what", "guidance_anneal",
                "guide_all_blocks", "attn_temp", "denoise", "sample_batch", "grad_ckpt", "label_drop")
     # what checkpoints written before a model field existed were trained with (filled in by from_checkpoint)
-    LEGACY = {"seq_order": "R2L", "final_norm": False}
+    LEGACY = {"seq_order": "R2L", "final_norm": False, "rope_text": False, "class_cond": "prefix",
+              "txt_null": "learned", "patch_order": "hwc", "prior_var": False}
 
     def __post_init__(self):
         super().__post_init__()
@@ -110,6 +118,8 @@ class Config(common.TrainConfig):
             raise ValueError("--layers needs at least one flow block")
         if bool(self.txt_dim) != bool(self.txt_len):
             raise ValueError(f"text needs both --txt_dim and --txt_len (got {self.txt_dim}, {self.txt_len})")
+        if self.rope_text and not (self.rope and self.txt_dim and self.head_dim % 4 == 0 and self.head_dim > 16):
+            raise ValueError("--rope_text needs --rope, a text model and --head_dim a multiple of 4 above 16")
         if self.vae and self.vae_family == "none":
             raise ValueError(f"--vae {self.vae} needs a latent --vae_family (sd, sdxl or flux)")
         if self.dequant == "uniform" and self.vae_family != "none":
@@ -149,7 +159,7 @@ PRESETS = {
     # TARFlow conditional ImageNet 64 in pixels, ml-tarflow README.md (line): patch_size 2, channels 768, 8 blocks x
     # 8 layers (58), noise_std 0.05, batch 256, lr 1e-4, drop_label 0.1 (59); sampling --cfg 2.3 (104) with annealed
     # guidance (evaluate_fid.py:77) and the denoising step. Conditioning in every block; ml-tarflow adds a class
-    # embedding to every token, here it is a prefix token (which subsumes it); head_dim 64 as transformer_flow.py:131.
+    # embedding to every token (--class_cond add), here it is a prefix token; head_dim 64 as transformer_flow.py:131.
     "imagenet64-pixel": dict(data="imagenet64", img_size=64, channels=3, num_classes=1000, param="tarflow",
                              patch_size=2, width=768, head_dim=64, layers=(8,) * 8, cond_deep_only=False,
                              soft_clip=0.0, noise_std=0.05, label_drop=0.1, batch_size=256, lr=1e-4, warmup=5000,
@@ -171,7 +181,8 @@ class FlowBlock(nn.Module):
     TARFlow: the outputs are shifted right, so token 0 passes through unchanged; sigma = exp(a).
     STARFlow: a learned start token is prepended to the inputs, so token 0 is transformed too; sigma = softplus(a +
     0.5413). The conditioning (class token or text) is a prefix the causal attention sees from every position, as
-    STARFlow feeds text; TARFlow instead adds a class embedding to every token, which the prefix subsumes.
+    STARFlow feeds text; ml-tarflow instead adds a class embedding to every token (class_cond add, its null the mean
+    class embedding: transformer_flow.py MetaBlock.forward).
     """
 
     def __init__(self, cfg: Config, n_layers: int, seq_len: int, token_dim: int, grid: tuple[int, int], flip: bool,
@@ -179,11 +190,12 @@ class FlowBlock(nn.Module):
         super().__init__()
         self.cfg, self.flip, self.conditioned, self.seq_len = cfg, flip, conditioned, seq_len
         self.shift = 1 if cfg.param == "tarflow" else 0  # stream position p predicts token p + shift
-        self.prefix = (cfg.txt_len if cfg.txt_dim else 1 if cfg.num_classes else 0) if conditioned else 0
+        self.add_class = conditioned and not cfg.txt_dim and cfg.class_cond == "add"  # (num_classes > 0 here)
+        self.prefix = (cfg.txt_len if cfg.txt_dim else 0 if self.add_class else 1) if conditioned else 0
         W = cfg.width
         self.proj_in = nn.Linear(token_dim, W)
         self.layers = nn.ModuleList([common.Block(W, W // cfg.head_dim) for _ in range(n_layers)])
-        self.norm_out = nn.RMSNorm(W) if cfg.final_norm else None
+        self.norm_out = nn.RMSNorm(W, eps=1e-6) if cfg.final_norm else None  # eps as ml-starflow's RMSNorm
         self.proj_out = nn.Linear(W, 2 * token_dim)
         nn.init.zeros_(self.proj_out.weight)  # (mu, a) = 0: the block starts as the identity
         nn.init.zeros_(self.proj_out.bias)
@@ -191,13 +203,20 @@ class FlowBlock(nn.Module):
             self.sos = nn.Parameter(torch.randn(1, 1, token_dim))
         if cfg.rope:
             self.rope = common.RoPE(cfg.head_dim, grid, prefix=self.prefix)
+            if cfg.rope_text:
+                self.rope.cos, self.rope.sin = _text_rope(cfg.head_dim, grid[0], cfg.txt_len, self.prefix)
         else:
             self.pos = nn.Parameter(torch.randn(seq_len, W) * 0.02)
         if conditioned and cfg.txt_dim:
             self.proj_txt = nn.Linear(cfg.txt_dim, W)
-            self.null_txt = nn.Parameter(torch.randn(1, 1, W) * 0.02)  # the unconditional "caption"
+            if cfg.txt_null == "caption":  # ml-starflow: the encoder's embedding of "" (from_official sets it)
+                self.register_buffer("null_text", torch.zeros(cfg.txt_len, cfg.txt_dim))
+            else:
+                self.null_txt = nn.Parameter(torch.randn(1, 1, W) * 0.02)  # the unconditional "caption"
         elif conditioned and cfg.num_classes:
-            self.class_emb = nn.Embedding(cfg.num_classes + 1, W)  # + the null label
+            self.class_emb = nn.Embedding(cfg.num_classes + (not self.add_class), W)  # + the null label (prefix)
+            if self.add_class:
+                nn.init.normal_(self.class_emb.weight, std=0.01)  # as ml-tarflow transformer_flow.py:140
 
     # -- conditioning prefix ---------------------------------------------------------------------------------------
     def embed_cond(self, cond: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -208,12 +227,24 @@ class FlowBlock(nn.Module):
             return None, None
         null = cond["null"]
         if self.cfg.txt_dim:
-            c = self.proj_txt(cond["text"].to(self.proj_txt.weight.dtype))  # (B, L, W)
-            c = torch.where(null[:, None, None], self.null_txt.to(c.dtype).expand_as(c), c)
+            text = cond["text"]
+            if self.cfg.txt_null == "caption":
+                text = torch.where(null[:, None, None], self.null_text.to(text.dtype), text)
+            c = self.proj_txt(text.to(self.proj_txt.weight.dtype))  # (B, L, W)
+            if self.cfg.txt_null == "learned":
+                c = torch.where(null[:, None, None], self.null_txt.to(c.dtype).expand_as(c), c)
             keep = cond.get("text_mask")
             return c, None if keep is None else (keep | null[:, None])[:, None, None, :]
         y = torch.where(null, self.cfg.num_classes, cond["y"])
         return self.class_emb(y)[:, None], None  # (B, 1, W)
+
+    def class_add(self, cond: dict) -> torch.Tensor | None:
+        """class_cond add: the class embedding (B, 1, W) added to every token, the null label's being the mean of
+        them (ml-tarflow MetaBlock.forward and reverse_step); None otherwise."""
+        if not self.add_class:
+            return None
+        emb = self.class_emb(torch.where(cond["null"], 0, cond["y"]))
+        return torch.where(cond["null"][:, None], self.class_emb.weight.mean(0), emb)[:, None]
 
     def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Network output (..., W) -> (mu, log sigma) in fp32, each (..., D)."""
@@ -224,13 +255,15 @@ class FlowBlock(nn.Module):
         log_sigma = a if self.cfg.param == "tarflow" else F.softplus(a + INV_SOFTPLUS_1).log()
         return mu, log_sigma
 
-    def run(self, u: torch.Tensor, prefix=None, mask=None):
+    def run(self, u: torch.Tensor, prefix=None, mask=None, add=None):
         """The network on all stream positions: input u (B, P, D) -> (mu, log sigma), each (B, P, D). Training and
         likelihood path, through the shared transformer blocks (so FSDP's per-block hooks apply)."""
         n = u.shape[1]
         h = self.proj_in(u.to(self.proj_in.weight.dtype))  # the flow's state is fp32; the network may be bf16
         if not self.cfg.rope:
             h = h + self.pos[:n]
+        if add is not None:
+            h = h + add
         L = 0
         if prefix is not None:
             h, L = torch.cat([prefix.to(h.dtype), h], 1), prefix.shape[1]
@@ -259,7 +292,7 @@ class FlowBlock(nn.Module):
         """x (B, T, D) -> z (B, T, D) in fp32 (or fp64), log|det dz/dx| (B,)."""
         x = x.flip(1) if self.flip else x
         prefix, mask = self.embed_cond(cond)
-        mu, log_sigma = self.run(self.stream(x), prefix, mask)
+        mu, log_sigma = self.run(self.stream(x), prefix, mask, self.class_add(cond))
         if self.shift:  # TARFlow: token 0 maps by the identity
             mu, log_sigma = F.pad(mu, (0, 0, 1, 0)), F.pad(log_sigma, (0, 0, 1, 0))
         z = (_fp32(x) - mu) * torch.exp(-log_sigma)
@@ -273,9 +306,10 @@ class FlowBlock(nn.Module):
     # conditioning prefix through the layers once per call, LayerNorm gains folded into the weights, and no module
     # hooks per token (an FSDP2 model is gathered once per sampling call by `sample`, through common.full_params).
     # On CPU a one-token step is all dispatch overhead: bench.py measures it against ml-tarflow's decoder.
-    def start(self, nb: int, prefix, mask, device, temp: float = 1.0, n_temp: int = 0) -> dict:
+    def start(self, nb: int, prefix, mask, device, temp: float = 1.0, n_temp: int = 0, add=None) -> dict:
         """Decoding state for nb sequences; the prefix (nb, L, W) goes into the caches now. `temp` divides the
-        attention logits of the last `n_temp` sequences (TARFlow's temperature of the unconditional branch)."""
+        attention logits of the last `n_temp` sequences (TARFlow's temperature of the unconditional branch); `add`
+        (nb, 1, W) is added to every token's input (class_cond add)."""
         dt = _compute_dtype(self, device)
         Lmax, a = self.prefix + self.seq_len, self.layers[0].attn
         # zeros, not empty: the static-shape step attends to unwritten slots under a mask, and 0 * NaN would leak
@@ -284,7 +318,7 @@ class FlowBlock(nn.Module):
                   slots=torch.arange(Lmax, device=device),
                   key_mask=None if mask is None else torch.cat([mask, mask.new_ones(nb, 1, 1, self.seq_len)], -1),
                   tril=torch.ones(Lmax, Lmax, dtype=torch.bool, device=device).tril(), qscale=None, cs=None,
-                  w=self._weights(dt))
+                  w=self._weights(dt), add=add)
         if n_temp and temp != 1.0:
             st["qscale"] = torch.cat([torch.ones(nb - n_temp), torch.full((n_temp,), 1 / temp)]).to(
                 device, dt).view(nb, 1, 1, 1)
@@ -302,6 +336,8 @@ class FlowBlock(nn.Module):
         h = F.linear(u.reshape(nb * n, D).to(st["dtype"]), self.proj_in.weight, self.proj_in.bias).view(nb, n, -1)
         if not self.cfg.rope:  # dtypes as in the training forward (fp32 after this add under autocast)
             h = h + (self.pos.index_select(0, s.view(1)) if torch.is_tensor(s) else self.pos[s:s + n])
+        if st["add"] is not None:
+            h = h + st["add"]
         mu, log_sigma = self.head(self._layers(h, self.prefix + s, st))  # (nb n, D) each
         return mu.view(nb, n, D), log_sigma.view(nb, n, D)
 
@@ -366,13 +402,13 @@ class FlowBlock(nn.Module):
         every token and every call of the same batch size (fusing the LayerNorms, GELUs and adds on a GPU)."""
         B, T = z.shape[0], z.shape[1]
         z = _fp32(z.flip(1) if self.flip else z)
-        guided = guidance > 0 and (self.prefix > 0 or attn_temp != 1.0)
+        guided = guidance > 0 and (self.conditioned or attn_temp != 1.0)
         if guided:
             cond = {**{k: torch.cat([v, v]) for k, v in cond.items()},
                     "null": torch.cat([cond["null"], torch.ones_like(cond["null"])])}
         nb = 2 * B if guided else B
         prefix, mask = self.embed_cond(cond)
-        st = self.start(nb, prefix, mask, z.device, attn_temp, B if guided else 0)
+        st = self.start(nb, prefix, mask, z.device, attn_temp, B if guided else 0, self.class_add(cond))
         x = z.clone()  # x_0 = z_0 for TARFlow; every other token is overwritten
         P, nfe = T - self.shift, 0  # stream positions
 
@@ -413,6 +449,21 @@ class FlowBlock(nn.Module):
                     x[:, p + self.shift:p + self.shift + 1] = update(p, p + 1)
                     nfe += 1
         return (x.flip(1) if self.flip else x), nfe
+
+
+def _text_rope(head_dim: int, side: int, txt_len: int, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (prefix + side^2, head_dim/2) of ml-starflow's 3D RoPE (misc/pe.py, VisionRotaryEmbeddingFast with
+    latent_len = txt_len and get_positions '3d'): of the head_dim/2 frequencies the last 8, theta^(-k/8), turn with the
+    text position t / L * side (text tokens sit at x = y = 0); the others, theta^(-2k/(head_dim/2 - 8)), with x and
+    with y (image tokens at text position 0). fp32 as there. Its rotation pairs interleaved channels (2i, 2i+1);
+    from_official permutes the q and k rows of the weights into the half split of `_rotate`, which q.k is blind to."""
+    d = head_dim // 2 - 8
+    f = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+    px, py = torch.meshgrid(torch.arange(side) / side * side, torch.arange(side) / side * side, indexing="ij")
+    img = torch.cat([px.reshape(-1, 1) * f, py.reshape(-1, 1) * f, torch.zeros(side * side, 8)], 1)
+    t = torch.arange(prefix) / txt_len * side
+    ang = torch.cat([torch.cat([torch.zeros(prefix, d), t[:, None] * (1.0 / 10000 ** (torch.arange(8) / 8))], 1), img])
+    return ang.cos(), ang.sin()
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -484,16 +535,21 @@ class STARFlow(nn.Module):
             FlowBlock(cfg, n, self.T, self.D, (side, side), flip=(i + (cfg.seq_order == "L2R")) % 2 == 1,
                       conditioned=(i == K - 1 or not cfg.cond_deep_only) and bool(cfg.num_classes or cfg.txt_dim))
             for i, n in enumerate(cfg.layers)])
+        if cfg.prior_var:  # ml-tarflow's prior variance (all ones in its nvp models; Model.reverse scales z by it)
+            self.register_buffer("var", torch.ones(self.T, self.D))
 
-    def patchify(self, x):  # (B, C, H, W) -> (B, T, p*p*C)
+    def patchify(self, x):  # (B, C, H, W) -> (B, T, p*p*C), or (B, T, C*p*p) as F.unfold under patch_order chw
         B, C, H, W = x.shape
         p = self.cfg.patch_size
         if (C, H, W) != (self.C, self.S, self.S):
             raise ValueError(f"input of shape {(C, H, W)}, the model takes {(self.C, self.S, self.S)}")
-        return x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, self.T, self.D)
+        order = (0, 2, 4, 3, 5, 1) if self.cfg.patch_order == "hwc" else (0, 2, 4, 1, 3, 5)
+        return x.view(B, C, H // p, p, W // p, p).permute(*order).reshape(B, self.T, self.D)
 
-    def unpatchify(self, x):  # (B, T, p*p*C) -> (B, C, H, W)
+    def unpatchify(self, x):  # (B, T, D) -> (B, C, H, W)
         p, s = self.cfg.patch_size, self.S // self.cfg.patch_size
+        if self.cfg.patch_order == "chw":
+            return x.view(-1, s, s, self.C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(-1, self.C, self.S, self.S)
         return x.view(-1, s, s, p, p, self.C).permute(0, 5, 1, 3, 2, 4).reshape(-1, self.C, self.S, self.S)
 
     def make_cond(self, y=None, text=None, text_mask=None, null=None, batch: int | None = None,
@@ -531,6 +587,8 @@ class STARFlow(nn.Module):
     def log_prob(self, x, cond) -> torch.Tensor:
         """Exact log density of x under the flow (B,), in nats, Gaussian prior included."""
         z, logdet = self(x, cond)
+        if self.cfg.prior_var:  # N(0, var), the prior ml-tarflow's sampler draws from
+            return -0.5 * (_fp32(z).square() / self.var + torch.log(2 * math.pi * self.var)).sum((1, 2)) + logdet
         return -0.5 * _fp32(z).square().sum((1, 2)) - 0.5 * math.log(2 * math.pi) * z[0].numel() + logdet
 
 
@@ -583,11 +641,13 @@ def sample(model: STARFlow, cond: dict, cfg: Config, generator=None, z: torch.Te
     (B, C, H, W) and the number of sequential network evaluations."""
     B = cond["null"].shape[0]
     dev = next(model.parameters()).device
-    if cfg.guidance > 0 and cfg.attn_temp == 1 and not any(b.prefix for b in model.blocks):
+    if cfg.guidance > 0 and cfg.attn_temp == 1 and not any(b.conditioned for b in model.blocks):
         raise ValueError(f"guidance {cfg.guidance} asked of a model without a condition (pass guidance 0, or "
                          f"attn_temp != 1 for TARFlow's tempered unconditional branch)")
     if z is None:
         z = torch.randn(B, model.T, model.D, device=dev, generator=generator)
+    if cfg.prior_var:
+        z = z * model.var.sqrt()  # ml-tarflow transformer_flow.py Model.reverse
     chunk, iters = (cfg.jacobi_chunk, cfg.jacobi_max_iter) if cfg.sampler == "jacobi" else (1, 1)
     x, nfe = z, 0
     # --compile: a graph per block shape and batch size (`FlowBlock.reverse`), more than dynamo's default 8 allows
@@ -619,6 +679,134 @@ def denoise(model: STARFlow, x: torch.Tensor, cond: dict, sigma: float, parts: i
             (score,) = torch.autograd.grad(model.log_prob(xb, c).sum(), xb)
         out.append((xb + sigma ** 2 * score).detach())
     return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Official weights: the state dicts of apple/ml-tarflow and apple/ml-starflow (transformer_flow.Model), as released
+
+
+def official_source(state) -> str | None:
+    """"tarflow" | "starflow" for a state dict the official code saved (flat, tensors, its Model's keys), else None.
+    ml-starflow's have a start token, RoPE tables, text projections or final norms; a plain ml-starflow model with
+    none of them would pass for ml-tarflow's."""
+    if not isinstance(state, dict) or "blocks.0.proj_in.weight" not in state or \
+            not all(torch.is_tensor(v) for v in state.values()):
+        return None
+    star = any(k.startswith("feat_rope.") or k.endswith((".sos_embed", ".proj_txt.weight", ".final_norm.weight"))
+               for k in state)
+    return "starflow" if star else "tarflow"
+
+
+def from_official(path, device="cpu", null_text=None, *, state=None, **overrides) -> tuple[STARFlow, Config]:
+    """An official checkpoint file (`state`: what was read from it) -> our STARFlow computing the same function, and its
+    Config: the architecture from the tensor shapes; `overrides` only for what the weights do not carry (noise_std,
+    channels / vae_family / img_size where the patch is ambiguous, head_dim without RoPE tables; ml-starflow's
+    param, soft_clip, seq_order) and run-time fields. null_text: ml-starflow's null caption, the text encoder's
+    embedding of "" (txt_len, txt_dim) (array, tensor or .npy path), which its guidance feeds the null branch.
+    Sampler defaults are the official sampling scripts' (cited below)."""
+    sd = common.load_checkpoint(path) if state is None else state
+    src = official_source(sd)
+    if src is None:
+        raise ValueError(f"{path} is not an ml-tarflow / ml-starflow state dict")
+    sd = {k: v.float() for k, v in sd.items()}
+    if "var" not in sd or (src == "starflow" and "blocks.0.attn_mask" not in sd):  # persistent buffers of its Model
+        raise ValueError(f"{path}: no `var` / `attn_mask` buffers to read the token grid and text length from")
+    K = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    layers = tuple(len({k.split(".")[3] for k in sd if k.startswith(f"blocks.{i}.attn_blocks.")}) for i in range(K))
+    bad = [k for k in sd if k.startswith("learnable_self_denoiser.")] or [i for i in range(K) if not layers[i]]
+    if bad:
+        raise ValueError(f"{path}: ml-starflow's learnable denoiser / identity blocks are not supported ({bad[0]})")
+    W, D = sd["blocks.0.proj_in.weight"].shape
+    T = sd["var"].shape[0]  # the grid, for ml-starflow pt_seq_len^2 (its default)
+    txt = [i for i in range(K) if f"blocks.{i}.proj_txt.weight" in sd]
+    if src == "tarflow":  # ml-tarflow: every block conditioned by an added class embedding, F.unfold patches, var
+        n_cls = sd["blocks.0.class_embed"].shape[0] if "blocks.0.class_embed" in sd else 0
+        inf = dict(param="tarflow", num_classes=n_cls, txt_dim=0, txt_len=0, class_cond="add", cond_deep_only=False,
+                   patch_order="chw", prior_var=True, rope=False, final_norm=False, seq_order="R2L", soft_clip=0.0)
+        named = re.search(r"_(\d*\.\d+)\.pth$", str(path))  # train.py:88 names it ..._{noise_std:.2f}.pth
+        dflt = dict(noise_std=float(named.group(1)) if named else 0.05, channels=3, vae_family="none", head_dim=64,
+                    # evaluate_fid.py: --cfg 0 (:136), annealed (:77), --attn_temp 1 (:137), denoising (:140);
+                    # transformer_flow.py Model.reverse (:317): guide_what "ab", every block guided
+                    sampler="sequential", guidance=0.0, guidance_rule="tarflow", guide_what="ab",
+                    guidance_anneal=True, guide_all_blocks=True, attn_temp=1.0, denoise=True)
+    else:  # ml-starflow: text prefix in the deep block (cond_top_only), start token, softplus, channel-last patches
+        if f"blocks.{K - 1}.sos_embed" not in sd or (txt and txt not in ([K - 1], list(range(K)))):
+            raise ValueError(f"{path}: only ml-starflow models with a start token (sos) and text in the deep block "
+                             f"or in every block are supported")
+        L = sd["blocks.0.attn_mask"].shape[0] - T if txt else 0
+        rope = "blocks.0.pos_embed" not in sd
+        inf = dict(num_classes=0, txt_dim=sd[f"blocks.{K - 1}.proj_txt.weight"].shape[1] if txt else 0, txt_len=L,
+                   txt_null="caption", cond_deep_only=len(txt) == 1 and K > 1, rope=rope, rope_text=rope and bool(txt),
+                   final_norm="blocks.0.final_norm.weight" in sd, patch_order="hwc", class_cond="prefix",
+                   prior_var=False)
+        if "feat_rope.freqs_cos" in sd:
+            inf["head_dim"] = sd["feat_rope.freqs_cos"].shape[1]
+        # configs/starflow_3B_t2i_256x256.yaml: use_softplus (22), soft_clip 4 (31), seq_order L2R (20), noise 0.3
+        # (12), sd-vae-ft-ema (25); train.py:486 head_dim 64. sample.py: --cfg 5 (:366), --jacobi 0 (:360),
+        # --attn_temp 1 (:358), no annealing (:180), logits_guided (transformer_flow.py:606), shallow blocks unguided
+        # under cond_top_only (:1284), the fine-tuned decoder --finetuned_vae (:368) instead of the score step
+        # (utils/inference.py:218)
+        dflt = dict(param="starflow", soft_clip=4.0, seq_order="L2R", noise_std=0.3, channels=3, vae_family="sd",
+                    head_dim=64, sampler="sequential", guidance=5.0 if txt else 0.0, guidance_rule="starflow",
+                    guidance_anneal=False, guide_all_blocks=not inf["cond_deep_only"], attn_temp=1.0, denoise=False)
+    inf.update(width=W, layers=layers)
+    for k, v in overrides.items():
+        if k in inf and v != inf[k]:
+            raise ValueError(f"{path}: the weights say {k}={inf[k]!r}, not {v!r}")
+    c = {**dflt, **overrides, **inf}
+    down, ch = (1, c["channels"]) if c["vae_family"] == "none" else \
+        (8, {"sd": 4, "sdxl": 4, "flux": 16}[c["vae_family"]])  # latent_shape's f8 VAEs
+    side, p = math.isqrt(T), math.isqrt(D // ch)
+    c.setdefault("img_size", side * p * down), c.setdefault("patch_size", p)
+    if side * side != T or ch * p * p != D or (c["img_size"], c["patch_size"]) != (side * p * down, p):
+        raise ValueError(f"{path}: {T} tokens of {D} dims are not {ch}-channel square patches of a square image of "
+                         f"{c['img_size']} (patch {c['patch_size']}); pass channels, vae_family or img_size")
+    cfg = Config(**c)
+    if cfg.txt_dim and null_text is None and cfg.guidance > 0:
+        raise ValueError(f"guidance {cfg.guidance} of an ml-starflow text model needs null_text (--null_text NPY): "
+                         f"the text encoder's embedding of the empty caption, ({cfg.txt_len}, {cfg.txt_dim})")
+    model = STARFlow(cfg, *latent_shape(cfg))
+    missing, unexpected = model.load_state_dict(_official_state(sd, model, src), strict=False)
+    if unexpected or [k for k in missing if not k.endswith(".null_text")]:
+        raise ValueError(f"{path}: keys the {src} mapping does not place: {(unexpected + missing)[:4]}")
+    if null_text is not None:
+        nt = torch.as_tensor(np.load(null_text) if isinstance(null_text, (str, Path)) else null_text).float()
+        if not cfg.txt_dim or nt.shape != (cfg.txt_len, cfg.txt_dim):
+            raise ValueError(f"null_text must be ({cfg.txt_len}, {cfg.txt_dim}) for this text model, got "
+                             f"{tuple(nt.shape)}" if cfg.txt_dim else "null_text is for ml-starflow text models")
+        for b in model.blocks:
+            if hasattr(b, "null_text"):
+                b.null_text.copy_(nt)
+    model.__dict__["vae"] = load_vae(cfg, device) if cfg.vae or cfg.vae_family == "none" else None  # --vae decodes
+    return model.to(device).eval(), cfg
+
+
+def _official_state(sd: dict, model: STARFlow, src: str) -> dict:
+    """The official Model's keys and layouts -> ours (the dropped buffers are constants: causal masks, RoPE tables
+    left in ml-starflow's files, and its unused `var`)."""
+    subs = ((r"\.attn_blocks\.(\d+)\.attention\.norm\.", r".layers.\1.norm1."),
+            (r"\.attn_blocks\.(\d+)\.attention\.", r".layers.\1.attn."),
+            (r"\.attn_blocks\.(\d+)\.mlp\.norm\.", r".layers.\1.norm2."),
+            (r"\.attn_blocks\.(\d+)\.mlp\.main\.", r".layers.\1.mlp."), (r"\.pos_embed$", ".pos"),
+            (r"\.class_embed$", ".class_emb.weight"), (r"\.sos_embed$", ".sos"), (r"\.final_norm\.", ".norm_out."))
+    Dh, out = model.cfg.head_dim, {}
+    for k, v in sd.items():
+        if k.endswith(".attn_mask") or k.startswith("feat_rope.") or (k == "var" and src == "starflow"):
+            continue
+        for a, b in subs:
+            k = re.sub(a, b, k)
+        if k.endswith(".pos") and model.blocks[int(k.split(".")[1])].flip:
+            v = v.flip(0)  # the official permutes pos_embed with the tokens; ours is indexed by stream position
+        elif k.endswith(".class_emb.weight"):
+            v = v[:, 0]  # (N, 1, W)
+        elif k.endswith(".norm_out.weight"):
+            v = 1 + v  # ml-starflow's RMSNorm scales by 1 + weight
+        elif ".attn.qkv." in k and model.cfg.rope:  # interleaved RoPE pairs (2i, 2i+1) -> halves (i, i + Dh/2)
+            idx = torch.arange(v.shape[0]).view(3, -1, Dh)
+            idx[:2] = idx[:2][..., torch.cat([torch.arange(0, Dh, 2), torch.arange(1, Dh, 2)])]
+            v = v[idx.reshape(-1)]
+        out[k] = v
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -811,8 +999,9 @@ def sample_batch(model: STARFlow, cfg: Config, device) -> int:
     dev = torch.device(device)
     amp = cfg.amp and dev.type == "cuda"
     nbytes = 2 if amp else next(model.parameters()).element_size()
-    per = max(2 * len(b.layers) * (b.prefix + b.seq_len) * cfg.width * nbytes * (2 if b.prefix or cfg.attn_temp != 1
-                                                                                  else 1) for b in model.blocks)
+    per = max(2 * len(b.layers) * (b.prefix + b.seq_len) * cfg.width * nbytes * (2 if b.conditioned or
+                                                                                  cfg.attn_temp != 1 else 1)
+              for b in model.blocks)
     budget = torch.cuda.mem_get_info(dev)[0] / 4 if dev.type == "cuda" else 4 * 2 ** 30
     return int(max(1, min(256, budget // per)))
 
@@ -934,11 +1123,15 @@ def finetune_decoder(cfg: Config, steps: int, d: common.Dist) -> Path:
     return path
 
 
-def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[STARFlow, Config]:
+def from_checkpoint(path: str, device="cpu", null_text=None, **overrides) -> tuple[STARFlow, Config]:
     """A trained model ready to sample (EMA weights, eval mode) and its config; `overrides` may change run-time fields
     (sampler, guidance, ...). `model.vae` is the VAE of a latent model (None in pixel space); it is kept out of the
-    module tree, so the flow's state dict stays the flow's."""
+    module tree, so the flow's state dict stays the flow's. An official state dict goes to `from_official`."""
     state = common.load_checkpoint(path)
+    if official_source(state):
+        return from_official(path, device, null_text, state=state, **overrides)
+    if null_text is not None:
+        raise ValueError(f"--null_text is for official ml-starflow weights; {path} is a {state.get('kind')} checkpoint")
     if state.get("kind") == Config.NAME:  # checkpoints from before a model field existed
         state["config"] = {**Config.LEGACY, **state["config"]}
     cfg = common.config_from_checkpoint(Config, state, overrides, what=str(path))
@@ -955,6 +1148,10 @@ def main(argv=None):
                        help="text embeddings (`text`, `text_mask`) to --sample a text-conditional model from")
         p.add_argument("--finetune_decoder", metavar="STEPS", type=int, default=0,
                        help="fine-tune the VAE decoder on noisy latents for STEPS steps -> <out_dir>/decoder.pt")
+        p.add_argument("--init_from", metavar="CKPT", default=None,
+                       help="train from these weights (ours or an official .pth): the model fields are theirs")
+        p.add_argument("--null_text", metavar="NPY", default=None,
+                       help="official ml-starflow weights: the (txt_len, txt_dim) embedding of the empty caption")
     cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=extra, doc=__doc__)
     if args.plot:
         return common.print0(f"wrote {common.plot_log(args.plot)}")
@@ -967,8 +1164,10 @@ def main(argv=None):
         return finetune_decoder(cfg, args.finetune_decoder, d)
 
     if args.sample or args.eval:
-        model, cfg = from_checkpoint(ckpt, d.device, **overrides)
+        model, cfg = from_checkpoint(ckpt, d.device, args.null_text, **overrides)
         vae = model.vae
+        if vae is None and cfg.vae_family != "none":
+            raise ValueError(f"a latent model ({cfg.vae_family}) needs --vae PATH to decode its samples")
         if args.eval:
             res = evaluate(model, cfg, vae, d)
             common.print0(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
@@ -993,7 +1192,14 @@ def main(argv=None):
         return
 
     common.seed_all(cfg.seed)  # the same initial weights on every rank
+    if args.init_from:  # fine-tuning: the architecture is the weights' (an official file's as `from_official` reads it)
+        src, scfg = from_checkpoint(args.init_from, "cpu", args.null_text, **overrides)
+        if scfg.txt_null == "caption" and cfg.label_drop > 0 and args.null_text is None:
+            raise ValueError("--label_drop of an ml-starflow text model needs --null_text (or --label_drop 0)")
+        cfg = dataclasses.replace(cfg, **{k: getattr(scfg, k) for k in common.model_fields(cfg)})
     model, vae = build(cfg, d.device)
+    if args.init_from:
+        model.load_state_dict(src.state_dict())
     data = load_data(cfg)
     check_labels(cfg, data)
     padded = text_padded(data)  # no padding anywhere: no key masks, fused attention kernels

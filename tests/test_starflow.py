@@ -40,7 +40,10 @@ CASES = [dict(param="tarflow"), dict(param="starflow"), dict(param="starflow", c
          dict(param="tarflow", cond_deep_only=False, rope=True),
          dict(param="starflow", num_classes=0, txt_dim=6, txt_len=4),
          dict(param="starflow", num_classes=0, guidance=0.0),
-         dict(param="tarflow", seq_order="L2R", final_norm=True, rope=True)]
+         dict(param="tarflow", seq_order="L2R", final_norm=True, rope=True),
+         dict(param="tarflow", class_cond="add", cond_deep_only=False, patch_order="chw", prior_var=True),  # ml-tarflow
+         dict(param="starflow", num_classes=0, txt_dim=6, txt_len=4, txt_null="caption", rope=True, rope_text=True,
+              head_dim=32, final_norm=True, seq_order="L2R")]  # ml-starflow
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
@@ -78,10 +81,11 @@ def test_kv_cache_steps_equal_full_causal_forward(case):
     x = torch.randn(2, m.T, m.D, dtype=torch.float64)
     cond = _cond(m, 2, text=bool(cfg.txt_dim))
     prefix, mask = block.embed_cond(cond)
-    mu, ls = block.run(block.stream(x), prefix, mask)
+    add = block.class_add(cond)
+    mu, ls = block.run(block.stream(x), prefix, mask, add)
     P = m.T - block.shift
     for n in (1, 3):  # one token per step (sequential), and chunks of 3 (Jacobi's causal mask inside a chunk)
-        st = block.start(2, prefix, mask, "cpu")
+        st = block.start(2, prefix, mask, "cpu", add=add)
         steps = [block.step(block.stream(x, p, min(p + n, P)), p, st) for p in range(0, P, n)]
         torch.testing.assert_close(torch.cat([s[0] for s in steps], 1), mu, atol=1e-10, rtol=0)
         torch.testing.assert_close(torch.cat([s[1] for s in steps], 1), ls, atol=1e-10, rtol=0)
