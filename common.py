@@ -1296,7 +1296,7 @@ class TrainConfig:
     ema_decay: float = opt(0.999, max=0.99999)  # EMA of the weights, used for sampling and eval (0 = off)
     seed: int = 0  # base seed (each rank adds its rank)
     log_every: int = 50  # steps between log.jsonl lines (0 = off)
-    logger: str = opt("none", choices=("none", "tensorboard", "wandb"))  # also send log.jsonl's numbers and the PNG figures of each evaluation to TensorBoard (<out_dir>/tensorboard) or Weights & Biases ($WANDB_PROJECT, default flowzoo)
+    logger: str = opt("none", choices=("none", "tensorboard", "wandb"))  # also log to TensorBoard | W&B (README)
     eval_every: int = 500  # steps between evaluations / sample grids (0 = only at the end)
     ckpt_every: int = 500  # steps between checkpoints (0 = only at the end)
     amp: bool = True  # bf16 mixed precision: autocast on GPU; under --fsdp, FSDP2's bf16 weights (on CPU too)
@@ -1306,6 +1306,7 @@ class TrainConfig:
     stop_after: int = 0  # stop with a checkpoint after this many steps of this run (job time limits); 0 = off
     fid_ref: str = ""  # --eval also gives the Inception FID against this image folder, .npz of images or mu/sigma .npz
     fid_weights: str = ""  # the FID's Inception weights: a local pt_inception-2015-12-05-6726825d.pth (pytorch-fid)
+    fid_n: int = opt(10000, min=2)  # samples the FID is computed on (published figures use 50000; FID falls with n)
 
     NAME: ClassVar[str] = "model"  # the model file: default out_dir, and what its checkpoints are checked against
     # fields of a model config that may differ from a checkpoint's (sampler settings and the like)
@@ -1678,6 +1679,13 @@ def load_digits(split: str = "train", size: int = 8) -> tuple[torch.Tensor, torc
     if size != 8:
         x = F.interpolate(x, size=(size, size), mode="nearest")
     return (x * 255).round().clamp(0, 255).to(torch.uint8), torch.tensor(y[keep], dtype=torch.int64)
+
+
+def check_heldout(n: int, se: float, metric: str, remedy: str, tol: float = 0.01):
+    """One warning line when a held-out metric is too noisy to compare models: its standard error above `tol`."""
+    if se > tol:
+        print0(f"warning: {metric} on {n} held-out examples has a standard error of {se:.3g}, so differences below "
+               f"{2 * se:.2g} are noise; hold out more: {remedy}", file=sys.stderr)
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -2219,10 +2227,9 @@ def record_attention(calls: list, fused: bool = False):
 def as_fsdp_bf16(model: nn.Module) -> nn.Module:
     """What FSDP2's MixedPrecisionPolicy(param_dtype=bf16) does to a model's forward, in one process and on any
     device: bf16 parameters, autocast off, and the root's floating-point inputs cast to bf16 (cast_forward_inputs)."""
-    def cast(module, args, kwargs):
-        def bf16(a):
-            return a.bfloat16() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-        return tuple(bf16(a) for a in args), {k: bf16(v) for k, v in kwargs.items()}
+    def cast(module, args, kwargs):  # into nested lists and dicts too, as FSDP2 does
+        return torch.utils._pytree.tree_map_only(torch.Tensor, lambda a: a.bfloat16() if a.is_floating_point() else a,
+                                                 (args, kwargs))
     model.to(torch.bfloat16).register_forward_pre_hook(cast, with_kwargs=True)
     return model
 
@@ -2283,18 +2290,17 @@ def dry_run(cfg: TrainConfig, build: Callable[[], nn.Module], loss: Callable[[nn
     one and the prefetched next); the activations of a micro-batch (batch_size / gpus / grad_accum) as a fused
     attention kernel keeps them, with and without gradient checkpointing of the blocks; and, from
     sample_bytes(model), the sampler's caches or states. Every attention call is recorded: a dense (L, L) mask is
-    listed with its size. `parts` names parameter-name prefixes to count apart (default: the top-level modules)."""
+    listed with its size. `parts` names parameter-name prefixes to count apart, the first match taking a parameter
+    (default: the top-level modules; "other" for the rest)."""
     with torch.device("meta"):
         model = as_fsdp_bf16(build())
     named = list(model.named_parameters())
     n_params = sum(p.numel() for _, p in named)
     parts = parts or {n: n for n, _ in model.named_children()}
-    by_part = {name: sum(p.numel() for n, p in named if n.startswith(prefix + ".") or n == prefix)
-               for name, prefix in parts.items()}
-    by_part = {k: v for k, v in by_part.items() if v}
-    rest = n_params - sum(by_part.values())
-    if rest:
-        by_part["other"] = rest
+    by_part = {}
+    for n, p in named:  # each parameter to the first part whose prefix it has
+        part = next((k for k, pre in parts.items() if n.startswith(pre + ".") or n == pre), "other")
+        by_part[part] = by_part.get(part, 0) + p.numel()
     micro = max(1, cfg.batch_size // (gpus * cfg.grad_accum))
     calls = []
     with torch.device("meta"):  # the loss's own inputs (torch.randn and the like) are shapes too

@@ -79,6 +79,7 @@ class Config(common.TrainConfig):
     rope_text: bool = False  # ml-starflow's 3D RoPE of a text model (8 frequency pairs turn with the text position)
     class_cond: str = common.opt("prefix", choices=("prefix", "add"))  # prefix token | added to each token (ml-tarflow)
     txt_null: str = common.opt("learned", choices=("learned", "caption"))  # null caption: learned | a fixed embedding
+    text_padding: str = common.opt("mask", choices=("mask", "zero"))  # padded caption tokens: mask | zero (ml-starflow)
     patch_order: str = common.opt("hwc", choices=("hwc", "chw"))  # patch vector (p, p, C) | (C, p, p) as F.unfold
     prior_var: bool = False  # prior N(0, var) with a (T, D) buffer var (ml-tarflow's Model.var)
     final_norm: bool = False  # RMSNorm before each block's output projection (ml-starflow's use_final_norm)
@@ -108,7 +109,7 @@ class Config(common.TrainConfig):
                "guide_all_blocks", "attn_temp", "denoise", "sample_batch", "grad_ckpt", "label_drop")
     # what checkpoints written before a model field existed were trained with (filled in by from_checkpoint)
     LEGACY = {"seq_order": "R2L", "final_norm": False, "rope_text": False, "class_cond": "prefix",
-              "txt_null": "learned", "patch_order": "hwc", "prior_var": False}
+              "txt_null": "learned", "patch_order": "hwc", "prior_var": False, "text_padding": "mask"}
 
     def __post_init__(self):
         super().__post_init__()
@@ -149,13 +150,14 @@ PRESETS = {
     # (13), lr 6.4e-5 (14), rope (17), seq_order L2R (20), use_softplus (22), cond_top_only (23), use_final_norm (24),
     # text google/flan-t5-xl (27: d_model 2048 -> txt_dim), cfg 2.5 (28, the guidance of its training-time samples;
     # sample.py:366 defaults to --cfg 5 at sampling time), drop_label 0.1 (29), soft_clip 4 (31),
-    # latent_norm_regularization 1e-4 (32); head_dim 64 is train.py:486's default.
+    # latent_norm_regularization 1e-4 (32); head_dim 64 is train.py:486's default; padded caption tokens zeroed and
+    # attended, no mask (utils/common.py:132, transformer_flow.py:438), so attention stays causal and fused.
     "t2i256": dict(data="captions.npz", img_size=256, channels=3, num_classes=0, txt_dim=2048, txt_len=128,
                    vae_family="sd", patch_size=1, width=3072, head_dim=64, layers=(2, 2, 2, 2, 2, 24),
-                   seq_order="L2R", final_norm=True, rope=True, soft_clip=4.0, noise_std=0.3, latent_reg=1e-4,
-                   label_drop=0.1, batch_size=1024, lr=6.4e-5, warmup=10000, steps=1_000_000, ema_decay=0.9999,
-                   eval_every=10000, ckpt_every=5000, log_every=100, jacobi_chunk=32, jacobi_max_iter=32,
-                   jacobi_threshold=1e-3, guidance=2.5),
+                   text_padding="zero", seq_order="L2R", final_norm=True, rope=True, soft_clip=4.0, noise_std=0.3,
+                   latent_reg=1e-4, label_drop=0.1, batch_size=1024, lr=6.4e-5, warmup=10000, steps=1_000_000,
+                   ema_decay=0.9999, eval_every=10000, ckpt_every=5000, log_every=100, jacobi_chunk=32,
+                   jacobi_max_iter=32, jacobi_threshold=1e-3, guidance=2.5),
     # TARFlow conditional ImageNet 64 in pixels, ml-tarflow README.md (line): patch_size 2, channels 768, 8 blocks x
     # 8 layers (58), noise_std 0.05, batch 256, lr 1e-4, drop_label 0.1 (59); sampling --cfg 2.3 (104) with annealed
     # guidance (evaluate_fid.py:77) and the denoising step. Conditioning in every block; ml-tarflow adds a class
@@ -565,7 +567,10 @@ class STARFlow(nn.Module):
                 raise ValueError(f"text embeddings must be (B, {cfg.txt_len}, {cfg.txt_dim}), got "
                                  f"{None if text is None else tuple(text.shape)}")
             cond["text"] = text
-            if text_mask is not None:
+            if text_mask is not None and cfg.text_padding == "zero":  # ml-starflow utils/common.py:132: zeroed and
+                # attended, no key mask, so every attention stays causal and fused (a mask costs (B, L, L) per call)
+                cond["text"] = text * text_mask[..., None].to(text.dtype)
+            elif text_mask is not None:
                 cond["text_mask"] = text_mask.bool()
         elif cfg.num_classes:
             if y is None or (check and (y.min() < 0 or y.max() >= cfg.num_classes)):
@@ -736,8 +741,8 @@ def from_official(path, device="cpu", null_text=None, *, state=None, **overrides
         L = sd["blocks.0.attn_mask"].shape[0] - T if txt else 0
         rope = "blocks.0.pos_embed" not in sd
         inf = dict(num_classes=0, txt_dim=sd[f"blocks.{K - 1}.proj_txt.weight"].shape[1] if txt else 0, txt_len=L,
-                   txt_null="caption", cond_deep_only=len(txt) == 1 and K > 1, rope=rope, rope_text=rope and bool(txt),
-                   final_norm="blocks.0.final_norm.weight" in sd, patch_order="hwc", class_cond="prefix",
+                   txt_null="caption", text_padding="zero", cond_deep_only=len(txt) == 1 and K > 1, rope=rope,
+                   rope_text=rope and bool(txt),                   final_norm="blocks.0.final_norm.weight" in sd, patch_order="hwc", class_cond="prefix",
                    prior_var=False)
         if "feat_rope.freqs_cos" in sd:
             inf["head_dim"] = sd["feat_rope.freqs_cos"].shape[1]
@@ -963,13 +968,13 @@ def eval_conditions(cfg: Config, data, n: int) -> tuple[torch.Tensor, torch.Tens
 
 @torch.no_grad()
 def heldout_bpd(model: STARFlow, cfg: Config, data, vae, d: common.Dist, dequantize: bool, n_max: int = 2000,
-                bs: int = 256) -> float:
-    """Bits/dim on held-out data. Pixels with `dequantize`: uniform dequantisation, x = (u + U[0,1)) / 128 - 1 -- a
+                bs: int = 256) -> tuple[float, float, int]:
+    """Bits/dim on held-out data -> (mean, its standard error, examples). Pixels with `dequantize`: uniform dequantisation, x = (u + U[0,1)) / 128 - 1 -- a
     bound on the discrete likelihood (as ml-tarflow's evaluate_bpd.py), the published kind; else the density of the
     data with the training noise (Gaussian noise_std, or uniform under --dequant uniform)."""
     g = torch.Generator(device="cpu").manual_seed(1234)
     start, count = common.rank_split(min(len(data), n_max), d)
-    tot = torch.zeros(2, device=d.device)
+    tot = torch.zeros(3, device=d.device)
     padded = text_padded(data)
     uniform = dequantize or (cfg.dequant == "uniform" and vae is None)
     for batch in _loader(data, start, count, bs, cfg.num_workers):
@@ -983,10 +988,12 @@ def heldout_bpd(model: STARFlow, cfg: Config, data, vae, d: common.Dist, dequant
             else 0.0
         cond = batch_cond(model, batch, padded=padded)
         nll = -model.log_prob(x, cond) / x[0].numel() + extra  # nats/dim, per sample
-        tot += torch.stack([nll.sum(), torch.tensor(float(len(nll)), device=d.device)])
+        tot += torch.stack([nll.sum(), nll.square().sum(), torch.tensor(float(len(nll)), device=d.device)])
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(tot)
-    return (tot[0] / tot[1]).item() / math.log(2)
+    s1, s2, n = tot.tolist()
+    mean, var = s1 / n, max(s2 / n - (s1 / n) ** 2, 0.0) * n / max(n - 1, 1)
+    return mean / math.log(2), math.sqrt(var / n) / math.log(2), int(n)  # bits/dim
 
 
 def sample_batch(model: STARFlow, cfg: Config, device) -> int:
@@ -1034,9 +1041,10 @@ def evaluate(model, cfg: Config, vae, d: common.Dist, n_samples: int = 500) -> d
     distance of class-conditional samples, with the configured guidance and without."""
     model.eval()
     test = load_data(cfg, "val")
-    out = {"bpd": heldout_bpd(model, cfg, test, vae, d, dequantize=False)}
+    out = dict(zip(("bpd", "bpd_se", "bpd_n"), heldout_bpd(model, cfg, test, vae, d, dequantize=False)))
     if vae is None and len(test) and test[0][0].dtype == torch.uint8:
-        out["bpd_dequantized"] = heldout_bpd(model, cfg, test, vae, d, dequantize=True)
+        out["bpd_dequantized"], out["bpd_dequantized_se"], _ = heldout_bpd(model, cfg, test, vae, d, dequantize=True)
+    common.check_heldout(out["bpd_n"], out["bpd_se"], "bits/dim", "--val_data, or a larger --val_frac")
     if cfg.data == "digits" and cfg.num_classes:
         start, count = common.rank_split(n_samples, d)
         labels = torch.arange(start, start + count) % cfg.num_classes
@@ -1048,12 +1056,42 @@ def evaluate(model, cfg: Config, vae, d: common.Dist, n_samples: int = 500) -> d
                 m = common.digits_metrics(imgs, labs)
                 out.update({f"{k}_{name}": v for k, v in m.items() if k != "fd_floor"}, fd_floor=m["fd_floor"])
                 out[f"nfe_{name}"] = nfe
+    if cfg.fid_ref:  # the standard Inception FID, of samples for the held-out conditions, with the configured guidance
+        start, count = common.rank_split(cfg.fid_n, d)
+        labels, text, mask = (t if t is None else t[start:start + count] for t in eval_conditions(cfg, test, cfg.fid_n))
+        imgs = common.gather(generate(model, cfg, labels, vae, cfg.seed + 11 + d.rank, text, mask)[0], d)
+        if d.is_main:
+            out.update(fid=common.fid(imgs, cfg.fid_ref, cfg.fid_weights, d.device), fid_n=len(imgs))
     model.train()
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Trainer
+
+
+def dry_run(cfg: Config, gpus: int) -> dict:
+    """--dry_run: the config on the meta device (common.dry_run), its training loss as train() runs it, and the KV
+    caches of sequential / Jacobi sampling (sample_batch's rule: both guidance branches, bf16) per sample and at the
+    default batch on an empty 80 GB GPU."""
+    shape = latent_shape(cfg)
+
+    def loss(model, b):
+        x = torch.randn(b, shape[0], shape[1], shape[1])
+        pad = torch.arange(cfg.txt_len) < (cfg.txt_len + 1) // 2  # captions padded to the full length
+        batch = (x, torch.zeros(b, dtype=torch.long), torch.randn(b, cfg.txt_len, cfg.txt_dim), pad.expand(b, -1))
+        return nll_loss(model, x, batch_cond(model, batch, cfg.label_drop), cfg.noise_std, cfg.latent_reg)
+
+    def caches(model):
+        per = max(2 * len(b.layers) * (b.prefix + b.seq_len) * cfg.width * 2 * (2 if b.conditioned or
+                                                                                  cfg.attn_temp != 1 else 1)
+                  for b in model.blocks)
+        return {"kv_cache_per_sample": per, f"kv_cache_batch{min(256, 20 * 2 ** 30 // per)}":
+                per * min(256, 20 * 2 ** 30 // per)}
+
+    parts = {"deep block": f"blocks.{len(cfg.layers) - 1}", "shallow blocks": "blocks"}
+    return common.dry_run(cfg, lambda: STARFlow(cfg, *shape), loss, tokens=(shape[1] // cfg.patch_size) ** 2,
+                          gpus=gpus, block_types=(common.Block,), sample_bytes=caches, parts=parts)
 
 
 def build(cfg: Config, device) -> tuple[STARFlow, object]:
@@ -1155,6 +1193,8 @@ def main(argv=None):
     cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=extra, doc=__doc__)
     if args.plot:
         return common.print0(f"wrote {common.plot_log(args.plot)}")
+    if args.dry_run:
+        return common.print0(json.dumps(dry_run(cfg, args.gpus)))
     d = common.setup_distributed(cfg.device)
     ckpt = args.ckpt or str(Path(cfg.out_dir) / "ckpt.pt")
 

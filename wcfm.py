@@ -775,6 +775,12 @@ def evaluate(model: Flow, cfg: Config, out_dir: str | None = None) -> dict:
         y = torch.arange(n, device=dev) % cfg.num_classes if cfg.num_classes else None
         imgs = generate(model, cfg, x0, y).x / s1 if y is not None else res.x / s1
         out.update(common.digits_metrics(imgs.clamp(-1, 1).cpu(), y.cpu() if y is not None else None))
+    if cfg.fid_ref and is_image(cfg):  # the standard Inception FID of fid_n samples (labels cycled when conditional)
+        xf, _ = draw_source(cfg, model.shape, cfg.fid_n, cfg.seed + 12, dev, make_pruner(cfg) if cfg.prune else None)
+        y = torch.arange(cfg.fid_n, device=dev) % cfg.num_classes if cfg.num_classes else None
+        imgs = torch.cat([generate(model, cfg, xb, yb).x / s1 for xb, yb in
+                          zip(xf.split(cfg.eval_n), y.split(cfg.eval_n) if y is not None else [None] * len(xf))])
+        out.update(fid=common.fid(imgs.clamp(-1, 1).cpu(), cfg.fid_ref, cfg.fid_weights, dev), fid_n=cfg.fid_n)
     return out
 
 

@@ -154,7 +154,7 @@ def undertrained(tmp_path_factory):
     common.seed_all(0)
     model, vae = sf.build(cfg, d.device)
     test = sf.load_data(cfg, "val")
-    before = sf.heldout_bpd(model, cfg, test, vae, d, dequantize=True)
+    before = sf.heldout_bpd(model, cfg, test, vae, d, dequantize=True)[0]
 
     def loss_fn(net, batch):
         x = sf.to_model_space(batch[0], vae)
@@ -165,9 +165,13 @@ def undertrained(tmp_path_factory):
     return model.eval(), cfg, before, after
 
 
-def test_short_training_lowers_heldout_bpd(undertrained):
-    _, _, before, after = undertrained
+def test_short_training_lowers_heldout_bpd(undertrained, capsys):
+    _, _, before, (after, se, n) = undertrained
     assert before - after > 1.2, (before, after)  # measured: 8.84 -> 6.97 dequantised bits/dim
+    assert n == 359 and 0 < se < 0.05 * (before - after)  # the digits test split; measured: se 0.016
+    common.check_heldout(n, se, "bits/dim", "--val_data", tol=se / 2)
+    common.check_heldout(n, se, "bits/dim", "--val_data", tol=se * 2)
+    assert capsys.readouterr().err.count("warning: bits/dim on 359 held-out examples has a standard error") == 1
 
 
 def test_jacobi_on_an_undertrained_tarflow_matches_sequential_and_stays_finite(undertrained, monkeypatch):
@@ -229,8 +233,9 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
                 str(ROOT / "starflow.py")]
     _cli(SMALL + ["--steps", "4", "--out_dir", str(tmp_path / "one")])
     _cli(SMALL + ["--steps", "4", "--out_dir", str(tmp_path / "two")], cmd=torchrun)
-    # FSDP2, with the end-of-training evaluation (held-out bits/dim, sampling) running on the sharded model
-    r = _cli(SMALL + ["--steps", "4", "--out_dir", str(tmp_path / "fsdp"), "--fsdp", "--eval_every", "4"], cmd=torchrun)
+    # FSDP2 in fp32 (--no-amp: exact), with the end-of-training evaluation (bits/dim, sampling) on the sharded model
+    r = _cli(SMALL + ["--steps", "4", "--out_dir", str(tmp_path / "fsdp"), "--fsdp", "--no-amp", "--eval_every", "4"],
+             cmd=torchrun)
     assert "accuracy_guided" in r.stdout
     a, b, c = (common.load_checkpoint(tmp_path / p / "ckpt.pt") for p in ("one", "two", "fsdp"))
     for k in a["model"]:
@@ -508,3 +513,27 @@ def test_decoder_finetuned_on_noisy_latents_decodes_them_better(vae_folder, tmp_
     model, _ = sf.build(tuned, "cpu")
     monkeypatch.setattr(sf, "denoise", lambda *a, **k: pytest.fail("the score step ran with a fine-tuned decoder"))
     sf.sample(model.eval(), model.make_cond(torch.arange(2)), tuned)
+
+
+def test_zeroed_text_padding_keeps_attention_causal_and_fused():
+    """--text_padding zero (ml-starflow): padded caption tokens are zeroed and attended, so training attention is
+    is_causal with no mask and decoding needs no per-sample mask; the same function as the caption zeroed by hand."""
+    m, cfg = _model(dtype=torch.float32, num_classes=0, txt_dim=6, txt_len=4, text_padding="zero")
+    g = torch.Generator().manual_seed(2)
+    text, mask = torch.randn(3, 4, 6, generator=g), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]).bool()
+    x = torch.randn(3, cfg.channels, cfg.img_size, cfg.img_size, generator=g)
+    calls, sampling = [], []
+    with common.record_attention(calls):
+        z, logdet = m(x, m.make_cond(text=text, text_mask=mask))
+    with common.record_attention(sampling):
+        x_back, _ = sf.sample(m, m.make_cond(text=text, text_mask=mask), dataclasses.replace(cfg, guidance=0.0), z=z)
+    assert calls and all(c["mask"] is None and c["causal"] for c in calls)  # training: is_causal, no mask
+    assert all(c["mask"] is None or len(c["mask"]) == 2 for c in sampling)  # decoding: at most a shared chunk mask
+    assert (x_back - x).abs().max() < 1e-4
+    z0, logdet0 = m(x, m.make_cond(text=text * mask[..., None]))
+    torch.testing.assert_close(z, z0)
+    torch.testing.assert_close(logdet, logdet0)
+    masked, _ = _model(dtype=torch.float32, num_classes=0, txt_dim=6, txt_len=4)  # the default masks them out
+    with common.record_attention(calls := []):
+        masked(x, masked.make_cond(text=text, text_mask=mask))
+    assert common.dense_masks(calls)
