@@ -1,10 +1,12 @@
 """arflow.py: hybrid attention (parallel = recurrent, causal across images, bidirectional inside one), guidance,
 samplers, the sequence sampler, training, CLI (resume, sample, eval, torchrun), latents, bad inputs."""
+import argparse
 import dataclasses
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -304,3 +306,150 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys):
         m(torch.randn(1, 2, 3, 4, 4), torch.rand(1, 2), torch.tensor([1]))
     with pytest.raises(ValueError, match="--width 32 is not divisible by --heads 3"):
         dataclasses.replace(cfg, heads=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The official model (TheFllood/ARFlow): tiny perturbed weights in its checkpoint format, its outputs (fixtures README)
+
+FIX = ROOT / "tests" / "fixtures"
+
+
+def _official():
+    m, cfg = af.from_official(FIX / "arflow_official.pt")
+    return m, cfg, torch.load(FIX / "arflow_official_io.pt", weights_only=True)
+
+
+def test_official_network_equals_the_official_model():
+    m, cfg, io = _official()
+    assert (cfg.width, cfg.heads, cfg.depth, cfg.patch_size, cfg.num_classes, cfg.mlp_ratio, cfg.t_scale) == \
+        (16, 2, 2, 2, 5, 4.0, 1.0) and (m.C, m.side, cfg.vae_family, cfg.img_size) == (4, 4, "sd", 32)
+    with torch.no_grad():
+        out = m(io["x"], io["t"], io["y"])  # a sorted-noise sequence of 3 images, one label the null label
+    assert (out - io["out"]).abs().max() < 1e-5  # measured 9.5e-7; the per-head q/k/v norm is 0.49 off
+    # the stored position table is used: it is not the sin-cos table (the fixture perturbs every parameter)
+    assert (m.pos - af.sincos_2d(16, 2)).abs().max() > 0.1
+
+
+def test_official_sampler_equals_the_official_loop():
+    m, cfg, io = _official()
+    assert {k: getattr(cfg, k) for k in af.OFFICIAL_SAMPLER} == af.OFFICIAL_SAMPLER
+    assert (cfg.sampler, cfg.sample_steps, cfg.guidance, cfg.guide_channels) == ("sde", 250, 4.5, 3)
+    c = dataclasses.replace(cfg, sample_steps=io["steps"])  # 5 Euler-Maruyama steps to 0.96, then 0.04
+    y, z, noise = io["labels"], io["z"], io["noise"][:, :2]  # the official guided batch's first half of the draws
+
+    def run(**kw):
+        return af.sample(m, y, dataclasses.replace(c, **kw), z=z, noise=noise)
+    assert (run(guidance=1.5) - io["sde_guided_w1.5"]).abs().max() < 1e-4  # measured 1.0e-6
+    assert (run(guidance=1.0) - io["sde"]).abs().max() < 1e-4
+    assert (run(guidance=1.0, sampler="euler") - io["euler"]).abs().max() < 1e-4  # official SDE loop at norm 0
+    assert (run(guidance=1.0, diffusion_norm=0.0) - io["euler"]).abs().max() < 1e-4
+    assert (run(guidance=1.5, guide_channels=0) - io["sde_guided_w1.5"]).abs().max() > 1e-3  # the channels matter
+
+
+def test_official_checkpoint_formats(tmp_path):
+    with pytest.raises(Exception, match="argparse.Namespace"):
+        torch.load(FIX / "arflow_official.pt", weights_only=True)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        full = torch.load(FIX / "arflow_official.pt", weights_only=True)
+    assert set(full) == {"model", "ema", "opt", "args"} and full["args"].model == "ARFlow-XL/2"
+    m, _, _ = _official()
+    # the EMA weights, not the raw ones
+    assert torch.equal(m.blocks[1].attn.z.weight, full["ema"]["blocks.1.attn.g_proj.weight"])
+    assert not torch.equal(full["ema"]["blocks.1.attn.g_proj.weight"], full["model"]["blocks.1.attn.g_proj.weight"])
+    # a plain state_dict of the official model (what sample.py also accepts), through from_checkpoint too
+    torch.save(full["ema"], tmp_path / "plain.pt")
+    m2, cfg2 = af.from_checkpoint(tmp_path / "plain.pt", guidance=2.0)
+    assert cfg2.guidance == 2.0 and all(torch.equal(a, b) for a, b in zip(m.state_dict().values(),
+                                                                          m2.state_dict().values()))
+    with pytest.raises(ValueError, match="--width 16; the options say otherwise"):
+        af.from_official(tmp_path / "plain.pt", width=32)
+    torch.save({"ema": full["ema"], "args": Path("x")}, tmp_path / "other.pt")  # any other class is refused
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        af.from_official(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an official ARFlow checkpoint"):
+        torch.save({"weights": {}}, tmp_path / "foreign.pt")
+        af.from_official(tmp_path / "foreign.pt")
+
+
+def _latent_folder(path, n=40, classes=5, side=4, seed=0):
+    g = np.random.default_rng(seed)
+    path.mkdir()
+    np.save(path / "latents.npy", g.standard_normal((n, 4, side, side)).astype(np.float16))
+    np.save(path / "labels.npy", np.arange(n) % classes)
+    return path
+
+
+def test_init_from_the_official_file(tmp_path, capsys):
+    data = _latent_folder(tmp_path / "lat")
+    arch = ["--data", data, "--vae_family", "sd", "--img_size", 32, "--num_classes", 5, "--width", 16, "--heads", 2,
+            "--depth", 2, "--patch_size", 2, "--t_scale", 1]
+    run = ["--steps", 1, "--lr", 1e-12, "--warmup", 0, "--batch_size", 4, "--log_every", 1, "--eval_every", 0,
+           "--ckpt_every", 0, "--init_from", FIX / "arflow_official.pt"]
+    _run(arch + run + ["--out_dir", tmp_path / "o"], capsys)
+    m, _, _ = _official()
+    got = common.load_checkpoint(tmp_path / "o" / "ckpt.pt")["model"]
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(got[k], v, atol=1e-6, rtol=0, msg=k)  # started from the official weights
+    err = _error(arch[:8] + ["--width", 32, "--heads", 2, "--depth", 2, "--patch_size", 2, "--t_scale", 1] + run +
+                 ["--out_dir", tmp_path / "p"], capsys)
+    assert err.startswith("error: --init_from") and "--width 16" in err, err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bf16 parameters (FSDP2's mixed precision keeps them so, with autocast off)
+
+
+@pytest.mark.parametrize("attention", MODES)
+def test_bf16_parameters_train_and_sample(attention):
+    m, cfg = _model(attention)
+    x, t, _ = _inputs(cfg)
+    eps, y = torch.randn_like(x), torch.tensor([1, 4, 5])
+    ref = af.flow_loss(m, x, t, eps, y)
+    m = m.to(torch.bfloat16).train()
+    loss = af.flow_loss(m, x, t, eps, y)
+    loss.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 2e-2 * ref.item()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all()
+               for p in m.parameters())
+    s = af.sample(m.eval(), torch.tensor([0, 3]), dataclasses.replace(cfg, sample_steps=4, guidance=2.0),
+                  torch.Generator().manual_seed(0))
+    assert s.dtype == torch.float32 and torch.isfinite(s).all() and s.std() > 0.1
+
+
+FSDP_BF16 = """
+import functools, json, sys
+import torch
+import torch.distributed.fsdp as fsdp
+sys.path.insert(0, {root!r})
+# common.wrap_model's policy on GPU (bf16 parameters, fp32 reductions), here on the CPU too
+fsdp.MixedPrecisionPolicy = functools.partial(fsdp.MixedPrecisionPolicy, param_dtype=torch.bfloat16,
+                                              reduce_dtype=torch.float32)
+import arflow, common
+seen = set()
+forward = arflow.ARFlowBlock.forward
+def spy(self, x, c, *a, **k):
+    seen.add(str(self.attn.q.weight.dtype))
+    return forward(self, x, c, *a, **k)
+arflow.ARFlowBlock.forward = spy
+common.run(lambda: arflow.main(sys.argv[1:]))
+if common.is_main():
+    json.dump(sorted(seen), open({out!r}, "w"))
+"""
+
+
+def test_fsdp2_two_processes_with_bf16_parameters(tmp_path):
+    script = tmp_path / "fsdp_bf16.py"
+    script.write_text(FSDP_BF16.format(root=str(ROOT), out=str(tmp_path / "dtypes.json")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script)]
+    args = [str(a) for a in SMALL + ["--steps", 2, "--log_every", 1, "--fsdp", "--eval_n", 10, "--out_dir",
+                                     tmp_path / "o"]]
+    r = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "dtypes.json").read_text()) == ["torch.bfloat16"]  # the blocks ran in bf16
+    log = [json.loads(line) for line in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in steps)
+    assert any("accuracy_w2" in r for r in log)  # the evaluation sampled under FSDP2 too
+    ck = common.load_checkpoint(tmp_path / "o" / "ckpt.pt")
+    assert ck["step"] == 2 and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ck["model"].values())
