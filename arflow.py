@@ -363,42 +363,47 @@ class ARFlow(nn.Module):
 
 
 def load_data(cfg: Config, split: str = "train") -> tuple:
-    """(x, x_flip, labels) as numpy arrays: uint8 images (N, C, H, W) or float latents (N, c, h, w) (memory-mapped
-    from a latent folder), the latents of the mirrored images (or None: flip x itself), int64 labels (N,)."""
+    """(x, x_flip, labels, logvar) as numpy arrays: uint8 images (N, C, H, W) or float latents (N, c, h, w) (memory-
+    mapped from a latent folder), the latents of the mirrored images (or None: flip x itself), int64 labels (N,), and
+    for latents the posterior log-variances (logvar, logvar of the mirrors or None), or None (posterior means only,
+    or images)."""
     if cfg.data == "digits":
         x, y = common.load_digits(split, cfg.img_size)
-        return x.numpy(), None, y.numpy()
+        return x.numpy(), None, y.numpy(), None
     path = Path(cfg.data)
     if path.is_dir():
         if not (path / "latents.npy").exists():
             raise ValueError(f"--data {path}: a data folder holds latents.npy + labels.npy (write them with "
                              f"--precompute IMAGES)")
-        a = common.load_arrays(path, ("latents", "labels", "latents_flip"))
+        a = common.load_arrays(path, ("latents", "labels", "latents_flip", "latents_logvar", "latents_flip_logvar"))
         x, x_flip = a["latents"], a.get("latents_flip")
+        logvar = (a["latents_logvar"], a.get("latents_flip_logvar")) if "latents_logvar" in a else None
     else:
         a = common.load_arrays(path, ("images", "labels"))
         if a["images"].ndim != 4 or a["images"].shape[1:] != (cfg.img_size, cfg.img_size, cfg.channels):
             raise ValueError(f"{path}: images must be (N, {cfg.img_size}, {cfg.img_size}, {cfg.channels}) uint8, got "
                              f"{a['images'].shape}")
-        x, x_flip = np.ascontiguousarray(a["images"].transpose(0, 3, 1, 2)), None
+        x, x_flip, logvar = np.ascontiguousarray(a["images"].transpose(0, 3, 1, 2)), None, None
     y = np.asarray(a.get("labels", np.zeros(len(x), np.int64))).astype(np.int64)
     if len(y) != len(x) or y.min() < 0 or y.max() >= cfg.num_classes:
         raise ValueError(f"{path}: needs one label in [0, {cfg.num_classes}) per image (--num_classes), got "
                          f"{len(y)} labels in [{y.min()}, {y.max()}] for {len(x)} images")
-    return x, x_flip, y
+    return x, x_flip, y, logvar
 
 
 class SequenceSampler:
     """Training batches (x (b, S, ...), y (b,), t (b, S), eps (b, S, c, h, w), null (b,)): each sequence holds S
     distinct images of one class (uniform over the classes), randomly mirrored if cfg.hflip, with noise levels
     t ~ sort(U(0,1)^S) ascending, its own noise per image, and a flag for dropping the label of the whole sequence.
+    With posterior log-variances (`logvar`, see load_data) each latent is a fresh draw mean + std * z of the VAE's
+    posterior at every step, as the reference trainer does (train.py:256-259); without them, the mean.
 
     Everything is drawn for the GLOBAL batch from a generator seeded by (seed, step) and each rank keeps its slice
     (only its images are read): the batches are identical for any world size, and resuming at step k replays
     nothing. Call it with a start step for an endless iterator, as common.train does."""
 
     def __init__(self, x, x_flip, y, cfg: Config, shape: tuple, rank: int = 0, world: int = 1, seed: int | None = None,
-                 label_drop: float | None = None):
+                 label_drop: float | None = None, logvar: tuple | None = None):
         if cfg.batch_size % world:
             raise ValueError(f"--batch_size {cfg.batch_size} is not divisible by {world} ranks")
         S, counts = cfg.seq_len, np.bincount(y, minlength=cfg.num_classes)
@@ -411,7 +416,7 @@ class SequenceSampler:
         table = np.full((cfg.num_classes, counts.max()), -1, np.int64)  # table[c, :counts[c]] = images of class c
         table[y[order], np.arange(len(y)) - starts[y[order]]] = order
         self.table, self.counts = torch.from_numpy(table), torch.from_numpy(counts)
-        self.x, self.x_flip, self.y, self.cfg, self.shape = x, x_flip, y, cfg, tuple(shape)
+        self.x, self.x_flip, self.y, self.cfg, self.shape, self.logvar = x, x_flip, y, cfg, tuple(shape), logvar
         self.rank, self.per_rank = rank, cfg.batch_size // world
         self.seed = cfg.seed if seed is None else seed
         self.label_drop = cfg.label_drop if label_drop is None else label_drop
@@ -433,22 +438,28 @@ class SequenceSampler:
         t = torch.rand(B, S, generator=g).sort(1).values  # ascending: noisier images first
         null = torch.rand(B, generator=g) < self.label_drop
         eps = torch.randn(B, S, *self.shape, generator=g)
+        post = torch.randn(B, S, *self.shape, generator=g) if self.logvar is not None else None  # posterior draws
         mine = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
-        x = self.gather(idx[mine], flip[mine] if cfg.hflip else None)
+        x = self.gather(idx[mine], flip[mine] if cfg.hflip else None, None if post is None else post[mine])
         return [x, cls[mine], t[mine], eps[mine], null[mine]]
 
-    def gather(self, idx: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+    def gather(self, idx: torch.Tensor, flip: torch.Tensor | None, post: torch.Tensor | None = None) -> torch.Tensor:
         flat = idx.flatten().numpy()
         order = np.argsort(flat)  # sorted reads: faster on memory-mapped latents
         back = torch.from_numpy(np.argsort(order))
 
         def read(a):
             return torch.as_tensor(np.asarray(a[flat[order]]))[back]
-        x = read(self.x)
-        if flip is not None:
+        def mirror(t, t_flip):
+            if flip is None:
+                return t
             # the reference encodes the mirrored image (moments_flip); without those latents, mirror x itself
-            mirrored = read(self.x_flip) if self.x_flip is not None else x.flip(-1)
-            x = torch.where(flip.flatten()[:, None, None, None], mirrored, x)
+            mirrored = read(t_flip) if t_flip is not None else t.flip(-1)
+            return torch.where(flip.flatten()[:, None, None, None], mirrored, t)
+        x = mirror(read(self.x), self.x_flip)
+        if post is not None:
+            logvar = mirror(read(self.logvar[0]), self.logvar[1]).float()
+            x = x.float() + (0.5 * logvar).exp() * post.flatten(0, 1)
         return x.view(*idx.shape, *x.shape[1:])
 
 
@@ -667,11 +678,11 @@ def generate(model: ARFlow, cfg: Config, labels: torch.Tensor, vae, seed: int, b
 def heldout_loss(model: ARFlow, cfg: Config, vae, d: common.Dist, batches: int = 4) -> float:
     """The flow-matching loss on fixed sequences (digits: the test split; other data: the training data), with the
     labels, averaged over the ranks."""
-    x, x_flip, y = load_data(cfg, "test")
+    x, x_flip, y, logvar = load_data(cfg, "test")
     shape = (model.C, model.side, model.side)
     bs = max(d.world_size, min(cfg.batch_size, 64) // d.world_size * d.world_size)
     sampler = SequenceSampler(x, x_flip, y, dataclasses.replace(cfg, batch_size=bs, hflip=False), shape, d.rank,
-                              d.world_size, seed=12345, label_drop=0.0)
+                              d.world_size, seed=12345, label_drop=0.0, logvar=logvar)
     dev = next(model.parameters()).device
     losses = [batch_loss(model, [b.to(dev) for b in sampler.batch(i)], cfg.num_classes, vae) for i in range(batches)]
     return common.all_reduce_mean(torch.stack(losses).mean()).item()
@@ -707,28 +718,37 @@ def evaluate(model: ARFlow, cfg: Config, vae, d: common.Dist, n: int | None = No
 
 def precompute_latents(cfg: Config, src: str, d: common.Dist):
     """Encode an image folder (or .npz of images) through the VAE once, the images and their mirror images (the
-    reference caches both): <cfg.data>/latents.npy, latents_flip.npy (N, c, h, w) fp16 and labels.npy."""
+    reference caches both, cache_imagenet.py:103-113): <cfg.data>/latents.npy, latents_flip.npy (N, c, h, w) the
+    posterior means in model space (scaled), latents_logvar.npy, latents_flip_logvar.npy the log-variances of those
+    scaled latents (the training draws mean + std * z each step), all fp16, and labels.npy."""
     vae = load_vae(cfg, d.device)
     if vae is None:
         raise ValueError("--precompute needs --vae PATH and --vae_family")
     if Path(src).is_dir():
         data = common.ImageFolder(src, cfg.img_size)
     else:
-        x, _, y = load_data(dataclasses.replace(cfg, data=src, vae="", vae_family="none"))
+        x, _, y, _ = load_data(dataclasses.replace(cfg, data=src, vae="", vae_family="none"))
         data = common.ArrayDataset(torch.from_numpy(x), torch.from_numpy(y))
     start, count = common.rank_split(len(data), d)
     part = torch.utils.data.Subset(data, range(start, start + count))
-    lat, flip, lab = [], [], []
+    p = next(vae.ae.parameters())
+
+    @torch.no_grad()
+    def moments(xb):  # scaled mean, and the log-variance of the scaled latent (AutoencoderKL clamps it to [-30, 20])
+        mean, logvar = vae.ae.encode(xb.to(p.dtype))
+        return [((mean - vae.shift_factor) * vae.scaling_factor).half().cpu(),
+                (logvar + 2 * math.log(vae.scaling_factor)).half().cpu()]
+    parts, lab = [], []
     for xb, yb in common.progress(torch.utils.data.DataLoader(part, 64, num_workers=cfg.num_workers), desc="encoding"):
         xb = common.to_float(xb.to(d.device))
-        lat.append(vae.encode(xb).half().cpu())
-        flip.append(vae.encode(xb.flip(-1)).half().cpu())
+        parts.append(moments(xb) + moments(xb.flip(-1)))
         lab.append(torch.as_tensor(yb))
     out = Path(cfg.data)
     out.mkdir(parents=True, exist_ok=True)
-    common.save_npy_folder(out, d, latents=torch.cat(lat).numpy(), latents_flip=torch.cat(flip).numpy(),
-                           labels=torch.cat(lab).numpy())
-    common.print0(f"wrote {out}/latents.npy, latents_flip.npy and labels.npy")
+    names = ("latents", "latents_logvar", "latents_flip", "latents_flip_logvar")
+    common.save_npy_folder(out, d, labels=torch.cat(lab).numpy(),
+                           **{n: torch.cat([q[i] for q in parts]).numpy() for i, n in enumerate(names)})
+    common.print0(f"wrote {out}/{', '.join(n + '.npy' for n in names)} and labels.npy")
 
 
 def add_args(p: argparse.ArgumentParser):
@@ -781,12 +801,12 @@ def main(argv=None):
         if differ:
             raise ValueError(f"--init_from {args.init_from} holds {', '.join(differ)}; the options say otherwise")
         model.load_state_dict(src.state_dict())
-    x, x_flip, y = load_data(cfg)
+    x, x_flip, y, logvar = load_data(cfg)
     shape = (model.C, model.side, model.side)
     if x.dtype != np.uint8 and tuple(x.shape[1:]) != shape:
         raise ValueError(f"--data {cfg.data}: latents of shape {tuple(x.shape[1:])}, the model expects {shape} "
                          f"(--img_size, --vae_family)")
-    data = SequenceSampler(x, x_flip, y, cfg, shape, d.rank, d.world_size)
+    data = SequenceSampler(x, x_flip, y, cfg, shape, d.rank, d.world_size, logvar=logvar)
     common.print0(f"ARFlow ({cfg.attention} attention) with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                   f"parameters: sequences of {cfg.seq_len} images of {model.N} tokens, {len(x)} training images")
 

@@ -187,7 +187,7 @@ def test_short_training_lowers_heldout_loss(tmp_path):
     common.seed_all(0)
     model, vae = af.build(cfg, d.device)
     before = af.heldout_loss(model, cfg, vae, d)
-    x, x_flip, y = af.load_data(cfg)
+    x, x_flip, y, _ = af.load_data(cfg)
     data = af.SequenceSampler(x, x_flip, y, cfg, (1, 8, 8))
     common.train(cfg, model, lambda net, b: (af.batch_loss(net, b, 10), {}), data, d)
     after = af.heldout_loss(model, cfg, vae, d)
@@ -255,18 +255,32 @@ def test_latents_precompute_flip_and_decode(tmp_path):
     cfg = af.Config(data=str(tmp_path / "lat"), img_size=16, vae=folder, vae_family="sd", width=32, heads=2, depth=1,
                     sample_steps=3, seq_len=1, hflip=True)
     af.precompute_latents(cfg, str(tmp_path / "imgs.npz"), common.Dist())
-    lat, lat_flip, lab = af.load_data(cfg)
+    lat, lat_flip, lab, (lv, lv_flip) = af.load_data(cfg)
     vae = af.load_vae(cfg, "cpu")
     imgs = common.to_float(x[:20])
     torch.testing.assert_close(torch.tensor(lat).float(), vae.encode(imgs), atol=2e-2, rtol=0)  # fp16
     torch.testing.assert_close(torch.tensor(lat_flip).float(), vae.encode(imgs.flip(-1)), atol=2e-2, rtol=0)
+    scale2 = 2 * np.log(vae.scaling_factor)  # the log-variance of the scaled latent
+    torch.testing.assert_close(torch.tensor(lv).float(), vae.ae.encode(imgs)[1] + scale2, atol=2e-2, rtol=0)
+    torch.testing.assert_close(torch.tensor(lv_flip).float(), vae.ae.encode(imgs.flip(-1))[1] + scale2, atol=2e-2,
+                               rtol=0)
     assert np.array_equal(lab, y[:20].numpy())
     model, _ = af.build(cfg, "cpu")
     assert (model.C, model.side) == (4, 8)
-    batch = af.SequenceSampler(lat, lat_flip, lab, dataclasses.replace(cfg, batch_size=64), (4, 8, 8)).batch(0)[0]
+    c64 = dataclasses.replace(cfg, batch_size=64)
+    means = af.SequenceSampler(lat, lat_flip, lab, c64, (4, 8, 8)).batch(0)  # posterior means only (old folders)
     pool = torch.cat([torch.tensor(lat), torch.tensor(lat_flip)]).flatten(1)
-    is_flip = [bool((pool[20:] == b.flatten()).all(1).any()) for b in batch[:, 0]]
-    assert all((pool == b.flatten()).all(1).any() for b in batch[:, 0]) and 0 < sum(is_flip) < 64  # encoded mirrors
+    hit = [torch.where((pool == b.flatten()).all(1))[0] for b in means[0][:, 0]]
+    assert all(len(h) for h in hit) and 0 < sum(int(h[0]) >= 20 for h in hit) < 64  # encoded mirrors are used
+    # with the log-variances, a fresh posterior draw mean + std z every batch; all else as before
+    drawn = af.SequenceSampler(lat, lat_flip, lab, c64, (4, 8, 8), logvar=(lv, lv_flip)).batch(0)
+    unit = af.SequenceSampler(lat, lat_flip, lab, c64, (4, 8, 8), logvar=(0 * lv, 0 * lv_flip)).batch(0)
+    assert all(torch.equal(a, b) for a, b in zip(means[1:], drawn[1:]))
+    z = (unit[0] - means[0].float())[:, 0]  # the standard normal draw itself (std 1)
+    assert 0.9 < z.std() < 1.1
+    std = torch.cat([torch.tensor(lv), torch.tensor(lv_flip)]).float().mul(0.5).exp()[torch.stack([h[0] for h in hit])]
+    torch.testing.assert_close(drawn[0][:, 0], means[0][:, 0].float() + std * z, atol=1e-5, rtol=0)
+    assert (std * z).abs().mean() > 1e-2  # the draws move the latents
     out = af.generate(model.eval(), cfg, torch.tensor([0, 5, 9]), vae, seed=0)
     assert out.shape == (3, 1, 16, 16) and out.dtype == torch.uint8
 
