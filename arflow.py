@@ -18,10 +18,15 @@ of steps (training builds the S states at once, at a cost quadratic in S, see Hy
     python arflow.py --preset imagenet128 --precompute /data/imagenet/train --data latents128/ --vae sd-vae-ft-ema/
     torchrun --nproc_per_node=8 arflow.py --preset imagenet128 --data latents128/ --vae sd-vae-ft-ema/
     python arflow.py --arch B/4 --attention softmax        # any SiT size; the full-softmax baseline
+    python arflow.py --sample --ckpt ARFlow-XL-2.pt --vae sd-vae-ft-ema/ --n 8 --out s.npz   # the released weights
 
 Samplers (`--sampler`): `sde` Euler-Maruyama with diffusion w(t) = norm (1 - t) and a noise-free last step (the
 reference's default), `euler` and `heun` on the probability-flow ODE. `--guidance w` is classifier-free guidance
 v = v_u + w (v_c - v_u) (w = 1: none), the conditional and null branches batched with separate recurrent states.
+
+The official checkpoints (train.py's {"model", "ema", "opt", "args"}, or a plain state_dict) load through
+from_official, `--ckpt` and `--init_from`, with the official sampler's settings (OFFICIAL_SAMPLER); with the same
+weights the network and the samplers equal the official code to 1e-6 in fp32 (tests, fixtures README).
 """
 from __future__ import annotations
 
@@ -79,8 +84,8 @@ class Config(common.TrainConfig):
     diffusion_norm: float = 1.0  # SDE diffusion w(t) = norm * (1 - t); 0 turns the SDE into the Euler ODE
     guidance: float = 1.0  # classifier-free guidance w: v_u + w (v_c - v_u); 1 = off
     guide_channels: int = common.opt(0, min=0)  # guide the first k channels only, the rest conditional (0 = all)
-    eval_guidance: tuple = (1.0, 1.5, 2.0, 3.0)  # guidance values --eval reports (digits: FD and accuracy each)
-    eval_n: int = common.opt(500, min=1)  # samples per guidance value in evaluations
+    eval_guidance: tuple = (1.0, 1.5, 2.0, 3.0)  # digits: the guidance values --eval reports FD and accuracy for
+    eval_n: int = common.opt(500, min=1)  # digits: samples per guidance value in evaluations
 
     NAME = "arflow"
     RUNTIME = ("data", "vae", "hflip", "label_drop", "sampler", "sample_steps", "last_step",
@@ -108,20 +113,24 @@ PRESETS = {
     "digits": dict(patch_size=4, width=128, depth=4, heads=4, t_scale=1000.0, steps=2400, batch_size=32, lr=1e-3,
                    warmup=100, weight_decay=0.0, ema_decay=0.999, log_every=50, eval_every=0, ckpt_every=500,
                    sample_steps=50, guidance=1.5, eval_guidance=(1.0, 1.5, 2.0), eval_n=1000),
-    # ImageNet 128: XL/2 on SD-VAE latents (16x16x4), reference train.py: S = 5 images per sequence (line 203),
-    # AdamW lr 1e-4, betas (0.9, 0.95) (line 195), weight decay 0.02 on matrices (line 184), gradient values clipped
-    # to 3 (line 267), EMA 0.9999 (line 56); sampling: 250-step SDE (train_utils.py parse_sde_args), guidance 1.5 (the
-    # paper's FID). train.py's default global batch is 8 sequences (line 323); 64 sequences = 320 images per step,
-    # about SiT's 256.
+    # ImageNet 128: XL/2 on SD-VAE latents (16x16x4), reference train.py: S = 5 images per sequence (line 203), a
+    # fresh posterior draw of every latent each step (lines 256-259, see precompute_latents), AdamW lr 1e-4, betas
+    # (0.9, 0.95) (line 195), weight decay 0.02 on matrices (line 184), gradient values clipped to 3 (line 267), EMA
+    # 0.9999 (line 56). Sampling: 250-step SDE (train_utils.py:24-31), guidance 1.5 on the first 3 latent channels
+    # (models.py:422): the paper's FID setting, as the official sampler guides. train.py's default global batch is 8
+    # sequences (line 323); 64 sequences = 320 images per step, about SiT's 256. Where these presets differ from the
+    # reference: bf16 autocast on GPU (the reference trains in fp32 with TF32 matmuls, train.py:9-10; --no-amp for
+    # fp32), and common.EMA's warm-up min(0.9999, (1+s)/(10+s)) (the reference averages at 0.9999 from step 0; the two
+    # differ for the first ~90k steps, not at 400k).
     "imagenet128": dict(data="latents128", img_size=128, channels=3, num_classes=1000, vae_family="sd", **ARCHS["XL/2"],
                         hflip=True, batch_size=64, lr=1e-4, lr_schedule="constant", warmup=0, beta1=0.9, beta2=0.95,
                         weight_decay=0.02, grad_clip=0.0, grad_clip_value=3.0, ema_decay=0.9999, steps=400_000,
-                        log_every=100, eval_every=10_000, ckpt_every=10_000, guidance=1.5, eval_n=10_000),
+                        log_every=100, eval_every=10_000, ckpt_every=10_000, guidance=1.5, guide_channels=3),
     # ImageNet 256: the same recipe on 32x32x4 latents (reference sample.py --image-size 256).
     "imagenet256": dict(data="latents256", img_size=256, channels=3, num_classes=1000, vae_family="sd", **ARCHS["XL/2"],
                         hflip=True, batch_size=64, lr=1e-4, lr_schedule="constant", warmup=0, beta1=0.9, beta2=0.95,
                         weight_decay=0.02, grad_clip=0.0, grad_clip_value=3.0, ema_decay=0.9999, steps=400_000,
-                        log_every=100, eval_every=10_000, ckpt_every=10_000, guidance=1.5, eval_n=10_000),
+                        log_every=100, eval_every=10_000, ckpt_every=10_000, guidance=1.5, guide_channels=3),
 }
 
 
