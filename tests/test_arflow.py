@@ -200,7 +200,7 @@ def test_sizes_and_presets():
     big = af.Config(**af.PRESETS["imagenet128"])
     assert (big.seq_len, big.lr, big.weight_decay, big.grad_clip_value, big.ema_decay) == (5, 1e-4, 0.02, 3.0, 0.9999)
     assert (big.guidance, big.guide_channels) == (1.5, 3)  # the paper's figure, guided as the official sampler
-    assert not {"eval_n", "eval_guidance"} & set(af.PRESETS["imagenet128"]) | set(af.PRESETS["imagenet256"])
+    assert not {"eval_n", "eval_guidance"} & (set(af.PRESETS["imagenet128"]) | set(af.PRESETS["imagenet256"]))
     assert af.latent_shape(big) == (4, 16) and af.latent_shape(af.Config(**af.PRESETS["imagenet256"])) == (4, 32)
     demo = af.Config(**af.PRESETS["digits"])
     assert af.ARFlow(demo, 1, 8).N == 4 and not demo.hflip  # mirrored digits are not digits
