@@ -18,7 +18,7 @@ of steps (training builds the S states at once, at a cost quadratic in S, see Hy
     python arflow.py --preset imagenet128 --precompute /data/imagenet/train --data latents128/ --vae sd-vae-ft-ema/
     torchrun --nproc_per_node=8 arflow.py --preset imagenet128 --data latents128/ --vae sd-vae-ft-ema/
     python arflow.py --arch B/4 --attention softmax        # any SiT size; the full-softmax baseline
-    python arflow.py --sample --ckpt ARFlow-XL-2.pt --vae sd-vae-ft-ema/ --n 8 --out s.npz   # the released weights
+    python arflow.py --sample --ckpt ARFlow-XL-2.pt --vae sd-vae-ft-ema/ --vae_family sd --n 8 --out s.npz  # released
 
 Samplers (`--sampler`): `sde` Euler-Maruyama with diffusion w(t) = norm (1 - t) and a noise-free last step (the
 reference's default), `euler` and `heun` on the probability-flow ODE. `--guidance w` is classifier-free guidance

@@ -469,3 +469,16 @@ def test_fsdp2_two_processes_with_bf16_parameters(tmp_path):
     assert any("accuracy_w2" in r for r in log)  # the evaluation sampled under FSDP2 too
     ck = common.load_checkpoint(tmp_path / "o" / "ckpt.pt")
     assert ck["step"] == 2 and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_cli_samples_from_the_official_file(tmp_path, capsys):
+    folder = common.train_vae(tmp_path, steps=0)  # a latent space with 4 channels, to decode the official latents
+    out = tmp_path / "s.npz"
+    _run(["--sample", "--ckpt", FIX / "arflow_official.pt", "--vae", folder, "--vae_family", "sd", "--n", 4,
+          "--out", out, "--sample_steps", 3], capsys)
+    m, cfg = af.from_official(FIX / "arflow_official.pt", vae=folder, sample_steps=3)
+    assert (cfg.guidance, cfg.guide_channels, cfg.sampler) == (4.5, 3, "sde")  # sample.py's settings
+    ref = af.generate(m, cfg, torch.arange(4) % 5, af.load_vae(cfg, "cpu"), seed=cfg.seed + 1000)
+    with np.load(out) as f:
+        assert f["labels"].tolist() == [0, 1, 2, 3] and np.array_equal(f["images"], ref.permute(0, 2, 3, 1).numpy())
+        assert f["images"].std() > 1
