@@ -482,3 +482,12 @@ def test_cli_samples_from_the_official_file(tmp_path, capsys):
     with np.load(out) as f:
         assert f["labels"].tolist() == [0, 1, 2, 3] and np.array_equal(f["images"], ref.permute(0, 2, 3, 1).numpy())
         assert f["images"].std() > 1
+
+
+def test_checkpoints_from_before_the_saved_position_table_still_load(tmp_path):
+    m, cfg = _model()
+    sd = {k: v for k, v in m.state_dict().items() if k != "pos"}
+    torch.save({"kind": "arflow", "config": dataclasses.asdict(cfg), "model": sd, "step": 1}, tmp_path / "old.pt")
+    m2, _ = af.from_checkpoint(tmp_path / "old.pt")
+    assert torch.equal(m2.pos, af.sincos_2d(cfg.width, 2)) and torch.equal(m2.blocks[0].attn.q.weight,
+                                                                          m.blocks[0].attn.q.weight)
