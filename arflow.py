@@ -459,6 +459,7 @@ class SequenceSampler:
 
         def read(a):
             return torch.as_tensor(np.asarray(a[flat[order]]))[back]
+
         def mirror(t, t_flip):
             if flip is None:
                 return t
@@ -655,17 +656,17 @@ def _official(state: dict, path, overrides: dict) -> tuple[ARFlow, Config]:
         ("attn.z.", "attn.g_proj."), ("attn.out.", "attn.out_proj."), ("attn.gate.", "attn.gt_proj."),
         ("mlp.0.", "mlp.fc1."), ("mlp.2.", "mlp.fc2."), ("ada.", "adaLN_modulation."))})
     new = {"pos": sd["pos_embed"][0]}
-    for k in model.state_dict():
-        prefix = next((a for a in ours if k.startswith(a)), None)
-        if prefix is not None:
-            new[k] = sd[ours[prefix] + k[len(prefix):]]
-    # the final layer predicts 2C channels per pixel (learned sigma, models.py:328), laid out (p, p, 2C): keep c < C
-    for k in ("final.weight", "final.bias"):
-        new[k] = new[k].reshape(p * p, -1, *new[k].shape[1:])[:, :C].flatten(0, 1)
     try:
+        for k in model.state_dict():
+            prefix = next((a for a in ours if k.startswith(a)), None)
+            if prefix is not None:
+                new[k] = sd[ours[prefix] + k[len(prefix):]]
+        # the final layer predicts 2C channels per pixel (learned sigma, models.py:328), laid out (p, p, 2C): c < C
+        for k in ("final.weight", "final.bias"):
+            new[k] = new[k].reshape(p * p, -1, *new[k].shape[1:])[:, :C].flatten(0, 1)
         model.load_state_dict(new)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: {str(e).splitlines()[0]}") from None
+    except (KeyError, RuntimeError) as e:
+        raise ValueError(f"{path}: not the official ARFlow layout ({str(e).splitlines()[0]})") from None
     return model.eval(), cfg
 
 
