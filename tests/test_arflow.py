@@ -1,5 +1,6 @@
 """arflow.py: hybrid attention (parallel = recurrent, causal across images, bidirectional inside one), guidance,
-samplers, the sequence sampler, training, CLI (resume, sample, eval, torchrun), latents, bad inputs."""
+samplers, the sequence sampler, training, CLI (resume, sample, eval, torchrun), latents, bad inputs; the official
+model's outputs and samplers on fixtures, its checkpoint format; bf16 parameters and FSDP2 with them."""
 import argparse
 import dataclasses
 import json
