@@ -10,7 +10,7 @@ predicts each image's velocity u = x - eps while attending causally to the earli
 denoising step feeds the current noisy image as the next element of the sequence, so step k conditions on the whole
 trajectory x_{t_0}, ..., x_{t_k}. Attention is hybrid (HybridAttention below): bidirectional softmax inside an image,
 gated linear attention across images with a recurrent state of fixed size, so sampling memory is flat in the number
-of steps and training cost grows linearly in S.
+of steps (training builds the S states at once, at a cost quadratic in S, see HybridAttention).
 
     python arflow.py                                       # CPU demo: class-conditional 8x8 digits, 7 CPU-minutes
     python arflow.py --eval --ckpt out/arflow/ckpt.pt      # held-out loss; sample accuracy and FD per guidance
@@ -18,10 +18,15 @@ of steps and training cost grows linearly in S.
     python arflow.py --preset imagenet128 --precompute /data/imagenet/train --data latents128/ --vae sd-vae-ft-ema/
     torchrun --nproc_per_node=8 arflow.py --preset imagenet128 --data latents128/ --vae sd-vae-ft-ema/
     python arflow.py --arch B/4 --attention softmax        # any SiT size; the full-softmax baseline
+    python arflow.py --sample --ckpt ARFlow-XL-2.pt --vae sd-vae-ft-ema/ --vae_family sd --n 8 --out s.npz  # released
 
 Samplers (`--sampler`): `sde` Euler-Maruyama with diffusion w(t) = norm (1 - t) and a noise-free last step (the
 reference's default), `euler` and `heun` on the probability-flow ODE. `--guidance w` is classifier-free guidance
 v = v_u + w (v_c - v_u) (w = 1: none), the conditional and null branches batched with separate recurrent states.
+
+The official checkpoints (train.py's {"model", "ema", "opt", "args"}, or a plain state_dict) load through
+from_official, `--ckpt` and `--init_from`, with the official sampler's settings (OFFICIAL_SAMPLER); with the same
+weights the network and the samplers equal the official code to 1e-6 in fp32 (tests, fixtures README).
 """
 from __future__ import annotations
 
@@ -78,12 +83,13 @@ class Config(common.TrainConfig):
     last_step: float = common.opt(0.04, max=0.5)  # size of the final step to t = 1 (0: a uniform grid)
     diffusion_norm: float = 1.0  # SDE diffusion w(t) = norm * (1 - t); 0 turns the SDE into the Euler ODE
     guidance: float = 1.0  # classifier-free guidance w: v_u + w (v_c - v_u); 1 = off
-    eval_guidance: tuple = (1.0, 1.5, 2.0, 3.0)  # guidance values --eval reports (digits: FD and accuracy each)
-    eval_n: int = common.opt(500, min=1)  # samples per guidance value in evaluations
+    guide_channels: int = common.opt(0, min=0)  # guide the first k channels only, the rest conditional (0 = all)
+    eval_guidance: tuple = (1.0, 1.5, 2.0, 3.0)  # digits: the guidance values --eval reports FD and accuracy for
+    eval_n: int = common.opt(500, min=1)  # digits: samples per guidance value in evaluations
 
     NAME = "arflow"
     RUNTIME = ("data", "vae", "hflip", "label_drop", "sampler", "sample_steps", "last_step",
-               "diffusion_norm", "guidance", "eval_guidance", "eval_n")
+               "diffusion_norm", "guidance", "guide_channels", "eval_guidance", "eval_n")
 
     def __post_init__(self):
         super().__post_init__()
@@ -107,20 +113,24 @@ PRESETS = {
     "digits": dict(patch_size=4, width=128, depth=4, heads=4, t_scale=1000.0, steps=2400, batch_size=32, lr=1e-3,
                    warmup=100, weight_decay=0.0, ema_decay=0.999, log_every=50, eval_every=0, ckpt_every=500,
                    sample_steps=50, guidance=1.5, eval_guidance=(1.0, 1.5, 2.0), eval_n=1000),
-    # ImageNet 128: XL/2 on SD-VAE latents (16x16x4), reference train.py: S = 5 images per sequence (line 203),
-    # AdamW lr 1e-4, betas (0.9, 0.95) (line 195), weight decay 0.02 on matrices (line 184), gradient values clipped
-    # to 3 (line 267), EMA 0.9999 (line 56); sampling: 250-step SDE (train_utils.py parse_sde_args), guidance 1.5 (the
-    # paper's FID). train.py's default global batch is 8 sequences (line 323); 64 sequences = 320 images per step,
-    # about SiT's 256.
+    # ImageNet 128: XL/2 on SD-VAE latents (16x16x4), reference train.py: S = 5 images per sequence (line 203), a
+    # fresh posterior draw of every latent each step (lines 256-259, see precompute_latents), AdamW lr 1e-4, betas
+    # (0.9, 0.95) (line 195), weight decay 0.02 on matrices (line 184), gradient values clipped to 3 (line 267), EMA
+    # 0.9999 (line 56). Sampling: 250-step SDE (train_utils.py:24-31), guidance 1.5 on the first 3 latent channels
+    # (models.py:422): the paper's FID setting, as the official sampler guides. train.py's default global batch is 8
+    # sequences (line 323); 64 sequences = 320 images per step, about SiT's 256. Where these presets differ from the
+    # reference: bf16 autocast on GPU (the reference trains in fp32 with TF32 matmuls, train.py:9-10; --no-amp for
+    # fp32), and common.EMA's warm-up min(0.9999, (1+s)/(10+s)) (the reference averages at 0.9999 from step 0; the two
+    # differ for the first ~90k steps, not at 400k).
     "imagenet128": dict(data="latents128", img_size=128, channels=3, num_classes=1000, vae_family="sd", **ARCHS["XL/2"],
                         hflip=True, batch_size=64, lr=1e-4, lr_schedule="constant", warmup=0, beta1=0.9, beta2=0.95,
                         weight_decay=0.02, grad_clip=0.0, grad_clip_value=3.0, ema_decay=0.9999, steps=400_000,
-                        log_every=100, eval_every=10_000, ckpt_every=10_000, guidance=1.5, eval_n=10_000),
+                        log_every=100, eval_every=10_000, ckpt_every=10_000, guidance=1.5, guide_channels=3),
     # ImageNet 256: the same recipe on 32x32x4 latents (reference sample.py --image-size 256).
     "imagenet256": dict(data="latents256", img_size=256, channels=3, num_classes=1000, vae_family="sd", **ARCHS["XL/2"],
                         hflip=True, batch_size=64, lr=1e-4, lr_schedule="constant", warmup=0, beta1=0.9, beta2=0.95,
                         weight_decay=0.02, grad_clip=0.0, grad_clip_value=3.0, ema_decay=0.9999, steps=400_000,
-                        log_every=100, eval_every=10_000, ckpt_every=10_000, guidance=1.5, eval_n=10_000),
+                        log_every=100, eval_every=10_000, ckpt_every=10_000, guidance=1.5, guide_channels=3),
 }
 
 
@@ -146,11 +156,14 @@ class HybridAttention(nn.Module):
         lambda_i = exp(mean_n g_{i,n}),   G_{i,n} = sum_{m <= n} g_{i,m}   chunk decay; query-side decay in the chunk
         out = W_o (silu(W_z x) * RMSNorm(o))                           per-head output norm, SiLU output gate
 
-    As the reference (linearattention/gated_retnet_train.py + kernel/gate_recurrent_train.py): q/k/v/output RMSNorms
-    without affine weights, no projection biases, keys scaled by 1/sqrt(d) in both terms, the two terms simply added
-    (the softmax term is normalised, the linear one is not), the chunk decay the *mean* of the chunk's log-gates, and
-    no key-side decay inside a chunk. Where it departs: pure PyTorch instead of Triton, and the parallel form builds
-    the states from a (S x S) decay matrix instead of a sequential scan (same numbers; S is small).
+    As the reference (linearattention/gated_retnet_train.py + kernel/gate_recurrent_train.py): RMSNorms without affine
+    weights, q/k/v normalised over the whole width before the head split and the output per head, no projection
+    biases, keys scaled by 1/sqrt(d) in both terms, the two terms simply added (the softmax term is normalised, the
+    linear one is not), the chunk decay the *mean* of the chunk's log-gates, and no key-side decay inside a chunk.
+    Equal to the official layer to 1e-6 on a fixture (tests). Where it departs: pure PyTorch instead of Triton, and
+    the parallel form builds the states from an (S x S) decay matrix instead of a sequential scan: same numbers, and
+    cheap at the S = 5 images of training, but its cost is quadratic in S -- (S^2 Dh^2) per head against the scan's
+    (S Dh^2); the per-image softmax and the projections are linear in S. Sampling uses the recurrent form.
 
     `parallel` (training: all S images at once) and `recurrent` (sampling: one image per call, carrying S) are written
     separately on purpose; the tests check that they agree.
@@ -165,8 +178,11 @@ class HybridAttention(nn.Module):
         self.gate = nn.Linear(dim, heads, bias=False)  # w_g: one log-gate per token and head
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:  # (B, S, N, C) -> (B, S, H, N, Dh), RMS-normalised
-        B, S, N, _ = t.shape
-        return F.rms_norm(t.view(B, S, N, self.heads, self.head_dim).transpose(2, 3), (self.head_dim,), eps=1e-6)
+        # over the whole width, then split: the reference's query_ln/key_ln/value_ln are RMSNorm(head_dim) modules
+        # applied to the (..., C) projections, and rms_norm.py takes the mean over the last dim, i.e. all C
+        # (gated_retnet_train.py:47-49 with rms_norm.py:15); only the output norm (subln) is per head
+        B, S, N, C = t.shape
+        return F.rms_norm(t, (C,), eps=1e-6).view(B, S, N, self.heads, self.head_dim).transpose(2, 3)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, state=None, commit: bool = True) -> torch.Tensor:
         """x (B, S, N, C) modulated tokens, c (B, S, C) per-image condition. Without a state: the parallel form over
@@ -175,7 +191,8 @@ class HybridAttention(nn.Module):
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
         inner = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)).view_as(v)
         with torch.autocast(x.device.type, enabled=False):  # the state and its decays stay fp32 under bf16 autocast
-            g = F.logsigmoid(self.gate((x + c[:, :, None]).float())).permute(0, 1, 3, 2) / GATE_NORM  # (B, S, H, N)
+            gx = F.linear((x + c[:, :, None]).float(), self.gate.weight.float())  # fp32 even with bf16 weights
+            g = F.logsigmoid(gx).permute(0, 1, 3, 2) / GATE_NORM  # (B, S, H, N)
             q, k, v = q.float(), k.float() * self.head_dim ** -0.5, v.float()
             cross = self.parallel(q, k, v, g) if state is None else self.recurrent(q, k, v, g, state, commit)
         o = F.rms_norm(inner + cross, (self.head_dim,), eps=1e-6)  # (B, S, H, N, Dh)
@@ -261,7 +278,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:  # (...) -> (..., width)
         a = t[..., None].float() * self.freqs
-        return self.mlp(torch.cat([a.cos(), a.sin()], -1))
+        return self.mlp(torch.cat([a.cos(), a.sin()], -1).to(self.mlp[0].weight.dtype))
 
 
 class ARFlowBlock(nn.Module):
@@ -294,7 +311,9 @@ class ARFlow(nn.Module):
         self.cfg, self.C, self.side, self.p = cfg, channels, side, cfg.patch_size
         self.N, W = (side // cfg.patch_size) ** 2, cfg.width
         self.patch = nn.Conv2d(channels, W, cfg.patch_size, stride=cfg.patch_size)
-        self.register_buffer("pos", sincos_2d(W, side // cfg.patch_size), persistent=False)  # (N, W)
+        # saved with the weights: the reference's pos_embed is a frozen parameter that its EMA update still averages
+        # (train.py:65), so a released checkpoint holds its own table (models.py:336)
+        self.register_buffer("pos", sincos_2d(W, side // cfg.patch_size))  # (N, W)
         self.t_embed = TimestepEmbedder(W, cfg.t_scale)
         self.y_embed = nn.Embedding(cfg.num_classes + 1, W)  # + the null label
         self.blocks = nn.ModuleList([ARFlowBlock(cfg) for _ in range(cfg.depth)])
@@ -337,7 +356,7 @@ class ARFlow(nn.Module):
                              f"{tuple(x.shape)} and t {tuple(t.shape)}")
         B, S = x.shape[:2]
         h = self.patch(x.flatten(0, 1).to(self.patch.weight.dtype))  # (B*S, W, H/p, W/p)
-        h = h.flatten(2).transpose(1, 2).view(B, S, self.N, -1) + self.pos  # (B, S, N, W)
+        h = (h.flatten(2).transpose(1, 2).view(B, S, self.N, -1) + self.pos).to(self.patch.weight.dtype)  # (B,S,N,W)
         c = self.y_embed(y)[:, None] + self.t_embed(t)  # (B, S, W): c_s = y_emb + t_emb(t_s)
         for i, block in enumerate(self.blocks):
             h = block(h, c, None if state is None else state[i], commit)
@@ -353,42 +372,47 @@ class ARFlow(nn.Module):
 
 
 def load_data(cfg: Config, split: str = "train") -> tuple:
-    """(x, x_flip, labels) as numpy arrays: uint8 images (N, C, H, W) or float latents (N, c, h, w) (memory-mapped
-    from a latent folder), the latents of the mirrored images (or None: flip x itself), int64 labels (N,)."""
+    """(x, x_flip, labels, logvar) as numpy arrays: uint8 images (N, C, H, W) or float latents (N, c, h, w) (memory-
+    mapped from a latent folder), the latents of the mirrored images (or None: flip x itself), int64 labels (N,), and
+    for latents the posterior log-variances (logvar, logvar of the mirrors or None), or None (posterior means only,
+    or images)."""
     if cfg.data == "digits":
         x, y = common.load_digits(split, cfg.img_size)
-        return x.numpy(), None, y.numpy()
+        return x.numpy(), None, y.numpy(), None
     path = Path(cfg.data)
     if path.is_dir():
         if not (path / "latents.npy").exists():
             raise ValueError(f"--data {path}: a data folder holds latents.npy + labels.npy (write them with "
                              f"--precompute IMAGES)")
-        a = common.load_arrays(path, ("latents", "labels", "latents_flip"))
+        a = common.load_arrays(path, ("latents", "labels", "latents_flip", "latents_logvar", "latents_flip_logvar"))
         x, x_flip = a["latents"], a.get("latents_flip")
+        logvar = (a["latents_logvar"], a.get("latents_flip_logvar")) if "latents_logvar" in a else None
     else:
         a = common.load_arrays(path, ("images", "labels"))
         if a["images"].ndim != 4 or a["images"].shape[1:] != (cfg.img_size, cfg.img_size, cfg.channels):
             raise ValueError(f"{path}: images must be (N, {cfg.img_size}, {cfg.img_size}, {cfg.channels}) uint8, got "
                              f"{a['images'].shape}")
-        x, x_flip = np.ascontiguousarray(a["images"].transpose(0, 3, 1, 2)), None
+        x, x_flip, logvar = np.ascontiguousarray(a["images"].transpose(0, 3, 1, 2)), None, None
     y = np.asarray(a.get("labels", np.zeros(len(x), np.int64))).astype(np.int64)
     if len(y) != len(x) or y.min() < 0 or y.max() >= cfg.num_classes:
         raise ValueError(f"{path}: needs one label in [0, {cfg.num_classes}) per image (--num_classes), got "
                          f"{len(y)} labels in [{y.min()}, {y.max()}] for {len(x)} images")
-    return x, x_flip, y
+    return x, x_flip, y, logvar
 
 
 class SequenceSampler:
     """Training batches (x (b, S, ...), y (b,), t (b, S), eps (b, S, c, h, w), null (b,)): each sequence holds S
     distinct images of one class (uniform over the classes), randomly mirrored if cfg.hflip, with noise levels
     t ~ sort(U(0,1)^S) ascending, its own noise per image, and a flag for dropping the label of the whole sequence.
+    With posterior log-variances (`logvar`, see load_data) each latent is a fresh draw mean + std * z of the VAE's
+    posterior at every step, as the reference trainer does (train.py:256-259); without them, the mean.
 
     Everything is drawn for the GLOBAL batch from a generator seeded by (seed, step) and each rank keeps its slice
     (only its images are read): the batches are identical for any world size, and resuming at step k replays
     nothing. Call it with a start step for an endless iterator, as common.train does."""
 
     def __init__(self, x, x_flip, y, cfg: Config, shape: tuple, rank: int = 0, world: int = 1, seed: int | None = None,
-                 label_drop: float | None = None):
+                 label_drop: float | None = None, logvar: tuple | None = None):
         if cfg.batch_size % world:
             raise ValueError(f"--batch_size {cfg.batch_size} is not divisible by {world} ranks")
         S, counts = cfg.seq_len, np.bincount(y, minlength=cfg.num_classes)
@@ -401,7 +425,7 @@ class SequenceSampler:
         table = np.full((cfg.num_classes, counts.max()), -1, np.int64)  # table[c, :counts[c]] = images of class c
         table[y[order], np.arange(len(y)) - starts[y[order]]] = order
         self.table, self.counts = torch.from_numpy(table), torch.from_numpy(counts)
-        self.x, self.x_flip, self.y, self.cfg, self.shape = x, x_flip, y, cfg, tuple(shape)
+        self.x, self.x_flip, self.y, self.cfg, self.shape, self.logvar = x, x_flip, y, cfg, tuple(shape), logvar
         self.rank, self.per_rank = rank, cfg.batch_size // world
         self.seed = cfg.seed if seed is None else seed
         self.label_drop = cfg.label_drop if label_drop is None else label_drop
@@ -423,22 +447,29 @@ class SequenceSampler:
         t = torch.rand(B, S, generator=g).sort(1).values  # ascending: noisier images first
         null = torch.rand(B, generator=g) < self.label_drop
         eps = torch.randn(B, S, *self.shape, generator=g)
+        post = torch.randn(B, S, *self.shape, generator=g) if self.logvar is not None else None  # posterior draws
         mine = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
-        x = self.gather(idx[mine], flip[mine] if cfg.hflip else None)
+        x = self.gather(idx[mine], flip[mine] if cfg.hflip else None, None if post is None else post[mine])
         return [x, cls[mine], t[mine], eps[mine], null[mine]]
 
-    def gather(self, idx: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+    def gather(self, idx: torch.Tensor, flip: torch.Tensor | None, post: torch.Tensor | None = None) -> torch.Tensor:
         flat = idx.flatten().numpy()
         order = np.argsort(flat)  # sorted reads: faster on memory-mapped latents
         back = torch.from_numpy(np.argsort(order))
 
         def read(a):
             return torch.as_tensor(np.asarray(a[flat[order]]))[back]
-        x = read(self.x)
-        if flip is not None:
+
+        def mirror(t, t_flip):
+            if flip is None:
+                return t
             # the reference encodes the mirrored image (moments_flip); without those latents, mirror x itself
-            mirrored = read(self.x_flip) if self.x_flip is not None else x.flip(-1)
-            x = torch.where(flip.flatten()[:, None, None, None], mirrored, x)
+            mirrored = read(t_flip) if t_flip is not None else t.flip(-1)
+            return torch.where(flip.flatten()[:, None, None, None], mirrored, t)
+        x = mirror(read(self.x), self.x_flip)
+        if post is not None:
+            logvar = mirror(read(self.logvar[0]), self.logvar[1]).float()
+            x = x.float() + (0.5 * logvar).exp() * post.flatten(0, 1)
         return x.view(*idx.shape, *x.shape[1:])
 
 
@@ -480,24 +511,27 @@ def time_grid(steps: int, last_step: float) -> list[float]:
 
 
 @torch.no_grad()
-def velocity(model: ARFlow, x, t: float, y, state: list, w: float, guided: bool, commit: bool = True):
+def velocity(model: ARFlow, x, t: float, y, state: list, w: float, guided: bool, commit: bool = True,
+             channels: int = 0):
     """The velocity of the next image of the trajectory, x (B, C, H, W) at time t, given the images before it (state).
     Guided: the conditional and null branches run as one batch of 2B whose second half has the null label and its
-    own recurrent states, and v = v_u + w (v_c - v_u) on every channel. The reference guides the first 3 of the 4
-    latent channels only (models.py:422, after dropping the sigma half at :411), DiT's forward_with_cfg leftover: the
-    4th channel would follow the conditional velocity, unguided. We guide them all."""
+    own recurrent states, and v = v_u + w (v_c - v_u) on every channel, or on the first `channels` only (the others
+    take v_c). The reference guides the first 3 of the 4 latent channels only (models.py:422, after dropping the
+    sigma half at :411), DiT's forward_with_cfg leftover; by default we guide them all (guide_channels 0), and
+    guide_channels 3 is the reference's sampler."""
     if guided:
         x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, model.cfg.num_classes)])
     v = model(x[:, None], torch.full((len(x), 1), t, device=x.device), y, state, commit)[:, 0]
     if not guided:
         return v
     v_c, v_u = v.chunk(2)
-    return v_u + w * (v_c - v_u)
+    v = v_u + w * (v_c - v_u)
+    return torch.cat([v[:, :channels], v_c[:, channels:]], 1) if channels else v
 
 
 @torch.no_grad()
 def sample(model: ARFlow, y: torch.Tensor, cfg: Config, generator=None, z: torch.Tensor | None = None,
-           guided: bool | None = None) -> torch.Tensor:
+           guided: bool | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Integrate from noise (t = 0) to data (t = 1) -> x (B, C, H, W) in model space. Every step feeds the current
     noisy image as the next chunk and commits it to the state, so step k sees x_{t_0..t_k} at a memory cost that
     does not grow with the steps (hybrid). Heun's second evaluation reads the state without committing.
@@ -505,7 +539,8 @@ def sample(model: ARFlow, y: torch.Tensor, cfg: Config, generator=None, z: torch
     sde:   x <- x + dt (v + w(t) score) + sqrt(2 w(t) dt) z, with w(t) = norm (1 - t) and, on the linear path,
            score = (t v - x) / (1 - t), so w(t) score = norm (t v - x); the last step has no noise (reference
            integrators.py sde + transport.py "Mean" last step). norm = 0 is exactly the Euler ODE.
-    euler: x <- x + dt v.      heun: x <- x + dt (v(x, t) + v(x + dt v, t + dt)) / 2."""
+    euler: x <- x + dt v.      heun: x <- x + dt (v(x, t) + v(x + dt v, t + dt)) / 2.
+    `noise` (steps - 1, B, C, H, W) gives the SDE's Gaussian draws instead of `generator` (to replay another run)."""
     dev = next(model.parameters()).device
     x = z.clone() if z is not None else torch.randn(len(y), model.C, model.side, model.side, generator=generator,
                                                     device=dev)
@@ -514,14 +549,15 @@ def sample(model: ARFlow, y: torch.Tensor, cfg: Config, generator=None, z: torch
     state = model.new_state(2 * len(y) if guided else len(y), len(ts))  # softmax baseline: a cache for every step
     for k in range(len(ts) - 1):
         t, dt = ts[k], ts[k + 1] - ts[k]
-        v = velocity(model, x, t, y, state, cfg.guidance, guided)
+        v = velocity(model, x, t, y, state, cfg.guidance, guided, channels=cfg.guide_channels)
         if cfg.sampler == "heun":
-            x = x + dt * (v + velocity(model, x + dt * v, ts[k + 1], y, state, cfg.guidance, guided, False)) / 2
+            v2 = velocity(model, x + dt * v, ts[k + 1], y, state, cfg.guidance, guided, False, cfg.guide_channels)
+            x = x + dt * (v + v2) / 2
         elif cfg.sampler == "sde":
             x = x + dt * (v + cfg.diffusion_norm * (t * v - x))
             if k < len(ts) - 2:
-                noise = torch.randn(x.shape, generator=generator, device=dev)
-                x = x + math.sqrt(2 * cfg.diffusion_norm * (1 - t) * dt) * noise
+                eps = torch.randn(x.shape, generator=generator, device=dev) if noise is None else noise[k].to(dev)
+                x = x + math.sqrt(2 * cfg.diffusion_norm * (1 - t) * dt) * eps
         else:
             x = x + dt * v
     return x
@@ -557,12 +593,80 @@ def build(cfg: Config, device) -> tuple[ARFlow, object]:
     return ARFlow(cfg, *latent_shape(cfg, vae)).to(device), vae
 
 
+def _read(path) -> dict:
+    """torch.load(weights_only=True), with argparse.Namespace allowed: the official trainer stores its args in it."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return common.load_checkpoint(path)
+
+
 def from_checkpoint(path, **overrides) -> tuple[ARFlow, Config]:
-    """The EMA model of a checkpoint (on the CPU, in eval mode) and its config; overrides may change run-time fields."""
-    state = common.load_checkpoint(path)
+    """The EMA model of a checkpoint (on the CPU, in eval mode) and its config; overrides may change run-time fields.
+    Reads this file's checkpoints and the official ones (see from_official)."""
+    state = _read(path)
+    if "kind" not in state and ("ema" in state or "pos_embed" in state):
+        return _official(state, path, overrides)
     cfg = common.config_from_checkpoint(Config, state, overrides)
     model, _ = build(cfg, "cpu")
+    state["model"].setdefault("pos", model.pos)  # files from before the table was saved
     common.load_weights(model, state)
+    return model.eval(), cfg
+
+
+# the official sampler's defaults: sample.py:92-93 (guidance 4.5, 250 steps) and train_utils.py:24-31 (Euler-Maruyama,
+# diffusion "sigma" = 1 - t on the linear path, norm 1, "Mean" last step of 0.04); models.py:422 guides 3 channels
+OFFICIAL_SAMPLER = dict(sampler="sde", sample_steps=250, diffusion_norm=1.0, last_step=0.04, guidance=4.5,
+                        guide_channels=3)
+
+
+def from_official(path, **overrides) -> tuple[ARFlow, Config]:
+    """ARFlow's released weights (MudeHui/ARFlow-Weights): the official trainer's {"model", "ema", "opt", "args"}
+    (args an argparse.Namespace; the EMA weights are used, as sample.py via download.py) or a plain state_dict of
+    the official ARFlow, read with weights_only=True. The config comes from the tensors (SD-VAE latents at f8 when
+    there are 4 channels), the sampler settings from OFFICIAL_SAMPLER; overrides may change run-time fields."""
+    state = _read(path)
+    if "kind" in state or not ("ema" in state or "pos_embed" in state):
+        raise ValueError(f"{path} is not an official ARFlow checkpoint (no 'ema' or 'pos_embed')")
+    return _official(state, path, overrides)
+
+
+def _official(state: dict, path, overrides: dict) -> tuple[ARFlow, Config]:
+    sd = state["ema"] if "ema" in state else state
+    try:
+        W, N = sd["pos_embed"].shape[-1], sd["pos_embed"].shape[1]
+        proj = sd["x_embedder.proj.weight"]  # (W, C, p, p)
+        C, p = proj.shape[1], proj.shape[-1]
+        arch = dict(width=W, patch_size=p, depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
+                    heads=sd["blocks.0.attn.gt_proj.weight"].shape[0], t_scale=1.0, attention="hybrid",
+                    mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / W,
+                    num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: not the official ARFlow layout ({type(e).__name__}: {e})") from None
+    side = math.isqrt(N) * p
+    data = dict(vae_family="sd", img_size=8 * side, channels=3) if C == 4 else \
+        dict(vae_family="none", img_size=side, channels=C)
+    clash = {k: v for k, v in overrides.items() if k in arch and v != arch[k]}
+    if clash:
+        raise ValueError(f"{path} holds {', '.join(f'--{k} {arch[k]}' for k in clash)}; the options say otherwise")
+    cfg = Config(**{**dict(data="official"), **data, **arch, **OFFICIAL_SAMPLER, **overrides})
+    model = ARFlow(cfg, C, side)
+    ours = {"patch.": "x_embedder.proj.", "t_embed.mlp.": "t_embedder.mlp.", "y_embed.": "y_embedder.embedding_table.",
+            "final_ada.": "final_layer.adaLN_modulation.", "final.": "final_layer.linear."}
+    ours.update({f"blocks.{i}.{a}": f"blocks.{i}.{b}" for i in range(cfg.depth) for a, b in (
+        ("attn.q.", "attn.q_proj."), ("attn.k.", "attn.k_proj."), ("attn.v.", "attn.v_proj."),
+        ("attn.z.", "attn.g_proj."), ("attn.out.", "attn.out_proj."), ("attn.gate.", "attn.gt_proj."),
+        ("mlp.0.", "mlp.fc1."), ("mlp.2.", "mlp.fc2."), ("ada.", "adaLN_modulation."))})
+    new = {"pos": sd["pos_embed"][0]}
+    try:
+        for k in model.state_dict():
+            prefix = next((a for a in ours if k.startswith(a)), None)
+            if prefix is not None:
+                new[k] = sd[ours[prefix] + k[len(prefix):]]
+        # the final layer predicts 2C channels per pixel (learned sigma, models.py:328), laid out (p, p, 2C): c < C
+        for k in ("final.weight", "final.bias"):
+            new[k] = new[k].reshape(p * p, -1, *new[k].shape[1:])[:, :C].flatten(0, 1)
+        model.load_state_dict(new)
+    except (KeyError, RuntimeError) as e:
+        raise ValueError(f"{path}: not the official ARFlow layout ({str(e).splitlines()[0]})") from None
     return model.eval(), cfg
 
 
@@ -584,11 +688,11 @@ def generate(model: ARFlow, cfg: Config, labels: torch.Tensor, vae, seed: int, b
 def heldout_loss(model: ARFlow, cfg: Config, vae, d: common.Dist, batches: int = 4) -> float:
     """The flow-matching loss on fixed sequences (digits: the test split; other data: the training data), with the
     labels, averaged over the ranks."""
-    x, x_flip, y = load_data(cfg, "test")
+    x, x_flip, y, logvar = load_data(cfg, "test")
     shape = (model.C, model.side, model.side)
     bs = max(d.world_size, min(cfg.batch_size, 64) // d.world_size * d.world_size)
     sampler = SequenceSampler(x, x_flip, y, dataclasses.replace(cfg, batch_size=bs, hflip=False), shape, d.rank,
-                              d.world_size, seed=12345, label_drop=0.0)
+                              d.world_size, seed=12345, label_drop=0.0, logvar=logvar)
     dev = next(model.parameters()).device
     losses = [batch_loss(model, [b.to(dev) for b in sampler.batch(i)], cfg.num_classes, vae) for i in range(batches)]
     return common.all_reduce_mean(torch.stack(losses).mean()).item()
@@ -624,33 +728,45 @@ def evaluate(model: ARFlow, cfg: Config, vae, d: common.Dist, n: int | None = No
 
 def precompute_latents(cfg: Config, src: str, d: common.Dist):
     """Encode an image folder (or .npz of images) through the VAE once, the images and their mirror images (the
-    reference caches both): <cfg.data>/latents.npy, latents_flip.npy (N, c, h, w) fp16 and labels.npy."""
+    reference caches both, cache_imagenet.py:103-113): <cfg.data>/latents.npy, latents_flip.npy (N, c, h, w) the
+    posterior means in model space (scaled), latents_logvar.npy, latents_flip_logvar.npy the log-variances of those
+    scaled latents (the training draws mean + std * z each step), all fp16, and labels.npy."""
     vae = load_vae(cfg, d.device)
     if vae is None:
         raise ValueError("--precompute needs --vae PATH and --vae_family")
     if Path(src).is_dir():
         data = common.ImageFolder(src, cfg.img_size)
     else:
-        x, _, y = load_data(dataclasses.replace(cfg, data=src, vae="", vae_family="none"))
+        x, _, y, _ = load_data(dataclasses.replace(cfg, data=src, vae="", vae_family="none"))
         data = common.ArrayDataset(torch.from_numpy(x), torch.from_numpy(y))
     start, count = common.rank_split(len(data), d)
     part = torch.utils.data.Subset(data, range(start, start + count))
-    lat, flip, lab = [], [], []
+    p = next(vae.ae.parameters())
+
+    @torch.no_grad()
+    def moments(xb):  # scaled mean, and the log-variance of the scaled latent (AutoencoderKL clamps it to [-30, 20])
+        mean, logvar = vae.ae.encode(xb.to(p.dtype))
+        return [((mean - vae.shift_factor) * vae.scaling_factor).half().cpu(),
+                (logvar + 2 * math.log(vae.scaling_factor)).half().cpu()]
+    parts, lab = [], []
     for xb, yb in common.progress(torch.utils.data.DataLoader(part, 64, num_workers=cfg.num_workers), desc="encoding"):
         xb = common.to_float(xb.to(d.device))
-        lat.append(vae.encode(xb).half().cpu())
-        flip.append(vae.encode(xb.flip(-1)).half().cpu())
+        parts.append(moments(xb) + moments(xb.flip(-1)))
         lab.append(torch.as_tensor(yb))
     out = Path(cfg.data)
     out.mkdir(parents=True, exist_ok=True)
-    common.save_npy_folder(out, d, latents=torch.cat(lat).numpy(), latents_flip=torch.cat(flip).numpy(),
-                           labels=torch.cat(lab).numpy())
-    common.print0(f"wrote {out}/latents.npy, latents_flip.npy and labels.npy")
+    names = ("latents", "latents_logvar", "latents_flip", "latents_flip_logvar")
+    common.save_npy_folder(out, d, labels=torch.cat(lab).numpy(),
+                           **{n: torch.cat([q[i] for q in parts]).numpy() for i, n in enumerate(names)})
+    common.print0(f"wrote {out}/{', '.join(n + '.npy' for n in names)} and labels.npy")
 
 
 def add_args(p: argparse.ArgumentParser):
     p.add_argument("--arch", choices=list(ARCHS), default=None,
                    help="a SiT size (depth, width, heads, patch); explicit options still override it")
+    p.add_argument("--init_from", metavar="CKPT", default=None,
+                   help="start training from the (EMA) weights of CKPT: an arflow checkpoint or the official ARFlow "
+                        "file; the model options must agree with it")
     p.add_argument("--precompute", metavar="IMAGES", default=None,
                    help="encode IMAGES (image folder or .npz) through --vae into the latent folder --data")
 
@@ -687,12 +803,20 @@ def main(argv=None):
 
     common.seed_all(cfg.seed)  # the same initial weights on every rank
     model, vae = build(cfg, d.device)
-    x, x_flip, y = load_data(cfg)
+    if args.init_from:
+        src, src_cfg = from_checkpoint(args.init_from)
+        differ = [f"--{k} {getattr(src_cfg, k)}" for k in ("img_size", "num_classes", "vae_family", "patch_size",
+                                                           "width", "depth", "heads", "mlp_ratio", "t_scale",
+                                                           "attention") if getattr(src_cfg, k) != getattr(cfg, k)]
+        if differ:
+            raise ValueError(f"--init_from {args.init_from} holds {', '.join(differ)}; the options say otherwise")
+        model.load_state_dict(src.state_dict())
+    x, x_flip, y, logvar = load_data(cfg)
     shape = (model.C, model.side, model.side)
     if x.dtype != np.uint8 and tuple(x.shape[1:]) != shape:
         raise ValueError(f"--data {cfg.data}: latents of shape {tuple(x.shape[1:])}, the model expects {shape} "
                          f"(--img_size, --vae_family)")
-    data = SequenceSampler(x, x_flip, y, cfg, shape, d.rank, d.world_size)
+    data = SequenceSampler(x, x_flip, y, cfg, shape, d.rank, d.world_size, logvar=logvar)
     common.print0(f"ARFlow ({cfg.attention} attention) with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                   f"parameters: sequences of {cfg.seq_len} images of {model.N} tokens, {len(x)} training images")
 

@@ -1,10 +1,13 @@
 """arflow.py: hybrid attention (parallel = recurrent, causal across images, bidirectional inside one), guidance,
-samplers, the sequence sampler, training, CLI (resume, sample, eval, torchrun), latents, bad inputs."""
+samplers, the sequence sampler, training, CLI (resume, sample, eval, torchrun), latents, bad inputs; the official
+model's outputs and samplers on fixtures, its checkpoint format; bf16 parameters and FSDP2 with them."""
+import argparse
 import dataclasses
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,7 +188,7 @@ def test_short_training_lowers_heldout_loss(tmp_path):
     common.seed_all(0)
     model, vae = af.build(cfg, d.device)
     before = af.heldout_loss(model, cfg, vae, d)
-    x, x_flip, y = af.load_data(cfg)
+    x, x_flip, y, _ = af.load_data(cfg)
     data = af.SequenceSampler(x, x_flip, y, cfg, (1, 8, 8))
     common.train(cfg, model, lambda net, b: (af.batch_loss(net, b, 10), {}), data, d)
     after = af.heldout_loss(model, cfg, vae, d)
@@ -197,6 +200,8 @@ def test_sizes_and_presets():
     assert af.ARCHS["B/4"] == dict(depth=12, width=768, heads=12, patch_size=4) and len(af.ARCHS) == 12
     big = af.Config(**af.PRESETS["imagenet128"])
     assert (big.seq_len, big.lr, big.weight_decay, big.grad_clip_value, big.ema_decay) == (5, 1e-4, 0.02, 3.0, 0.9999)
+    assert (big.guidance, big.guide_channels) == (1.5, 3)  # the paper's figure, guided as the official sampler
+    assert not {"eval_n", "eval_guidance"} & (set(af.PRESETS["imagenet128"]) | set(af.PRESETS["imagenet256"]))
     assert af.latent_shape(big) == (4, 16) and af.latent_shape(af.Config(**af.PRESETS["imagenet256"])) == (4, 32)
     demo = af.Config(**af.PRESETS["digits"])
     assert af.ARFlow(demo, 1, 8).N == 4 and not demo.hflip  # mirrored digits are not digits
@@ -253,18 +258,32 @@ def test_latents_precompute_flip_and_decode(tmp_path):
     cfg = af.Config(data=str(tmp_path / "lat"), img_size=16, vae=folder, vae_family="sd", width=32, heads=2, depth=1,
                     sample_steps=3, seq_len=1, hflip=True)
     af.precompute_latents(cfg, str(tmp_path / "imgs.npz"), common.Dist())
-    lat, lat_flip, lab = af.load_data(cfg)
+    lat, lat_flip, lab, (lv, lv_flip) = af.load_data(cfg)
     vae = af.load_vae(cfg, "cpu")
     imgs = common.to_float(x[:20])
     torch.testing.assert_close(torch.tensor(lat).float(), vae.encode(imgs), atol=2e-2, rtol=0)  # fp16
     torch.testing.assert_close(torch.tensor(lat_flip).float(), vae.encode(imgs.flip(-1)), atol=2e-2, rtol=0)
+    scale2 = 2 * np.log(vae.scaling_factor)  # the log-variance of the scaled latent
+    torch.testing.assert_close(torch.tensor(lv).float(), vae.ae.encode(imgs)[1] + scale2, atol=2e-2, rtol=0)
+    torch.testing.assert_close(torch.tensor(lv_flip).float(), vae.ae.encode(imgs.flip(-1))[1] + scale2, atol=2e-2,
+                               rtol=0)
     assert np.array_equal(lab, y[:20].numpy())
     model, _ = af.build(cfg, "cpu")
     assert (model.C, model.side) == (4, 8)
-    batch = af.SequenceSampler(lat, lat_flip, lab, dataclasses.replace(cfg, batch_size=64), (4, 8, 8)).batch(0)[0]
+    c64 = dataclasses.replace(cfg, batch_size=64)
+    means = af.SequenceSampler(lat, lat_flip, lab, c64, (4, 8, 8)).batch(0)  # posterior means only (old folders)
     pool = torch.cat([torch.tensor(lat), torch.tensor(lat_flip)]).flatten(1)
-    is_flip = [bool((pool[20:] == b.flatten()).all(1).any()) for b in batch[:, 0]]
-    assert all((pool == b.flatten()).all(1).any() for b in batch[:, 0]) and 0 < sum(is_flip) < 64  # encoded mirrors
+    hit = [torch.where((pool == b.flatten()).all(1))[0] for b in means[0][:, 0]]
+    assert all(len(h) for h in hit) and 0 < sum(int(h[0]) >= 20 for h in hit) < 64  # encoded mirrors are used
+    # with the log-variances, a fresh posterior draw mean + std z every batch; all else as before
+    drawn = af.SequenceSampler(lat, lat_flip, lab, c64, (4, 8, 8), logvar=(lv, lv_flip)).batch(0)
+    unit = af.SequenceSampler(lat, lat_flip, lab, c64, (4, 8, 8), logvar=(0 * lv, 0 * lv_flip)).batch(0)
+    assert all(torch.equal(a, b) for a, b in zip(means[1:], drawn[1:]))
+    z = (unit[0] - means[0].float())[:, 0]  # the standard normal draw itself (std 1)
+    assert 0.9 < z.std() < 1.1
+    std = torch.cat([torch.tensor(lv), torch.tensor(lv_flip)]).float().mul(0.5).exp()[torch.stack([h[0] for h in hit])]
+    torch.testing.assert_close(drawn[0][:, 0], means[0][:, 0].float() + std * z, atol=1e-5, rtol=0)
+    assert (std * z).abs().mean() > 1e-2  # the draws move the latents
     out = af.generate(model.eval(), cfg, torch.tensor([0, 5, 9]), vae, seed=0)
     assert out.shape == (3, 1, 16, 16) and out.dtype == torch.uint8
 
@@ -304,3 +323,172 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys):
         m(torch.randn(1, 2, 3, 4, 4), torch.rand(1, 2), torch.tensor([1]))
     with pytest.raises(ValueError, match="--width 32 is not divisible by --heads 3"):
         dataclasses.replace(cfg, heads=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The official model (TheFllood/ARFlow): tiny perturbed weights in its checkpoint format, its outputs (fixtures README)
+
+FIX = ROOT / "tests" / "fixtures"
+
+
+def _official():
+    m, cfg = af.from_official(FIX / "arflow_official.pt")
+    return m, cfg, torch.load(FIX / "arflow_official_io.pt", weights_only=True)
+
+
+def test_official_network_equals_the_official_model():
+    m, cfg, io = _official()
+    assert (cfg.width, cfg.heads, cfg.depth, cfg.patch_size, cfg.num_classes, cfg.mlp_ratio, cfg.t_scale) == \
+        (16, 2, 2, 2, 5, 4.0, 1.0) and (m.C, m.side, cfg.vae_family, cfg.img_size) == (4, 4, "sd", 32)
+    with torch.no_grad():
+        out = m(io["x"], io["t"], io["y"])  # a sorted-noise sequence of 3 images, one label the null label
+    assert (out - io["out"]).abs().max() < 1e-5  # measured 9.5e-7; the per-head q/k/v norm is 0.49 off
+    # the stored position table is used: it is not the sin-cos table (the fixture perturbs every parameter)
+    assert (m.pos - af.sincos_2d(16, 2)).abs().max() > 0.1
+
+
+def test_official_sampler_equals_the_official_loop():
+    m, cfg, io = _official()
+    assert {k: getattr(cfg, k) for k in af.OFFICIAL_SAMPLER} == af.OFFICIAL_SAMPLER
+    assert (cfg.sampler, cfg.sample_steps, cfg.guidance, cfg.guide_channels) == ("sde", 250, 4.5, 3)
+    c = dataclasses.replace(cfg, sample_steps=io["steps"])  # 5 Euler-Maruyama steps to 0.96, then 0.04
+    y, z, noise = io["labels"], io["z"], io["noise"][:, :2]  # the official guided batch's first half of the draws
+
+    def run(**kw):
+        return af.sample(m, y, dataclasses.replace(c, **kw), z=z, noise=noise)
+    assert (run(guidance=1.5) - io["sde_guided_w1.5"]).abs().max() < 1e-4  # measured 1.0e-6
+    assert (run(guidance=1.0) - io["sde"]).abs().max() < 1e-4
+    assert (run(guidance=1.0, sampler="euler") - io["euler"]).abs().max() < 1e-4  # official SDE loop at norm 0
+    assert (run(guidance=1.0, diffusion_norm=0.0) - io["euler"]).abs().max() < 1e-4
+    assert (run(guidance=1.5, guide_channels=0) - io["sde_guided_w1.5"]).abs().max() > 1e-3  # the channels matter
+
+
+def test_official_checkpoint_formats(tmp_path):
+    with pytest.raises(Exception, match="argparse.Namespace"):
+        torch.load(FIX / "arflow_official.pt", weights_only=True)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        full = torch.load(FIX / "arflow_official.pt", weights_only=True)
+    assert set(full) == {"model", "ema", "opt", "args"} and full["args"].model == "ARFlow-XL/2"
+    m, _, _ = _official()
+    # the EMA weights, not the raw ones
+    assert torch.equal(m.blocks[1].attn.z.weight, full["ema"]["blocks.1.attn.g_proj.weight"])
+    assert not torch.equal(full["ema"]["blocks.1.attn.g_proj.weight"], full["model"]["blocks.1.attn.g_proj.weight"])
+    # a plain state_dict of the official model (what sample.py also accepts), through from_checkpoint too
+    torch.save(full["ema"], tmp_path / "plain.pt")
+    m2, cfg2 = af.from_checkpoint(tmp_path / "plain.pt", guidance=2.0)
+    assert cfg2.guidance == 2.0 and all(torch.equal(a, b) for a, b in zip(m.state_dict().values(),
+                                                                          m2.state_dict().values()))
+    with pytest.raises(ValueError, match="--width 16; the options say otherwise"):
+        af.from_official(tmp_path / "plain.pt", width=32)
+    torch.save({"ema": full["ema"], "args": Path("x")}, tmp_path / "other.pt")  # any other class is refused
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        af.from_official(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an official ARFlow checkpoint"):
+        torch.save({"weights": {}}, tmp_path / "foreign.pt")
+        af.from_official(tmp_path / "foreign.pt")
+
+
+def _latent_folder(path, n=40, classes=5, side=4, seed=0):
+    g = np.random.default_rng(seed)
+    path.mkdir()
+    np.save(path / "latents.npy", g.standard_normal((n, 4, side, side)).astype(np.float16))
+    np.save(path / "labels.npy", np.arange(n) % classes)
+    return path
+
+
+def test_init_from_the_official_file(tmp_path, capsys):
+    data = _latent_folder(tmp_path / "lat")
+    arch = ["--data", data, "--vae_family", "sd", "--img_size", 32, "--num_classes", 5, "--width", 16, "--heads", 2,
+            "--depth", 2, "--patch_size", 2, "--t_scale", 1]
+    run = ["--steps", 1, "--lr", 1e-12, "--warmup", 0, "--batch_size", 4, "--log_every", 1, "--eval_every", 0,
+           "--ckpt_every", 0, "--init_from", FIX / "arflow_official.pt"]
+    _run(arch + run + ["--out_dir", tmp_path / "o"], capsys)
+    m, _, _ = _official()
+    got = common.load_checkpoint(tmp_path / "o" / "ckpt.pt")["model"]
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(got[k], v, atol=1e-6, rtol=0, msg=k)  # started from the official weights
+    err = _error(arch[:8] + ["--width", 32, "--heads", 2, "--depth", 2, "--patch_size", 2, "--t_scale", 1] + run +
+                 ["--out_dir", tmp_path / "p"], capsys)
+    assert err.startswith("error: --init_from") and "--width 16" in err, err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bf16 parameters (FSDP2's mixed precision keeps them so, with autocast off)
+
+
+@pytest.mark.parametrize("attention", MODES)
+def test_bf16_parameters_train_and_sample(attention):
+    m, cfg = _model(attention)
+    x, t, _ = _inputs(cfg)
+    eps, y = torch.randn_like(x), torch.tensor([1, 4, 5])
+    ref = af.flow_loss(m, x, t, eps, y)
+    m = m.to(torch.bfloat16).train()
+    loss = af.flow_loss(m, x, t, eps, y)
+    loss.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 2e-2 * ref.item()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all()
+               for p in m.parameters())
+    s = af.sample(m.eval(), torch.tensor([0, 3]), dataclasses.replace(cfg, sample_steps=4, guidance=2.0),
+                  torch.Generator().manual_seed(0))
+    assert s.dtype == torch.float32 and torch.isfinite(s).all() and s.std() > 0.1
+
+
+FSDP_BF16 = """
+import functools, json, sys
+import torch
+import torch.distributed.fsdp as fsdp
+sys.path.insert(0, {root!r})
+# common.wrap_model's policy on GPU (bf16 parameters, fp32 reductions), here on the CPU too
+fsdp.MixedPrecisionPolicy = functools.partial(fsdp.MixedPrecisionPolicy, param_dtype=torch.bfloat16,
+                                              reduce_dtype=torch.float32)
+import arflow, common
+seen = set()
+forward = arflow.ARFlowBlock.forward
+def spy(self, x, c, *a, **k):
+    seen.add(str(self.attn.q.weight.dtype))
+    return forward(self, x, c, *a, **k)
+arflow.ARFlowBlock.forward = spy
+common.run(lambda: arflow.main(sys.argv[1:]))
+if common.is_main():
+    json.dump(sorted(seen), open({out!r}, "w"))
+"""
+
+
+def test_fsdp2_two_processes_with_bf16_parameters(tmp_path):
+    script = tmp_path / "fsdp_bf16.py"
+    script.write_text(FSDP_BF16.format(root=str(ROOT), out=str(tmp_path / "dtypes.json")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script)]
+    args = [str(a) for a in SMALL + ["--steps", 2, "--log_every", 1, "--fsdp", "--eval_n", 10, "--out_dir",
+                                     tmp_path / "o"]]
+    r = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "dtypes.json").read_text()) == ["torch.bfloat16"]  # the blocks ran in bf16
+    log = [json.loads(line) for line in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in steps)
+    assert any("accuracy_w2" in r for r in log)  # the evaluation sampled under FSDP2 too
+    ck = common.load_checkpoint(tmp_path / "o" / "ckpt.pt")
+    assert ck["step"] == 2 and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_cli_samples_from_the_official_file(tmp_path, capsys):
+    folder = common.train_vae(tmp_path, steps=0)  # a latent space with 4 channels, to decode the official latents
+    out = tmp_path / "s.npz"
+    _run(["--sample", "--ckpt", FIX / "arflow_official.pt", "--vae", folder, "--vae_family", "sd", "--n", 4,
+          "--out", out, "--sample_steps", 3], capsys)
+    m, cfg = af.from_official(FIX / "arflow_official.pt", vae=folder, sample_steps=3)
+    assert (cfg.guidance, cfg.guide_channels, cfg.sampler) == (4.5, 3, "sde")  # sample.py's settings
+    ref = af.generate(m, cfg, torch.arange(4) % 5, af.load_vae(cfg, "cpu"), seed=cfg.seed + 1000)
+    with np.load(out) as f:
+        assert f["labels"].tolist() == [0, 1, 2, 3] and np.array_equal(f["images"], ref.permute(0, 2, 3, 1).numpy())
+        assert f["images"].std() > 1
+
+
+def test_checkpoints_from_before_the_saved_position_table_still_load(tmp_path):
+    m, cfg = _model()
+    sd = {k: v for k, v in m.state_dict().items() if k != "pos"}
+    torch.save({"kind": "arflow", "config": dataclasses.asdict(cfg), "model": sd, "step": 1}, tmp_path / "old.pt")
+    m2, _ = af.from_checkpoint(tmp_path / "old.pt")
+    assert torch.equal(m2.pos, af.sincos_2d(cfg.width, 2)) and torch.equal(m2.blocks[0].attn.q.weight,
+                                                                          m.blocks[0].attn.q.weight)
