@@ -190,7 +190,7 @@ class HybridAttention(nn.Module):
         the state without adding this image, for a solver's extra evaluations at the same step)."""
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
         inner = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)).view_as(v)
-        with torch.autocast(x.device.type, enabled=False):  # the state and its decays stay fp32 under bf16 autocast
+        with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):  # the state and decays stay fp32
             gx = F.linear((x + c[:, :, None]).float(), self.gate.weight.float())  # fp32 even with bf16 weights
             g = F.logsigmoid(gx).permute(0, 1, 3, 2) / GATE_NORM  # (B, S, H, N)
             q, k, v = q.float(), k.float() * self.head_dim ** -0.5, v.float()
@@ -588,6 +588,26 @@ def latent_shape(cfg: Config, vae=None) -> tuple[int, int]:
     return ch, cfg.img_size // down
 
 
+def dry_run(cfg: Config, gpus: int) -> dict:
+    """--dry_run: the config on the meta device (common.dry_run), the loss on sequences of seq_len latents; sampling
+    keeps per layer a gated linear attention state (H, Dh, Dh) in fp32 and the current image's keys and values,
+    for both guidance branches."""
+    C, side = latent_shape(cfg)
+
+    def loss(model, b):
+        S = cfg.seq_len
+        return flow_loss(model, torch.randn(b, S, C, side, side), torch.rand(b, S), torch.randn(b, S, C, side, side),
+                         torch.zeros(b, dtype=torch.long))
+
+    def states(model):
+        dh = cfg.width // cfg.heads
+        per = 2 * cfg.depth * (cfg.heads * dh * dh * 4 + 2 * model.N * cfg.width * 2)
+        return {"state_per_sample": per, "state_batch256": 256 * per}
+
+    return common.dry_run(cfg, lambda: ARFlow(cfg, C, side), loss, tokens=cfg.seq_len * (side // cfg.patch_size) ** 2,
+                          gpus=gpus, block_types=(ARFlowBlock,), sample_bytes=states)
+
+
 def build(cfg: Config, device) -> tuple[ARFlow, object]:
     vae = load_vae(cfg, device)
     return ARFlow(cfg, *latent_shape(cfg, vae)).to(device), vae
@@ -778,6 +798,8 @@ def main(argv=None):
     if args.arch:
         overrides = {**ARCHS[args.arch], **overrides}
         cfg = dataclasses.replace(cfg, **overrides)
+    if args.dry_run:
+        return common.print0(json.dumps(dry_run(cfg, args.gpus)))
     d = common.setup_distributed(cfg.device)
     ckpt = args.ckpt or str(Path(cfg.out_dir) / "ckpt.pt")
     if args.precompute:

@@ -434,14 +434,9 @@ def test_bf16_parameters_train_and_sample(attention):
 
 
 FSDP_BF16 = """
-import functools, json, sys
-import torch
-import torch.distributed.fsdp as fsdp
+import json, sys
 sys.path.insert(0, {root!r})
-# common.wrap_model's policy on GPU (bf16 parameters, fp32 reductions), here on the CPU too
-fsdp.MixedPrecisionPolicy = functools.partial(fsdp.MixedPrecisionPolicy, param_dtype=torch.bfloat16,
-                                              reduce_dtype=torch.float32)
-import arflow, common
+import arflow, common  # --fsdp with --amp: FSDP2's bf16 parameters and fp32 reductions, on the CPU too
 seen = set()
 forward = arflow.ARFlowBlock.forward
 def spy(self, x, c, *a, **k):
