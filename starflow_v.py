@@ -105,11 +105,13 @@ class Config(common.TrainConfig):
     long_frames: int = 0  # latent frames to sample, beyond the trained length by a sliding window (0 = trained)
     context_frames: int = 0  # latent frames each new window re-encodes as context (0 = window - 1)
     eval_samples: int = common.opt(200, min=1)  # moving digits: videos sampled per task in an evaluation
+    holdout: int = common.opt(0, min=0)  # other data: its last N items stay out of training, for held-out bits/dim
 
     NAME = "starflow_v"
     RUNTIME = ("data", "vae", "videos_per_digit", "label_drop", "drop_image", "v2v", "speeds", "grad_ckpt", "denoiser_lr", "sampler",
                "jacobi_chunk", "jacobi_chunk_video", "jacobi_warm_start", "jacobi_max_iter", "jacobi_threshold",
-               "guidance", "denoise", "long_frames", "context_frames", "eval_samples")
+               "guidance", "denoise", "long_frames", "context_frames", "eval_samples",
+               "holdout")
 
     def __post_init__(self):
         super().__post_init__()
@@ -864,7 +866,8 @@ def decode(x: torch.Tensor, vae, cfg: Config) -> torch.Tensor:
 
 
 def load_data(cfg: Config, split: str = "train"):
-    """A Dataset of (video uint8 (F, C, H, W) or latents float (T, c, h, w), label, task[, text, text_mask])."""
+    """A Dataset of (video uint8 (F, C, H, W) or latents float (T, c, h, w), label, task[, text, text_mask][, latent
+    log-variance]). Data other than moving digits: split "test" is its last --holdout items, "train" the rest."""
     if cfg.data == "moving-digits":
         if cfg.channels != 1:
             raise ValueError(f"digits have 1 channel, the config says {cfg.channels}")
@@ -896,7 +899,10 @@ def load_data(cfg: Config, split: str = "train"):
                              f"{cfg.txt_dim}), got {a['null_text'].shape}")
     if "latents_logvar" in a:  # the posterior's log-variance: training samples from it
         arrays.append(a["latents_logvar"])
-    data = common.ArrayDataset(*arrays)
+    if cfg.holdout >= n:
+        raise ValueError(f"--holdout {cfg.holdout} leaves nothing of the {n} items of {path} to train on")
+    part = slice(n - cfg.holdout, n) if split == "test" and cfg.holdout else slice(0, n - cfg.holdout)
+    data = common.ArrayDataset(*[a[part] for a in arrays])
     data.null_text = a.get("null_text") if cfg.txt_dim else None
     data.logvar = "latents_logvar" in a
     return data
@@ -1005,8 +1011,8 @@ def evaluate(model: STARFlowV, cfg: Config, vae, d: common.Dist) -> dict:
     frame 0 strays from the given one, 0..255) and V2V (if trained: error of the target against the true one)
     samples, and the same metrics of real test videos (real_*: what a perfect model would score)."""
     model.eval()
-    test = load_data(cfg, "test") if cfg.data == "moving-digits" else load_data(cfg)
-    out = {"bpd": heldout_bpd(model, cfg, test, vae, d)}
+    held = cfg.data == "moving-digits" or cfg.holdout > 0  # else: bits/dim of the first training items, so named
+    out = {"bpd" if held else "train_bpd": heldout_bpd(model, cfg, load_data(cfg, "test"), vae, d)}
     if cfg.data == "moving-digits":
         real, labels, _, _ = moving_digits(cfg, "test")
         n_samples = cfg.eval_samples

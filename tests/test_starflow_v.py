@@ -3,6 +3,7 @@ window, the flow-score denoiser (its window, its training, its gradients), train
 import dataclasses
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 
@@ -378,12 +379,15 @@ def test_text_to_video_through_a_latent_folder(tmp_path, capsys):
     sv.main(model + ["--precompute", str(tmp_path / "v.npz"), "--data", str(folder)])
     assert np.array_equal(np.load(folder / "text.npy"), text)
     assert np.array_equal(np.load(folder / "text_mask.npy"), mask)
-    data = sv.load_data(sv.Config(**{**dataclasses.asdict(cfg), "data": str(folder), "txt_dim": 6, "txt_len": 3,
-                                     "num_classes": 0, "vae": vae, "vae_family": "sd"}))
+    fcfg = sv.Config(**{**dataclasses.asdict(cfg), "data": str(folder), "txt_dim": 6, "txt_len": 3,
+                        "num_classes": 0, "vae": vae, "vae_family": "sd"})
+    data = sv.load_data(fcfg)
     assert isinstance(data.arrays[3], np.memmap) and data[np.arange(2)][0].shape == (2, 2, 4, 4, 4)
+    train, test = (sv.load_data(dataclasses.replace(fcfg, holdout=4), s) for s in ("train", "test"))
+    assert len(train) == 20 and len(test) == 4 and np.array_equal(test.arrays[3], text[20:])  # the last 4 held out
     run = tmp_path / "run"
     sv.main(model + ["--data", str(folder), "--steps", "2", "--batch_size", "8", "--out_dir", str(run)])
-    assert "bpd" in capsys.readouterr().out  # the final evaluation, with the first items' captions
+    assert "train_bpd" in capsys.readouterr().out  # nothing held out: named as what it is
     sv.main(["--sample", "--ckpt", str(run / "ckpt.pt"), "--n", "3", "--out", str(tmp_path / "s.npz"), "--captions",
              str(tmp_path / "v.npz")])
     with np.load(tmp_path / "s.npz") as f:
@@ -498,6 +502,9 @@ def test_drop_image_null_caption_padding_and_the_weighted_denoising_step():
     torch.manual_seed(0)
     lengths = [sv.training_inputs(cfg, None, batch).shape[1] for _ in range(400)]
     assert set(lengths) == {m.T - 1, m.T} and 0.2 < lengths.count(m.T - 1) / 400 < 0.3
+    lv = (torch.full((4, m.T, m.C, m.H, m.W), math.log(0.25)),)  # a latent folder's log-variance, the last array
+    dev = sv.training_inputs(dataclasses.replace(cfg, drop_image=0.0), None, batch + lv, logvar=True) - batch[0]
+    assert 0.45 < dev.std() < 0.55  # a posterior sample, std exp(logvar / 2)
     loss, _ = sv.train_loss(m, batch[0][:, 1:], _cond(m, 4), cfg.noise_std, True)
     assert torch.isfinite(loss)
     x, cond = _video(m).float(), _cond(m)
