@@ -13,11 +13,12 @@ A video's latents (B, T, C, h, w) become T*N patch tokens in (t, h, w) raster or
     (frame, row, column) and the condition (class token or text embeddings, plus a task tag) as a prefix.
 Each block maps z_t = (x_t - mu_t) / sigma_t with (mu_t, sigma_t) predicted from x_<t (STARFlow: learned start token,
 sigma = softplus, soft clip), so the likelihood is exact; training is the NLL of latents with Gaussian noise sigma.
-Flow-score matching: a light transformer, causal across frames with one frame of lookahead, learns sigma * grad log p
-of the noisy latents from the input gradient of the same NLL; sampling inverts the flow and takes one Tweedie step
-x + sigma^2 grad log p with it. Video-aware Jacobi decodes the deep block in parallel chunks, each chunk after the first
-frame warm-started from the frame before. Because the flow is causal and invertible, image-to-video and video-to-video
-are a prefix pushed forward through the flow; long videos slide a window that re-encodes its last frames.
+Flow-score matching: a light transformer, banded across frames (each layer sees W-1 frames back and one ahead, so L
+layers see L ahead), learns -sigma * grad log p of the noisy latents from the input gradient of the same NLL; sampling
+inverts the flow and takes one Tweedie step x + sigma^2 grad log p with it. Video-aware Jacobi decodes the deep block
+in parallel chunks, each chunk after the first frame warm-started from the frame before. Because the flow is causal
+and invertible, image-to-video and video-to-video are a prefix pushed forward through the flow; long videos slide a
+window that re-encodes its last frames.
 
     python starflow_v.py                                       # CPU demo: moving digits of a given class, minutes
     python starflow_v.py --eval --ckpt out/starflow_v/ckpt.pt  # bits/dim, per-frame accuracy, consistency, motion
@@ -108,7 +109,8 @@ class Config(common.TrainConfig):
     holdout: int = common.opt(0, min=0)  # other data: its last N items stay out of training, for held-out bits/dim
 
     NAME = "starflow_v"
-    RUNTIME = ("data", "vae", "videos_per_digit", "label_drop", "drop_image", "v2v", "speeds", "grad_ckpt", "denoiser_lr", "sampler",
+    RUNTIME = ("data", "vae", "videos_per_digit", "label_drop", "drop_image", "v2v", "speeds", "grad_ckpt",
+               "denoiser_lr", "sampler",
                "jacobi_chunk", "jacobi_chunk_video", "jacobi_warm_start", "jacobi_max_iter", "jacobi_threshold",
                "guidance", "denoise", "long_frames", "context_frames", "eval_samples",
                "holdout")
@@ -612,10 +614,12 @@ class ScoreTap(torch.autograd.Function):
     buffers for the log. Backward: the gradient arriving at x~ is w k grad_x~ NLL_i / (B * numel) (the NLL is a mean,
     weighted by k; w, whatever train() scaled the loss by, is the gradient arriving at the unweighted `unit`), so
 
-        target = k sigma grad NLL(x~) = -k sigma grad log p(x~) = sigma * g * B * numel / w,  fsm = mean((pred - target)^2)
+        target = k sigma grad NLL(x~) = -k sigma grad log p(x~) = sigma * g * B * numel / w,
+        fsm = mean((pred - target)^2)
 
-    as ml-starflow's train.py l.276-280 (its x.grad * numel * sigma), and the prediction gets w * d fsm / d pred. The target is a detached gradient and the denoiser reads x~
-    detached: the MSE reaches only the denoiser's weights, the NLL only the flow's."""
+    as ml-starflow's train.py l.276-280 (its x.grad * numel * sigma), and the prediction gets w * d fsm / d pred. The
+    target is a detached gradient and the denoiser reads x~ detached: the MSE reaches only the denoiser's weights, the
+    NLL only the flow's."""
 
     @staticmethod
     def forward(ctx, tokens, pred, sigma):
@@ -726,7 +730,7 @@ def sample(model: STARFlowV, cond: dict, cfg: Config, z: torch.Tensor | None = N
     x = torch.cat(frames, 1)  # (outside inference mode: a normal tensor)
     if cfg.denoise == "learned":  # (the config guarantees a denoiser and sigma > 0)
         # Tweedie, x + sigma^2 grad log p = x - (sigma / k) * (k sigma grad NLL), the denoiser's output. With
-        # --cond_noise_level (k = sigma / 0.3) this is ml-starflow's x - 0.3 * output (utils/inference.py l.192); without
+        # --cond_noise_level (k = sigma / 0.3) this is ml-starflow's x - 0.3 * output (inference.py l.192); without
         # it that step would be x + 0.3 sigma grad log p, Tweedie only at sigma = 0.3: we keep the formula
         x = x - cfg.noise_std / loss_weight(cfg) * learned_score(model, x, cond)
     elif cfg.denoise == "exact" and cfg.noise_std > 0:
