@@ -1086,7 +1086,8 @@ def from_official(path: str, device="cpu", null_text: torch.Tensor | None = None
     patch_size, default 1) and pt_seq_len (the blocks' attn_mask buffer is pt_seq_len^2 + txt_len square); the rest is
     the t2v-480p preset (its yaml and the released model's sampling script) unless overridden, e.g. txt_len,
     denoiser_window, img_size, frames, guidance. `null_text` (txt_len, txt_dim): the text encoder's embedding of the
-    empty caption with the templates the model was trained with (train.py l.241; zeros if not given), for guidance.
+    empty caption with the templates the model was trained with (train.py l.241; zeros if not given; an array, tensor
+    or .npy path), for guidance.
     Layouts: qkv rows of q and k permuted from interleaved RoPE pairs to ours (make_rope); RMSNorm weights + 1
     (ml-starflow's (1 + w), transformer_flow.py l.167-184)."""
     sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -1130,7 +1131,7 @@ def from_official(path: str, device="cpu", null_text: torch.Tensor | None = None
 
     def take(key):
         used.add(key)
-        return sd[key]
+        return sd[key].float()  # (a bf16 file: the norms' + 1 in fp32)
 
     def layer(src, dst, W):
         for a, b in (("attention.norm", "norm1"), ("attention.proj", "attn.proj"), ("mlp.norm", "norm2"),
@@ -1163,6 +1164,8 @@ def from_official(path: str, device="cpu", null_text: torch.Tensor | None = None
     if left:
         raise ValueError(f"{path}: tensors this model has no place for: {', '.join(left[:5])}"
                          f"{' ...' if len(left) > 5 else ''}")
+    if isinstance(null_text, (str, Path)):
+        null_text = np.load(null_text)
     emb = torch.zeros(cfg.txt_len, cfg.txt_dim) if null_text is None else torch.as_tensor(null_text).float()
     if emb.shape != (cfg.txt_len, cfg.txt_dim):
         raise ValueError(f"null_text must be ({cfg.txt_len}, {cfg.txt_dim}) (txt_len, txt_dim), got {tuple(emb.shape)}")
@@ -1255,7 +1258,9 @@ def main(argv=None):
         if cfg.txt_dim:
             if not args.captions:
                 raise ValueError("a text-conditional model samples from --captions NPZ (text, text_mask)")
-            cap = common.load_arrays(args.captions, ("text", "text_mask"))
+            cap = common.load_arrays(args.captions, ("text", "text_mask", "null_text"))
+            if "null_text" in cap:  # the null caption (guidance), e.g. for an official checkpoint
+                model.set_null_text(torch.as_tensor(cap["null_text"]).float())
             idx = (torch.arange(start, start + count) % len(cap["text"])).numpy()  # captions repeat
             text, mask = torch.as_tensor(cap["text"][idx]).float(), torch.as_tensor(cap["text_mask"][idx])
         vids, nfe = generate(model, cfg, labels, model.vae, seed=cfg.seed + 1000 + d.rank, text=text, text_mask=mask,

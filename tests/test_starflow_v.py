@@ -527,7 +527,7 @@ FIXTURE = ROOT / "tests" / "fixtures" / "starflow_v_tiny.pth"
 TINY_OFFICIAL = dict(txt_len=4, denoiser_window=2, vae_family="none", frame_scale=1.0, img_size=(2, 3), frames=4)
 
 
-def test_official_checkpoint_gives_the_official_numbers():
+def test_official_checkpoint_gives_the_official_numbers(tmp_path):
     """A tiny ml-starflow STARFlow-V (4 blocks, deep block twice as wide, text, final norms, its RoPE with
     pt_seq_len 4 on a 2x3 latent, a 2-layer conditional denoiser with window 2; every weight perturbed), read by
     from_official: the log-likelihood, the latents, the denoiser's output and the sequential sampler (unguided and
@@ -552,6 +552,13 @@ def test_official_checkpoint_gives_the_official_numbers():
     m2, cfg2 = sv.from_checkpoint(str(FIXTURE), **TINY_OFFICIAL)
     assert cfg2 == cfg and all(torch.equal(a, b) for (k, a), b in zip(m.state_dict().items(), m2.state_dict().values())
                                if not k.endswith("null_text"))
+    # and the CLI: --sample --ckpt of the official file, the null caption from the --captions file
+    np.savez(tmp_path / "c.npz", **{k: io[k].numpy() for k in ("text", "text_mask", "null_text")})
+    sv.main(["--preset", "t2v-480p", "--sample", "--ckpt", str(FIXTURE), "--txt_dim", "8", "--txt_len", "4",
+             "--denoiser_window", "2", "--vae_family", "none", "--frame_scale", "1", "--img_size", "2,3", "--frames",
+             "4", "--n", "2", "--out", str(tmp_path / "s.npz"), "--captions", str(tmp_path / "c.npz")])
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["images"].shape == (2, 4, 2, 3, 4)
     with pytest.raises(ValueError, match="pass the right txt_len"):
         sv.from_official(str(FIXTURE), **{**TINY_OFFICIAL, "txt_len": 5})
     with pytest.raises(ValueError, match="null_text must be"):
