@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.nn.attention.bias import causal_lower_right
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -143,9 +144,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, T_keys, Dh), the prefix included
         t_k = k.shape[2]
-        if spans is not None:
-            y = torch.cat([F.scaled_dot_product_attention(q[:, :, qs], *(torch.cat([t[:, :, s] for s in ks], 2)
-                                                                          for t in (k, v))) for qs, ks in spans], 2)
+        if spans is not None:  # a span whose keys are two slices copies them: recomputed in backward, so one copy
+            grad = torch.is_grad_enabled()  # lives at a time, not all the spans' (W+1 times the keys, a denoiser's)
+            y = torch.cat([torch.utils.checkpoint.checkpoint(_span, q, k, v, qs, ks, use_reentrant=False)
+                           if grad and len(ks) > 1 else _span(q, k, v, qs, ks) for qs, ks in spans], 2)
             return self.proj(y.transpose(1, 2).reshape(B, T, C))
         if mask is not None:
             mask = mask[..., :t_k]
@@ -155,6 +157,12 @@ class Attention(nn.Module):
             mask, causal = mask & causal_mask(T, t_k, x.device), False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, Dh)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def _span(q, k, v, qs: slice, ks: tuple[slice, ...]) -> torch.Tensor:
+    """Queries q[..., qs, :] attending to the keys of the slices ks only, mask-free."""
+    k, v = (t[:, :, ks[0]] if len(ks) == 1 else torch.cat([t[:, :, s] for s in ks], 2) for t in (k, v))
+    return F.scaled_dot_product_attention(q[:, :, qs], k, v)
 
 
 class Block(nn.Module):
