@@ -592,3 +592,31 @@ def test_span_attention_equals_the_masked_one_and_keeps_one_copy_for_backward():
     torch.testing.assert_close(g, gref, atol=1e-12, rtol=0)
     kv = 2 * S * cfg.width * 8  # bytes of the keys and values (fp64)
     assert sum(saved.values()) < 8 * kv, sum(saved.values()) / kv  # measured 5.9; every span's copy kept: 11.4
+
+
+def test_precompute_keeps_the_wan_posterior_and_training_samples_it(tmp_path):
+    """--precompute through a Wan VAE keeps the posterior's mean and log-variance (latents.npy, latents_logvar.npy)
+    and the null caption; a model trained on the folder samples the posterior (training_inputs)."""
+    st = pytest.importorskip("safetensors.torch")
+    ae = common.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1,
+                                 temporal_downsample=(True, True))
+    st.save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, tmp_path / "vae.safetensors")
+    g = np.random.default_rng(0)
+    videos = g.integers(0, 256, (6, 5, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "v.npz", images=videos, text=g.normal(size=(6, 2, 4)).astype(np.float32),
+             text_mask=np.ones((6, 2), bool), null_text=np.zeros((2, 4), np.float32))
+    args = ["--vae", str(tmp_path / "vae.safetensors"), "--vae_family", "wan2.1", "--img_size", "8", "--frames", "5",
+            "--channels", "3", "--num_classes", "0", "--txt_dim", "4", "--txt_len", "2"]
+    folder = tmp_path / "lat"
+    sv.main(args + ["--precompute", str(tmp_path / "v.npz"), "--data", str(folder)])
+    cfg = sv.Config(data=str(folder), vae=str(tmp_path / "vae.safetensors"), vae_family="wan2.1", img_size=(8,),
+                    frames=5, channels=3, num_classes=0, txt_dim=4, txt_len=2)
+    data = sv.load_data(cfg)
+    assert data.logvar and data.null_text.shape == (2, 4) and (folder / "null_text.npy").exists()
+    mean, logvar = sv.posterior(torch.as_tensor(videos).permute(0, 1, 4, 2, 3), sv.load_vae(cfg, "cpu"), "wan2.1")
+    batch = data[np.arange(6)]
+    torch.testing.assert_close(batch[0].float(), mean, atol=2e-3, rtol=2e-3)  # stored in fp16
+    torch.testing.assert_close(batch[-1].float(), logvar, atol=2e-2, rtol=2e-3)
+    torch.manual_seed(0)
+    x = sv.training_inputs(cfg, None, batch, logvar=True)
+    assert 0.7 < ((x - batch[0].float()) / (0.5 * batch[-1].float()).exp()).std() < 1.3
