@@ -246,8 +246,8 @@ class TableRoPE(common.RoPE):
 def make_rope(cfg: Config, grid: tuple[int, int], frames: int, prefix: int) -> common.RoPE:
     """Rotary positions of [prefix, frames x grid tokens] (frames 0: one frame of a shallow block, at time 0).
     pt_seq_len 0: the integer (frame, row, column) grid, frequencies split evenly, the prefix unrotated.
-    pt_seq_len > 0: ml-starflow's (misc/pe.py get_positions l.40-74, VisionRotaryEmbeddingFast l.86-151): rows and
-    columns share (Dh/2 - 8)/2 frequencies base^(-2j/(Dh/2-8)) (l.103, l.111), time 8 frequencies base^(-j/8) (l.118);
+    pt_seq_len > 0: ml-starflow's (misc/pe.py get_positions l.39-73, VisionRotaryEmbeddingFast l.75-151): rows and
+    columns share (Dh/2 - 8)/2 frequencies base^(-2j/(Dh/2-8)) (l.103, l.110), time 8 frequencies base^(-j/8) (l.118);
     rows and columns at index * pt_seq_len / sqrt(h w) (l.51-52), time at the frame index, the prefix at row = column
     = 0 and time j / L * pt_seq_len (l.67-70). Its interleaved pairs (2i, 2i+1) are our (i, i + Dh/2): from_official
     permutes the q, k weights to match."""
@@ -286,7 +286,7 @@ class FlowBlock(nn.Module):
         self.L = self.cond.len if conditioned else 0
         self.proj_in = nn.Linear(token_dim, width)
         self.layers = nn.ModuleList([common.Block(width, width // cfg.head_dim) for _ in range(n_layers)])
-        self.norm = nn.RMSNorm(width, eps=1e-6) if cfg.final_norm else None  # transformer_flow.py l.427, l.605
+        self.norm = nn.RMSNorm(width, eps=1e-6) if cfg.final_norm else None  # transformer_flow.py l.425-427, l.557
         self.proj_out = nn.Linear(width, 2 * token_dim)
         nn.init.zeros_(self.proj_out.weight)  # (mu, a) = 0: the block starts as the identity
         nn.init.zeros_(self.proj_out.bias)
@@ -829,7 +829,7 @@ def posterior(x: torch.Tensor, vae, family: str) -> tuple[torch.Tensor, torch.Te
     """uint8 videos (B, F, C, H, W) -> (mean, logvar) of the normalised latents (B, T, c, h, w) (logvar None: pixels
     or an image VAE, whose mean is used). Wan2.2 as ml-starflow (misc/wan_vae2.py l.962-967): the normalised mean
     plus exp(logvar / 2) unnormalised (it does not divide the std by latents_std); Wan2.1 as diffusers' posterior
-    sample, normalised (utils/model_setup.py l.159-164)."""
+    sample, normalised (utils/model_setup.py l.160-166)."""
     v = common.to_float(x)
     if vae is None:
         return v, None
@@ -1081,7 +1081,7 @@ def _is_official(path) -> bool:
 def from_official(path: str, device="cpu", null_text: torch.Tensor | None = None,
                   **overrides) -> tuple[STARFlowV, Config]:
     """ml-starflow's STARFlow-V checkpoint (a plain state dict, e.g. starflow-v_7B_t2v_caus_480p_v3.pth, read as its
-    sample.py l.80-82 does) -> (STARFlowV in eval mode, Config). From the tensors: the widths, layers per block, the
+    sample.py l.82-83 does) -> (STARFlowV in eval mode, Config). From the tensors: the widths, layers per block, the
     denoiser's layers, head_dim (feat_rope's buffer), txt_dim, the final norms, the latent channels (given
     patch_size, default 1) and pt_seq_len (the blocks' attn_mask buffer is pt_seq_len^2 + txt_len square); the rest is
     the t2v-480p preset (its yaml and the released model's sampling script) unless overridden, e.g. txt_len,
@@ -1089,8 +1089,8 @@ def from_official(path: str, device="cpu", null_text: torch.Tensor | None = None
     empty caption with the templates the model was trained with (train.py l.241; zeros if not given; an array, tensor
     or .npy path), for guidance.
     Layouts: qkv rows of q and k permuted from interleaved RoPE pairs to ours (make_rope); RMSNorm weights + 1
-    (ml-starflow's (1 + w), transformer_flow.py l.167-184)."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    (ml-starflow's (1 + w), transformer_flow.py l.158-184)."""
+    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # (7B: read as the tensors are taken)
     if not isinstance(sd, dict) or "blocks.0.proj_in.weight" not in sd:
         raise ValueError(f"{path} is not an ml-starflow checkpoint (no blocks.0.proj_in.weight)")
     K = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
