@@ -268,9 +268,9 @@ def test_denoiser_learns_the_flow_score_in_a_short_run(tmp_path):
     common.train(dataclasses.replace(cfg, steps=100, lr=5e-3, grad_clip=0), m, loss_fn(True), data, common.Dist(),
                  overwrite=True, optimizer=lambda net: torch.optim.AdamW(net.denoiser.parameters(), lr=5e-3))
     log = [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert log[-1]["fsm_rel"] < 0.75 * log[0]["fsm_rel"], (log[0], log[-1])  # measured: 0.96 -> 0.55
+    assert log[-1]["fsm_rel"] < 0.75 * log[0]["fsm_rel"], (log[0], log[-1])  # measured: 0.96 -> 0.57
     assert all(torch.equal(p, flow[n]) for n, p in m.named_parameters() if n in flow)
-    assert before == pytest.approx(1.0) and error() < 0.75, error()  # a zero score at init; measured: 1.0 -> 0.55
+    assert before == pytest.approx(1.0) and error() < 0.75, error()  # a zero score at init; measured: 1.0 -> 0.60
 
 
 CLI = [sys.executable, str(ROOT / "starflow_v.py")]
