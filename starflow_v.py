@@ -1057,17 +1057,20 @@ def build(cfg: Config, device) -> tuple[STARFlowV, object]:
     return STARFlowV(cfg, *latent_shape(cfg, vae)).to(device), vae
 
 
-def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[STARFlowV, Config]:
+def from_checkpoint(path: str, device="cpu", null_text=None, **overrides) -> tuple[STARFlowV, Config]:
     """A trained model ready to sample (EMA weights, eval mode) and its config; `overrides` may change run-time fields
     (sampler, guidance, long_frames, ...). `model.vae` is the VAE (None in pixel space), kept out of the module tree.
-    An ml-starflow checkpoint goes to from_official."""
+    An ml-starflow checkpoint goes to from_official (null_text: see there)."""
     if _is_official(path):
-        return from_official(path, device, **overrides)
+        return from_official(path, device, null_text, **overrides)
     state = common.load_checkpoint(path)
     cfg = common.config_from_checkpoint(Config, state, overrides, what=str(path))
     model, vae = build(cfg, device)
     model.__dict__["vae"] = vae
-    return common.load_weights(model, state).eval(), cfg
+    model = common.load_weights(model, state).eval()
+    if null_text is not None:
+        model.set_null_text(torch.as_tensor(np.load(null_text) if isinstance(null_text, (str, Path)) else null_text))
+    return model, cfg
 
 
 def _is_official(path) -> bool:
@@ -1234,6 +1237,10 @@ def main(argv=None):
                        help="text embeddings (`text`, `text_mask`) to --sample a text-conditional model from")
         p.add_argument("--task", choices=("t2v", "i2v", "v2v"), default="t2v",
                        help="--sample task: text/class-to-video, image-to-video, video-to-video (default: %(default)s)")
+        p.add_argument("--init_from", metavar="CKPT", default=None,
+                       help="train from these weights (ours or an official .pth): the model fields are theirs")
+        p.add_argument("--null_text", metavar="NPY", default=None,
+                       help="official ml-starflow weights: the (txt_len, txt_dim) embedding of the empty caption")
         p.add_argument("--context", metavar="NPZ", default=None,
                        help="i2v first frames (N,H,W,C) or v2v source videos (N,F,H,W,C) as `images` (default on "
                             "moving digits: test videos)")
@@ -1247,7 +1254,7 @@ def main(argv=None):
         return precompute_latents(cfg, args.precompute, d)
 
     if args.sample or args.eval:
-        model, cfg = from_checkpoint(ckpt, d.device, **overrides)
+        model, cfg = from_checkpoint(ckpt, d.device, args.null_text, **overrides)
         if args.eval:
             res = evaluate(model, cfg, model.vae, d)
             common.print0(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
@@ -1274,7 +1281,12 @@ def main(argv=None):
         return
 
     common.seed_all(cfg.seed)  # the same initial weights on every rank
+    if args.init_from:  # fine-tuning: the architecture is the weights' (an official file's as from_official reads it)
+        src, scfg = from_checkpoint(args.init_from, "cpu", args.null_text, **overrides)
+        cfg = dataclasses.replace(cfg, **{k: getattr(scfg, k) for k in common.model_fields(cfg)})
     model, vae = build(cfg, d.device)
+    if args.init_from:
+        model.load_state_dict(src.state_dict())
     data = load_data(cfg)
     if getattr(data, "null_text", None) is not None:
         model.set_null_text(torch.as_tensor(data.null_text))

@@ -620,3 +620,27 @@ def test_precompute_keeps_the_wan_posterior_and_training_samples_it(tmp_path):
     torch.manual_seed(0)
     x = sv.training_inputs(cfg, None, batch, logvar=True)
     assert 0.7 < ((x - batch[0].float()) / (0.5 * batch[-1].float()).exp()).std() < 1.3
+
+
+def test_init_from_the_official_file_fine_tunes_it(tmp_path):
+    """--init_from takes the official file: the model fields are its own, training starts from its weights."""
+    io = torch.load(ROOT / "tests" / "fixtures" / "starflow_v_tiny_io.pt", weights_only=True)
+    folder = tmp_path / "lat"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    np.save(folder / "latents.npy", torch.randn(8, 4, 4, 2, 3, generator=g).half().numpy())
+    np.save(folder / "text.npy", torch.randn(8, 4, 8, generator=g).numpy())
+    np.save(folder / "text_mask.npy", np.ones((8, 4), bool))
+    np.save(tmp_path / "null.npy", io["null_text"].numpy())
+    run = tmp_path / "run"
+    sv.main(["--preset", "t2v-480p", "--init_from", str(FIXTURE), "--null_text", str(tmp_path / "null.npy"),
+             "--data", str(folder), "--txt_dim", "8", "--txt_len", "4", "--denoiser_window", "2", "--vae_family",
+             "none", "--frame_scale", "1", "--img_size", "2,3", "--frames", "4", "--no-fsdp", "--steps", "2",
+             "--batch_size", "4", "--warmup", "1", "--out_dir", str(run)])
+    official, cfg = sv.from_official(str(FIXTURE), null_text=io["null_text"], **TINY_OFFICIAL)
+    tuned, tcfg = sv.from_checkpoint(str(run / "ckpt.pt"))
+    assert (tcfg.layers, tcfg.deep_width, tcfg.pt_seq_len, tcfg.final_norm) == ((1, 1, 1, 1), 48, 4, True)
+    a, b = official.state_dict(), tuned.state_dict()
+    assert torch.equal(a["blocks.3.cond.null_text"], b["blocks.3.cond.null_text"])
+    moved = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert 0 < moved < 1e-2  # two steps at lr 5e-5 away from the official weights
