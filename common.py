@@ -43,6 +43,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch.nn.attention.bias import causal_lower_right
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Attention
@@ -132,10 +134,12 @@ class Attention(nn.Module):
     def new_cache(self, batch: int, max_len: int, device=None, dtype=torch.float32) -> KVCache:
         return KVCache(batch, self.n_heads, max_len, self.head_dim, device, dtype)
 
-    def forward(self, x, mask=None, causal=False, rope: RoPE | None = None, pos=None, cache: KVCache | None = None):
+    def forward(self, x, mask=None, causal=False, rope: RoPE | None = None, pos=None, cache: KVCache | None = None,
+                spans=None):
         """x: (B, T, C). mask: bool, True = attend, broadcastable to (B, H, T, T_keys); a key mask longer than the
         keys seen so far (a full-sequence padding mask during decoding) is cut to them. With a cache, x holds the
-        next T tokens after the cached prefix."""
+        next T tokens after the cached prefix. spans [(query slice, (key slices, ...)), ...], covering the queries in
+        order: block-sparse attention as one mask-free SDPA call per span (fused kernels, no dense mask)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
         if rope is not None:
@@ -143,14 +147,25 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, T_keys, Dh), the prefix included
         t_k = k.shape[2]
+        if spans is not None:  # a span whose keys are two slices copies them: recomputed in backward, so one copy
+            grad = torch.is_grad_enabled()  # lives at a time, not all the spans' (W+1 times the keys, a denoiser's)
+            y = torch.cat([torch.utils.checkpoint.checkpoint(_span, q, k, v, qs, ks, use_reentrant=False)
+                           if grad and len(ks) > 1 else _span(q, k, v, qs, ks) for qs, ks in spans], 2)
+            return self.proj(y.transpose(1, 2).reshape(B, T, C))
         if mask is not None:
             mask = mask[..., :t_k]
-        if causal and (mask is not None or t_k != T):
-            # is_causal would align the triangle top-left; after a prefix the queries are the last T positions
-            cm = causal_mask(T, t_k, x.device)
-            mask, causal = (cm if mask is None else mask & cm), False
+        if causal and mask is None and t_k != T:  # after a prefix the queries are the last T positions
+            mask, causal = (None if T == 1 else causal_lower_right(T, t_k)), False  # a bias fused kernels take
+        if causal and mask is not None:  # (is_causal would align the triangle top-left)
+            mask, causal = mask & causal_mask(T, t_k, x.device), False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, Dh)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def _span(q, k, v, qs: slice, ks: tuple[slice, ...]) -> torch.Tensor:
+    """Queries q[..., qs, :] attending to the keys of the slices ks only, mask-free."""
+    k, v = (t[:, :, ks[0]] if len(ks) == 1 else torch.cat([t[:, :, s] for s in ks], 2) for t in (k, v))
+    return F.scaled_dot_product_attention(q[:, :, qs], k, v)
 
 
 class Block(nn.Module):

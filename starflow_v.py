@@ -13,11 +13,12 @@ A video's latents (B, T, C, h, w) become T*N patch tokens in (t, h, w) raster or
     (frame, row, column) and the condition (class token or text embeddings, plus a task tag) as a prefix.
 Each block maps z_t = (x_t - mu_t) / sigma_t with (mu_t, sigma_t) predicted from x_<t (STARFlow: learned start token,
 sigma = softplus, soft clip), so the likelihood is exact; training is the NLL of latents with Gaussian noise sigma.
-Flow-score matching: a light transformer, causal across frames with one frame of lookahead, learns sigma * grad log p
-of the noisy latents from the input gradient of the same NLL; sampling inverts the flow and takes one Tweedie step
-x + sigma^2 grad log p with it. Video-aware Jacobi decodes the deep block in parallel chunks, each chunk after the first
-frame warm-started from the frame before. Because the flow is causal and invertible, image-to-video and video-to-video
-are a prefix pushed forward through the flow; long videos slide a window that re-encodes its last frames.
+Flow-score matching: a light transformer, banded across frames (each layer sees W-1 frames back and one ahead, so L
+layers see L ahead), learns -sigma * grad log p of the noisy latents from the input gradient of the same NLL; sampling
+inverts the flow and takes one Tweedie step x + sigma^2 grad log p with it. Video-aware Jacobi decodes the deep block
+in parallel chunks, each chunk after the first frame warm-started from the frame before. Because the flow is causal
+and invertible, image-to-video and video-to-video are a prefix pushed forward through the flow; long videos slide a
+window that re-encodes its last frames.
 
     python starflow_v.py                                       # CPU demo: moving digits of a given class, minutes
     python starflow_v.py --eval --ckpt out/starflow_v/ckpt.pt  # bits/dim, per-frame accuracy, consistency, motion
@@ -72,6 +73,7 @@ class Config(common.TrainConfig):
     txt_len: int = 0  # text tokens per caption
     vae: str = ""  # "" = pixels | digits (small per-frame image VAE, trained once) | image or Wan video VAE weights
     vae_family: str = common.opt("none", choices=("none", "sd", "sdxl", "flux") + WAN)  # image (per frame) | Wan
+    frame_scale: float = common.opt(1.0, gt=0)  # Wan latents: frames 1.. are multiplied by this after encoding
     # model
     patch_size: int = common.opt(2, min=1)  # patch side; tokens are patches of each latent frame
     width: int = common.opt(64, min=1)  # transformer width of the shallow blocks and the denoiser
@@ -83,10 +85,14 @@ class Config(common.TrainConfig):
     noise_std: float = 0.1  # Gaussian noise sigma on the latents in training (the denoiser removes it)
     label_drop: float = common.opt(0.1, max=1)  # probability of the null condition in training (for guidance)
     v2v: float = common.opt(0.0, max=1)  # moving-digits: share of V2V training videos (a source, then it reversed)
+    drop_image: float = common.opt(0.0, max=1)  # share of training batches that drop the first latent frame
+    cond_noise_level: bool = False  # weight the NLL (and so the denoiser's target) by noise_std / 0.3
+    final_norm: bool = False  # RMSNorm before every output projection (else: none, the denoiser a LayerNorm)
+    pt_seq_len: int = common.opt(0, min=0)  # 0: RoPE on the integer grid; > 0: ml-starflow's RoPE (make_rope)
     grad_ckpt: bool = False  # gradient checkpointing of the transformer layers
     # flow-score matching denoiser
     denoiser_layers: int = 2  # layers of the learned causal denoiser (0 = none)
-    denoiser_window: int = common.opt(2, min=1)  # frame f is denoised from frames f-W+1 .. f+1
+    denoiser_window: int = common.opt(2, min=1)  # each denoiser layer: frame f attends to frames f-W+1 .. f+1
     denoiser_lr: float = common.opt(2e-3, gt=0)  # the denoiser's learning rate (its own AdamW parameter group)
     # sampler
     sampler: str = common.opt("jacobi", choices=("sequential", "jacobi"))  # sequential (KV cache) | jacobi
@@ -100,11 +106,14 @@ class Config(common.TrainConfig):
     long_frames: int = 0  # latent frames to sample, beyond the trained length by a sliding window (0 = trained)
     context_frames: int = 0  # latent frames each new window re-encodes as context (0 = window - 1)
     eval_samples: int = common.opt(200, min=1)  # moving digits: videos sampled per task in an evaluation
+    holdout: int = common.opt(0, min=0)  # other data: its last N items stay out of training, for held-out bits/dim
 
     NAME = "starflow_v"
-    RUNTIME = ("data", "vae", "videos_per_digit", "label_drop", "v2v", "speeds", "grad_ckpt", "denoiser_lr", "sampler",
+    RUNTIME = ("data", "vae", "videos_per_digit", "label_drop", "drop_image", "v2v", "speeds", "grad_ckpt",
+               "denoiser_lr", "sampler",
                "jacobi_chunk", "jacobi_chunk_video", "jacobi_warm_start", "jacobi_max_iter", "jacobi_threshold",
-               "guidance", "denoise", "long_frames", "context_frames", "eval_samples")
+               "guidance", "denoise", "long_frames", "context_frames", "eval_samples",
+               "holdout")
 
     def __post_init__(self):
         super().__post_init__()
@@ -117,6 +126,12 @@ class Config(common.TrainConfig):
                 raise ValueError(f"width {w} is not divisible by --head_dim {self.head_dim}")
         if self.head_dim % 2:
             raise ValueError(f"--head_dim {self.head_dim} must be even (rotary positions)")
+        if self.pt_seq_len and (self.head_dim % 4 or self.head_dim < 20):
+            raise ValueError(f"--pt_seq_len's RoPE gives time 8 frequency pairs and rows and columns an equal number: "
+                             f"--head_dim {self.head_dim} must be a multiple of 4, at least 20")
+        if self.frame_scale != 1 and self.vae_family not in WAN:
+            raise ValueError(f"--frame_scale {self.frame_scale} scales Wan latent frames: it needs --vae_family "
+                             f"wan2.1 or wan2.2")
         if bool(self.txt_dim) != bool(self.txt_len):
             raise ValueError(f"text needs both --txt_dim and --txt_len (got {self.txt_dim}, {self.txt_len})")
         if self.vae_family in WAN and (self.frames - 1) % 4:
@@ -155,24 +170,28 @@ PRESETS = {
         img_size=(480, 848),  # l.5 img_size 640: area 640^2 at 16:9 -> 480x848 (dataset.py aspect_ratio_to_image_size)
         frames=81,  # l.8 vid_size '81:16' (81 frames at 16 fps -> 21 latent frames)
         vae_family="wan2.2",  # l.41 vae Wan-AI/Wan2.2-TI2V-5B-Diffusers; l.10 channel_size 48 (its latent channels)
+        frame_scale=0.6,  # l.41 the spec's ":0.6" (utils/model_setup.py l.122, l.155-156)
         patch_size=1,  # l.11
         width=3072,  # l.12 channels (shallow blocks; also the denoiser's width, transformer_flow.py l.1109-1112)
         deep_width=4096,  # l.13 top_block_channels
         head_dim=64,  # transformer_flow.py l.1007 (Model default)
+        pt_seq_len=32, final_norm=True,  # l.27, l.32 (l.23 rope)
         layers=(2, 2, 2, 2, 2, 24),  # l.14 blocks 6, l.15 layers_per_block 2 2 2 2 2 24
-        noise_std=0.5,  # l.16
+        noise_std=0.5, cond_noise_level=True,  # l.16, l.36 (train.py l.256: the loss weighted by 0.5 / 0.3)
         txt_dim=2048, txt_len=256,  # l.43 text google/flan-t5-xl (d_model 2048), l.7 txt_size 256
-        label_drop=0.1,  # l.45 drop_label
+        label_drop=0.1, drop_image=0.25,  # l.45 drop_label, l.46 drop_image (train.py l.230)
         soft_clip=4.0,  # l.51
         denoiser_layers=8,  # transformer_flow.py l.1110 (num_layers=8) for l.33 learnable_self_denoiser
-        denoiser_window=10,  # l.35 denoiser_window (with l.37 temporal_causal 2: one frame of lookahead)
-        denoiser_lr=1e-4,  # train.py l.172 (its own AdamW)
+        denoiser_window=10,  # l.35 denoiser_window (with l.37 temporal_causal 2: one frame of lookahead a layer)
+        denoiser_lr=1e-4,  # train.py l.172 (its own AdamW; betas: make_optimizer)
         batch_size=192, lr=5e-5, min_lr=1e-6,  # l.17, l.20, l.21
         grad_clip=1.0,  # l.48
         fsdp=True, grad_ckpt=True,  # l.3 fsdp, l.39 gradient_checkpoint
-        guidance=2.5,  # l.44 cfg
-        jacobi_chunk=64, jacobi_max_iter=32, jacobi_threshold=5e-3,  # sample.py l.361, l.362, l.359 (defaults)
-        jacobi_chunk_video=256,  # transformer_flow.py l.779: 4x the chunk after the first frame
+        # sampling as the released model's script (scripts/test_sample_video.sh l.20-23; l.44 cfg 2.5 is overridden
+        # by it, and without it by sample.py l.366's default 5): guidance 3.5, threshold 1e-3, chunks of 32 tokens
+        guidance=3.5, jacobi_chunk=32, jacobi_threshold=1e-3, jacobi_max_iter=32,  # (max_iter: sample.py l.362)
+        jacobi_chunk_video=128,  # transformer_flow.py l.779: 4x the chunk after the first frame
+        context_frames=16,  # sample.py l.374 (--context_length; its window is the 21 trained latent frames)
         steps=300_000, warmup=5000, ema_decay=0.9999, eval_every=10000, ckpt_every=2000, log_every=100),  # ours
 }
 
@@ -183,7 +202,10 @@ PRESETS = {
 
 class CondPrefix(nn.Module):
     """The prefix a transformer attends to from every position: [task tag] + a class token or the text embeddings.
-    The null condition (guidance, label dropout) swaps the class/text for a learned null; the task tag stays."""
+    The null condition (guidance, label dropout) swaps the class for a learned null label, the caption for the null
+    caption `null_text` (as ml-starflow: the text encoder's embedding of the empty caption, train.py l.241 with
+    utils/common.py l.161; set from the data or from_official, zeros = all padding); the task tag stays. As there,
+    padding is zeroed (utils/common.py l.132) and attended: no key mask, so attention stays causal or mask-free."""
 
     def __init__(self, cfg: Config, width: int):
         super().__init__()
@@ -194,25 +216,57 @@ class CondPrefix(nn.Module):
             self.task_emb = nn.Embedding(len(TASKS), width)
         if cfg.txt_dim:
             self.proj_txt = nn.Linear(cfg.txt_dim, width)
-            self.null_txt = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+            self.register_buffer("null_text", torch.zeros(cfg.txt_len, cfg.txt_dim))
         elif cfg.num_classes:
             self.class_emb = nn.Embedding(cfg.num_classes + 1, width)  # + the null label
 
-    def forward(self, cond: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> prefix (B, L, W) and a key mask (B, 1, 1, L) (None when every key is visible)."""
-        null, parts, keep = cond["null"], [], None
+    def forward(self, cond: dict) -> torch.Tensor:
+        """-> prefix (B, L, W)."""
+        null, parts = cond["null"], []
         if self.tasks:
             parts.append(self.task_emb(cond["task"])[:, None])
         if self.cfg.txt_dim:
-            c = self.proj_txt(cond["text"].to(self.proj_txt.weight.dtype))  # (B, L, W)
-            parts.append(torch.where(null[:, None, None], self.null_txt.to(c.dtype).expand_as(c), c))
-            keep = cond["text_mask"].clone()
-            keep[null] = False
-            keep[:, 0] |= null  # the null caption is one learned token
-            keep = torch.cat([keep.new_ones(len(keep), int(self.tasks)), keep], 1)[:, None, None]
+            t = cond["text"].to(self.null_text.dtype) * cond["text_mask"][..., None]  # (B, L, txt_dim)
+            t = torch.where(null[:, None, None], self.null_text, t)
+            parts.append(self.proj_txt(t.to(self.proj_txt.weight.dtype)))
         elif self.cfg.num_classes:
             parts.append(self.class_emb(torch.where(null, self.cfg.num_classes, cond["y"]))[:, None])
-        return torch.cat(parts, 1), keep
+        return torch.cat(parts, 1)
+
+
+class TableRoPE(common.RoPE):
+    """common.RoPE's rotation (pairs (i, i + Dh/2)) with a given angle table (positions, Dh/2)."""
+
+    def __init__(self, angles: torch.Tensor):
+        nn.Module.__init__(self)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+
+def make_rope(cfg: Config, grid: tuple[int, int], frames: int, prefix: int) -> common.RoPE:
+    """Rotary positions of [prefix, frames x grid tokens] (frames 0: one frame of a shallow block, at time 0).
+    pt_seq_len 0: the integer (frame, row, column) grid, frequencies split evenly, the prefix unrotated.
+    pt_seq_len > 0: ml-starflow's (misc/pe.py get_positions l.39-73, VisionRotaryEmbeddingFast l.75-151): rows and
+    columns share (Dh/2 - 8)/2 frequencies base^(-2j/(Dh/2-8)) (l.103, l.110), time 8 frequencies base^(-j/8) (l.118);
+    rows and columns at index * pt_seq_len / sqrt(h w) (l.51-52), time at the frame index, the prefix at row = column
+    = 0 and time j / L * pt_seq_len (l.67-70). Its interleaved pairs (2i, 2i+1) are our (i, i + Dh/2): from_official
+    permutes the q, k weights to match."""
+    if not cfg.pt_seq_len:
+        return common.RoPE(cfg.head_dim, (frames, *grid) if frames else grid, prefix=prefix)
+    (h, w), n, P = grid, grid[0] * grid[1], cfg.head_dim // 2
+    f64 = dict(dtype=torch.float64)
+    s = cfg.pt_seq_len / math.sqrt(h * w)
+    rows, cols = torch.meshgrid(torch.arange(h, **f64) * s, torch.arange(w, **f64) * s, indexing="ij")
+    T = max(frames, 1)
+    pos = torch.stack([rows.flatten().repeat(T), cols.flatten().repeat(T),
+                       torch.arange(T, **f64).repeat_interleave(n) if frames else torch.zeros(n, **f64)], 1)
+    if prefix:
+        pre = torch.zeros(prefix, 3, **f64)
+        pre[:, 2] = torch.arange(prefix, **f64) / prefix * cfg.pt_seq_len
+        pos = torch.cat([pre, pos])
+    fs = 10000.0 ** (-torch.arange(0, P - 8, 2, **f64) / (P - 8))
+    ft = 10000.0 ** (-torch.arange(8, **f64) / 8)
+    return TableRoPE(torch.cat([pos[:, :1] * fs, pos[:, 1:2] * fs, pos[:, 2:] * ft], 1))  # (L + T*n, P)
 
 
 class FlowBlock(nn.Module):
@@ -232,6 +286,7 @@ class FlowBlock(nn.Module):
         self.L = self.cond.len if conditioned else 0
         self.proj_in = nn.Linear(token_dim, width)
         self.layers = nn.ModuleList([common.Block(width, width // cfg.head_dim) for _ in range(n_layers)])
+        self.norm = nn.RMSNorm(width, eps=1e-6) if cfg.final_norm else None  # transformer_flow.py l.425-427, l.557
         self.proj_out = nn.Linear(width, 2 * token_dim)
         nn.init.zeros_(self.proj_out.weight)  # (mu, a) = 0: the block starts as the identity
         nn.init.zeros_(self.proj_out.bias)
@@ -241,15 +296,14 @@ class FlowBlock(nn.Module):
     def rope(self, S: int, device) -> common.RoPE:
         key = (S, str(device))
         if key not in self._ropes:
-            n = self.grid[0] * self.grid[1]
-            grid = (S // n, *self.grid) if self.temporal else self.grid
-            self._ropes[key] = common.RoPE(self.cfg.head_dim, grid, prefix=self.L).to(device)
+            frames = S // (self.grid[0] * self.grid[1]) if self.temporal else 0
+            self._ropes[key] = make_rope(self.cfg, self.grid, frames, self.L).to(device)
         return self._ropes[key]
 
     def prefix(self, cond: dict):
-        return self.cond(cond) if self.cond is not None else (None, None)
+        return self.cond(cond) if self.cond is not None else None
 
-    def run(self, u: torch.Tensor, start: int, S: int, prefix=None, mask=None, caches=None):
+    def run(self, u: torch.Tensor, start: int, S: int, prefix=None, caches=None):
         """The network on stream positions start..start+n (u: (B, n, D)) of a length-S sequence -> (mu, log sigma),
         each (B, n, D) in fp32. With caches, the prefix and the earlier positions are already in them."""
         B, n, _ = u.shape
@@ -257,17 +311,17 @@ class FlowBlock(nn.Module):
         L = 0
         if prefix is not None:
             h, L = torch.cat([prefix.to(h.dtype), h], 1), prefix.shape[1]
-        if mask is not None:  # token keys are always visible
-            mask = torch.cat([mask, mask.new_ones(B, 1, 1, S)], -1)
         p0 = 0 if prefix is not None else self.L + start  # absolute position of h[:, 0]
-        kw = dict(causal=True, mask=mask, rope=self.rope(S, u.device), pos=slice(p0, p0 + h.shape[1]))
+        # causal over [prefix, tokens] as ml-starflow (the prefix too): is_causal, or a lower-right bias after a cache
+        kw = dict(causal=True, rope=self.rope(S, u.device), pos=slice(p0, p0 + h.shape[1]))
         for i, layer in enumerate(self.layers):
             c = None if caches is None else caches[i]
             if self.cfg.grad_ckpt and self.training:
                 h = checkpoint(lambda x, lyr=layer, c=c: lyr(x, cache=c, **kw), h, use_reentrant=False)
             else:
                 h = layer(h, cache=c, **kw)
-        out = self.proj_out(h[:, L:])  # (B, n, 2D)
+        h = h[:, L:]
+        out = self.proj_out(h if self.norm is None else self.norm(h))  # (B, n, 2D)
         if self.cfg.soft_clip > 0:
             out = self.cfg.soft_clip * torch.tanh(out / self.cfg.soft_clip)
         a, mu = _fp32(out).chunk(2, -1)
@@ -282,7 +336,7 @@ class FlowBlock(nn.Module):
     def forward(self, x: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, S, D) -> z (B, S, D) in fp32, log|det dz/dx| (B,)."""
         x = x.flip(1) if self.flip else x
-        mu, log_sigma = self.run(self.stream(x, 0, x.shape[1]), 0, x.shape[1], *self.prefix(cond))
+        mu, log_sigma = self.run(self.stream(x, 0, x.shape[1]), 0, x.shape[1], self.prefix(cond))
         z = (_fp32(x) - mu) * torch.exp(-log_sigma)
         return (z.flip(1) if self.flip else z), -log_sigma.sum((1, 2))
 
@@ -311,7 +365,7 @@ class FlowBlock(nn.Module):
         if guided:
             cond = {**{k: torch.cat([v, v]) for k, v in cond.items()},
                     "null": torch.cat([cond["null"], torch.ones_like(cond["null"])])}
-        prefix, mask = self.prefix(cond)
+        prefix = self.prefix(cond)
         dtype = self.proj_in.weight.dtype
         if caches is None:
             caches = self.new_caches(2 * B if guided else B, S, z.device, dtype)
@@ -320,7 +374,7 @@ class FlowBlock(nn.Module):
 
         def net(s, e, first):
             u = self.stream(x, s, e).to(dtype)
-            mu, log_sigma = self.run(torch.cat([u, u]) if guided else u, s, S, prefix if first else None, mask, caches)
+            mu, log_sigma = self.run(torch.cat([u, u]) if guided else u, s, S, prefix if first else None, caches)
             return guide(mu[:B], log_sigma[:B], mu[B:], log_sigma[B:], guidance) if guided else (mu, log_sigma)
 
         x, s, nfe = z.clone(), 0, 0
@@ -385,9 +439,12 @@ def guide(mu_c, log_sigma_c, mu_u, log_sigma_u, w):
 
 
 class Denoiser(nn.Module):
-    """Flow-score matching's light denoiser: predicts sigma * grad log p(x~) of noisy latent tokens (B, T, N, D).
-    Attention is bidirectional within a frame and causal across frames with one frame of lookahead: frame f sees
-    frames f-W+1 .. f+1 (and the condition prefix), so it can run behind the generator, one frame late."""
+    """Flow-score matching's light denoiser: predicts k sigma * grad NLL(x~) (minus the score, k = --cond_noise_level's
+    sigma/0.3 else 1) of noisy latent tokens (B, T, N, D). Every layer attends within a frame and across frames
+    f-W+1 .. f+1 (and the condition prefix, whose queries see the prefix and frames 0, 1), as ml-starflow's
+    NonCausalBlock (transformer_flow.py l.943-957 with temporal_causal 2). Stacked, L layers make output frame f
+    depend on input frames f - L(W-1) .. f + L: L frames of lookahead, not one. Attention is one mask-free call per
+    frame (common.Attention's spans): no dense mask at any length."""
 
     def __init__(self, cfg: Config, token_dim: int, grid: tuple[int, int]):
         super().__init__()
@@ -397,36 +454,47 @@ class Denoiser(nn.Module):
         self.L = self.cond.len if self.cond is not None else 0
         self.proj_in = nn.Linear(token_dim, W)
         self.layers = nn.ModuleList([common.Block(W, W // cfg.head_dim) for _ in range(cfg.denoiser_layers)])
-        self.norm = nn.LayerNorm(W)
+        self.norm = nn.RMSNorm(W, eps=1e-6) if cfg.final_norm else nn.LayerNorm(W)  # (official: l.938, else none)
         self.proj_out = nn.Linear(W, token_dim)
         nn.init.zeros_(self.proj_out.weight)  # predicts a zero score at first
         nn.init.zeros_(self.proj_out.bias)
         self._ropes = {}
 
-    def frame_mask(self, T: int, device) -> torch.Tensor:
-        """(L + T*N, L + T*N) bool: token queries see the prefix and frames f-W+1 .. f+1; the prefix sees itself."""
-        n = self.grid[0] * self.grid[1]
-        f = torch.cat([torch.full((self.L,), -1, device=device), torch.arange(T * n, device=device) // n])
-        q, k = f[:, None], f[None, :]
-        return (k < 0) | ((q >= 0) & (k >= q - self.cfg.denoiser_window + 1) & (k <= q + 1))
+    @property
+    def reach(self) -> tuple[int, int]:
+        """(frames behind, frames ahead) that one output frame depends on through all the layers."""
+        return len(self.layers) * (self.cfg.denoiser_window - 1), len(self.layers)
 
-    def forward(self, x: torch.Tensor, cond: dict) -> torch.Tensor:
+    def spans(self, fidx: list[int]) -> list:
+        """Attention spans of [prefix, frames with the (increasing) indices fidx]: (query slice, key slices) for the
+        prefix and each frame. Bands of increasing indices are contiguous: at most two key slices a query."""
+        n, L, W = self.grid[0] * self.grid[1], self.L, self.cfg.denoiser_window
+        upto = lambda t: sum(f <= t for f in fidx)  # frames of index <= t
+        out = [(slice(0, L), (slice(0, L + upto(1) * n),))] if L else []
+        for i, f in enumerate(fidx):
+            a, b = upto(f - W), upto(f + 1)  # the frames of index f-W+1 .. f+1
+            keys = (slice(0, L + b * n),) if a == 0 else (slice(0, L), slice(L + a * n, L + b * n))
+            out.append((slice(L + i * n, L + (i + 1) * n), tuple(k for k in keys if k.stop > k.start)))
+        return out
+
+    def forward(self, x: torch.Tensor, cond: dict, fidx: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, N, D) -> (B, T, N, D) in fp32. fidx (T,): the frames' indices in the video (default 0..T-1; a
+        chunk of a long video: its time positions and attention bands)."""
         B, T, n, _ = x.shape
+        fidx = torch.arange(T) if fidx is None else fidx.cpu()
         h = self.proj_in(x.flatten(1, 2).to(self.proj_in.weight.dtype))  # (B, T*N, W)
-        mask = self.frame_mask(T, x.device)
         if self.cond is not None:
-            prefix, keep = self.cond(cond)
-            h = torch.cat([prefix.to(h.dtype), h], 1)
-            if keep is not None:
-                mask = mask & torch.cat([keep, keep.new_ones(B, 1, 1, T * n)], -1)
-        key = (T, str(x.device))
+            h = torch.cat([self.cond(cond).to(h.dtype), h], 1)
+        key = (int(fidx[-1]) + 1, str(x.device))
         if key not in self._ropes:
-            self._ropes[key] = common.RoPE(self.cfg.head_dim, (T, *self.grid), prefix=self.L).to(x.device)
+            self._ropes[key] = make_rope(self.cfg, self.grid, key[0], self.L).to(x.device)
+        pos = torch.cat([torch.arange(self.L), self.L + (fidx[:, None] * n + torch.arange(n)).flatten()])
+        kw = dict(spans=self.spans(fidx.tolist()), rope=self._ropes[key], pos=pos.to(x.device))
         for layer in self.layers:
             if self.cfg.grad_ckpt and self.training:
-                h = checkpoint(layer, h, mask=mask, rope=self._ropes[key], use_reentrant=False)
+                h = checkpoint(lambda x, lyr=layer: lyr(x, **kw), h, use_reentrant=False)
             else:
-                h = layer(h, mask=mask, rope=self._ropes[key])
+                h = layer(h, **kw)
         return _fp32(self.proj_out(self.norm(h[:, self.L:]))).view_as(x)
 
 
@@ -450,6 +518,13 @@ class STARFlowV(nn.Module):
         self.blocks.append(FlowBlock(cfg, cfg.layers[-1], cfg.deep_width or cfg.width, self.D, self.grid, flip=False,
                                      conditioned=has_cond, temporal=True))
         self.denoiser = Denoiser(cfg, self.D, self.grid) if cfg.denoiser_layers else None
+
+    @torch.no_grad()
+    def set_null_text(self, emb: torch.Tensor):
+        """The null caption's embedding (txt_len, txt_dim) in every conditioned block and the denoiser."""
+        for m in self.modules():
+            if isinstance(m, CondPrefix) and m.cfg.txt_dim:
+                m.null_text.copy_(emb)
 
     @property
     def deep(self) -> FlowBlock:
@@ -532,25 +607,19 @@ def fold_cond(cond: dict, T: int) -> dict:
 # Loss
 
 
-def nll_loss(model, x: torch.Tensor, cond: dict, noise_std: float = 0.0) -> torch.Tensor:
-    """The flow's objective: the mean over dimensions of 0.5 z^2 - log|det| (no Gaussian constant) of x + sigma eps."""
-    if noise_std > 0:
-        x = x + noise_std * torch.randn_like(x)
-    z, logdet, _ = model(x, cond)
-    return 0.5 * _fp32(z).square().mean() - logdet.mean() / z[0].numel()
-
-
 class ScoreTap(torch.autograd.Function):
     """Flow-score matching for the price of the NLL's own backward (ml-starflow reads x.grad after the main backward;
     this is the same inside one loss, so train()'s single backward, gradient accumulation and DDP/FSDP need nothing
     else). Forward: the identity on the noisy tokens x~ (B, T, N, D), plus `unit`, a scalar 0 the loss adds, and two
-    buffers for the log. Backward: the gradient arriving at x~ is w * grad_x~ NLL_i / (B * numel) (the NLL is a mean;
-    w, whatever train() scaled the loss by, is the gradient arriving at `unit`), so
+    buffers for the log. Backward: the gradient arriving at x~ is w k grad_x~ NLL_i / (B * numel) (the NLL is a mean,
+    weighted by k; w, whatever train() scaled the loss by, is the gradient arriving at the unweighted `unit`), so
 
-        target = sigma * grad log p(x~) = -sigma * g * B * numel / w,   fsm = mean((pred - target)^2),
+        target = k sigma grad NLL(x~) = -k sigma grad log p(x~) = sigma * g * B * numel / w,
+        fsm = mean((pred - target)^2)
 
-    and the denoiser's prediction gets w * d fsm / d pred. The target is a detached gradient and the denoiser reads x~
-    detached: the MSE reaches only the denoiser's weights, the NLL only the flow's."""
+    as ml-starflow's train.py l.276-280 (its x.grad * numel * sigma), and the prediction gets w * d fsm / d pred. The
+    target is a detached gradient and the denoiser reads x~ detached: the MSE reaches only the denoiser's weights, the
+    NLL only the flow's."""
 
     @staticmethod
     def forward(ctx, tokens, pred, sigma):
@@ -564,7 +633,7 @@ class ScoreTap(torch.autograd.Function):
     def backward(ctx, g, w, *_):
         (pred,) = ctx.saved_tensors
         w = w.clamp(min=1e-30)
-        target = -ctx.sigma * g * (g.shape[0] * g[0].numel()) / w
+        target = ctx.sigma * g * (g.shape[0] * g[0].numel()) / w
         err = pred - target
         fsm = err.square().mean()
         # the target's scale grows as the flow sharpens (about 0.1 at the identity init, about 1 once it fits the
@@ -574,16 +643,18 @@ class ScoreTap(torch.autograd.Function):
         return g, w * 2 * err / err.numel(), None
 
 
-def train_loss(net, x: torch.Tensor, cond: dict, noise_std: float, denoiser: bool) -> tuple[torch.Tensor, dict]:
-    """NLL of the noisy latents x~ = x + sigma eps (mean over dimensions, nats), plus, with `denoiser`, flow-score
-    matching: the denoiser regresses target = sigma * grad_x~ log p(x~), the flow's own score scaled to about unit
-    variance (for the true score of x~ it is -eps on average), taken from this step's backward by ScoreTap. It trains
-    in its own AdamW parameter group (make_optimizer): the reference's second optimizer in one. (ml-starflow's
-    train.py hard-codes `needs_update = False`, so neither of its optimizers ever steps; here both do.)"""
+def train_loss(net, x: torch.Tensor, cond: dict, noise_std: float, denoiser: bool,
+               weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """NLL of the noisy latents x~ = x + sigma eps (mean over dimensions, nats) times `weight` k (--cond_noise_level:
+    sigma / 0.3, train.py l.256), plus, with `denoiser`, flow-score matching: the denoiser regresses target = k sigma
+    grad_x~ NLL(x~), the flow's own score scaled to about unit variance (for the true score of x~ it is k eps on
+    average), taken from this step's backward by ScoreTap. It trains in its own AdamW parameter group
+    (make_optimizer): the reference's second optimizer in one. (ml-starflow's train.py hard-codes `needs_update =
+    False`, l.248, so neither of its optimizers ever steps; here both do.)"""
     x = x + noise_std * torch.randn_like(x)
     z, logdet, tap = net(x, cond, fsm_sigma=noise_std if denoiser else 0.0)
-    loss = (0.5 * _fp32(z).square().sum((1, 2)) - logdet).mean() / z[0].numel()
-    logs = {"nll": loss.detach()}
+    nll = (0.5 * _fp32(z).square().sum((1, 2)) - logdet).mean() / z[0].numel()
+    loss, logs = weight * nll, {"nll": nll.detach()}
     if denoiser:
         unit, fsm, fsm_rel = tap
         loss = loss + unit  # 0; its gradient tells ScoreTap the loss scale
@@ -592,9 +663,16 @@ def train_loss(net, x: torch.Tensor, cond: dict, noise_std: float, denoiser: boo
 
 
 def make_optimizer(model: STARFlowV, cfg: Config) -> torch.optim.AdamW:
-    """AdamW with the denoiser in its own parameter groups at --denoiser_lr (weight decay on matrices only).
-    The parameter sets and losses are disjoint, so this is two optimizers but for train()'s one global-norm clip."""
-    return common.make_optimizer(model, cfg, {"denoiser.": {"lr": cfg.denoiser_lr}})
+    """AdamW with the denoiser in its own parameter groups at --denoiser_lr and AdamW's default betas (0.9, 0.999)
+    as ml-starflow's denoiser optimizer (train.py l.172; the flow's are --beta1/--beta2, l.167: 0.9, 0.95) (weight
+    decay on matrices only). The parameter sets and losses are disjoint, so this is two optimizers but for train()'s
+    one global-norm clip."""
+    return common.make_optimizer(model, cfg, {"denoiser.": {"lr": cfg.denoiser_lr, "betas": (0.9, 0.999)}})
+
+
+def loss_weight(cfg: Config) -> float:
+    """k: the NLL's weight, and so the scale of the denoiser's target k sigma grad NLL."""
+    return cfg.noise_std / 0.3 if cfg.cond_noise_level else 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -621,7 +699,7 @@ def sample(model: STARFlowV, cond: dict, cfg: Config, z: torch.Tensor | None = N
     c = cfg.context_frames or T - 1
     if n_ctx >= total:
         raise ValueError(f"a context of {n_ctx} frames leaves nothing to generate in {total} frames")
-    if c >= T:
+    if total > T and c >= T:
         raise ValueError(f"--context_frames {c} must be below the window of {T} latent frames")
     if z is None:
         z = torch.randn(B, total * N, D, device=dev, generator=generator)
@@ -651,9 +729,10 @@ def sample(model: STARFlowV, cond: dict, cfg: Config, z: torch.Tensor | None = N
             nfe, done = nfe + n, end
     x = torch.cat(frames, 1)  # (outside inference mode: a normal tensor)
     if cfg.denoise == "learned":  # (the config guarantees a denoiser and sigma > 0)
-        # Tweedie, x + sigma^2 grad log p, with the denoiser's sigma grad log p. (ml-starflow's apply_denoising steps
-        # by a constant 0.3 * sigma grad log p, Tweedie only at sigma = 0.3; we follow the formula)
-        x = x + cfg.noise_std * learned_score(model, x, cond)
+        # Tweedie, x + sigma^2 grad log p = x - (sigma / k) * (k sigma grad NLL), the denoiser's output. With
+        # --cond_noise_level (k = sigma / 0.3) this is ml-starflow's x - 0.3 * output (inference.py l.192); without
+        # it that step would be x + 0.3 sigma grad log p, Tweedie only at sigma = 0.3: we keep the formula
+        x = x - cfg.noise_std / loss_weight(cfg) * learned_score(model, x, cond)
     elif cfg.denoise == "exact" and cfg.noise_std > 0:
         if x.shape[1] > T:
             raise ValueError("--denoise exact needs the video in one window; long videos take --denoise learned")
@@ -662,16 +741,19 @@ def sample(model: STARFlowV, cond: dict, cfg: Config, z: torch.Tensor | None = N
 
 
 def learned_score(model: STARFlowV, x: torch.Tensor, cond: dict) -> torch.Tensor:
-    """The denoiser's sigma * grad log p of latent videos (B, T', C, H, W), T frames of output at a time, each chunk
-    read with the W-1 frames before it and the one after (all its frames see) and placed at positions 0.. as in
-    training, like the deep block's windows. A video of at most T frames is one pass; a long one needs one window's
-    memory."""
-    tokens, Tn, W, step = model.patchify(x), x.shape[1], model.cfg.denoiser_window, model.T
+    """The denoiser's output (k sigma grad NLL) on latent videos (B, T', C, H, W), T frames of output at a time. Each
+    chunk reads its whole receptive field (Denoiser.reach: L(W-1) frames before, L after) at their own time positions,
+    plus the first L+1 frames when it starts later (the prefix's queries see frames 0, 1, and every frame sees the
+    prefix), so a long video chunked equals one pass over all of it, in one chunk's memory."""
+    tokens, Tn, den = model.patchify(x), x.shape[1], model.denoiser
+    back, ahead = den.reach
     out = []
-    for s in range(0, Tn, step):
-        e = min(s + step, Tn)
-        a, b = max(0, s - W + 1), min(Tn, e + 1)
-        out.append(model.denoiser(tokens[:, a:b], cond)[:, s - a:e - a])
+    for s in range(0, Tn, model.T):
+        e = min(s + model.T, Tn)
+        a, b = max(0, s - back), min(Tn, e + ahead)
+        pin = min(ahead + 1, a) if den.L else 0
+        idx = torch.cat([torch.arange(pin), torch.arange(a, b)])
+        out.append(den(tokens[:, idx.to(x.device)], cond, fidx=idx)[:, pin + s - a:pin + e - a])
     return model.unpatchify(torch.cat(out, 1))
 
 
@@ -743,30 +825,53 @@ def latent_shape(cfg: Config, vae=None) -> tuple[int, int, int, int]:
     return ch, H // down, W // down, 1 + (cfg.frames - 1) // 4 if cfg.vae_family in WAN else cfg.frames
 
 
-def to_model_space(x: torch.Tensor, vae) -> torch.Tensor:
-    """uint8 videos (B, F, C, H, W) -> [-1, 1] pixels, per-frame image latents, or Wan latents (B, T, c, h, w);
-    float input is precomputed latents already."""
-    if x.dtype != torch.uint8:
-        return x.float()
+def posterior(x: torch.Tensor, vae, family: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 videos (B, F, C, H, W) -> (mean, logvar) of the normalised latents (B, T, c, h, w) (logvar None: pixels
+    or an image VAE, whose mean is used). Wan2.2 as ml-starflow (misc/wan_vae2.py l.962-967): the normalised mean
+    plus exp(logvar / 2) unnormalised (it does not divide the std by latents_std); Wan2.1 as diffusers' posterior
+    sample, normalised (utils/model_setup.py l.160-166)."""
     v = common.to_float(x)
     if vae is None:
-        return v
-    if isinstance(vae, common.VideoVAE):
-        return vae.encode(v.transpose(1, 2)).transpose(1, 2)
-    return vae.encode(v.flatten(0, 1)).unflatten(0, v.shape[:2])
+        return v, None
+    if not isinstance(vae, common.VideoVAE):
+        return vae.encode(v.flatten(0, 1)).unflatten(0, v.shape[:2]), None
+    p = next(vae.ae.parameters())
+    mean, logvar = (t.to(v.device, torch.float32) for t in vae.ae.encode(v.transpose(1, 2).to(p.device, p.dtype)))
+    logvar = logvar.clamp(-30.0, 20.0)
+    if family == "wan2.1":
+        logvar = logvar - 2 * vae.latents_std.log()
+    return ((mean - vae.latents_mean) / vae.latents_std).transpose(1, 2), logvar.transpose(1, 2)
 
 
-def decode(x: torch.Tensor, vae) -> torch.Tensor:
+def to_model_space(x: torch.Tensor, vae, cfg: Config, logvar: torch.Tensor | None = None,
+                   sample: bool = False) -> torch.Tensor:
+    """uint8 videos (B, F, C, H, W) -> [-1, 1] pixels, per-frame image latents, or Wan latents (B, T, c, h, w); float
+    input is precomputed latents (posterior means, with `logvar`) already. `sample`: a posterior sample (training, as
+    ml-starflow's VAE.encode), else the mean. Wan latent frames 1.. are then scaled by --frame_scale (the official
+    spec's ":0.6", utils/model_setup.py l.155-156)."""
+    if x.dtype == torch.uint8:
+        x, logvar = posterior(x, vae, cfg.vae_family)
+    x = x.float()
+    if sample and logvar is not None:
+        x = x + (0.5 * logvar.float()).exp() * torch.randn_like(x)
+    if cfg.frame_scale != 1:
+        x = torch.cat([x[:, :1], x[:, 1:] * cfg.frame_scale], 1)
+    return x
+
+
+def decode(x: torch.Tensor, vae, cfg: Config) -> torch.Tensor:
     """Model-space videos (B, T, c, h, w) -> pixel videos (B, F, C, H, W) in about [-1, 1]."""
     if vae is None:
         return x
     if isinstance(vae, common.VideoVAE):
+        x = torch.cat([x[:, :1], x[:, 1:] / cfg.frame_scale], 1)
         return vae.decode(x.transpose(1, 2)).transpose(1, 2)
     return vae.decode(x.flatten(0, 1)).unflatten(0, x.shape[:2])
 
 
 def load_data(cfg: Config, split: str = "train"):
-    """A Dataset of (video uint8 (F, C, H, W) or latents float (T, c, h, w), label, task[, text, text_mask])."""
+    """A Dataset of (video uint8 (F, C, H, W) or latents float (T, c, h, w), label, task[, text, text_mask][, latent
+    log-variance]). Data other than moving digits: split "test" is its last --holdout items, "train" the rest."""
     if cfg.data == "moving-digits":
         if cfg.channels != 1:
             raise ValueError(f"digits have 1 channel, the config says {cfg.channels}")
@@ -774,10 +879,10 @@ def load_data(cfg: Config, split: str = "train"):
         return common.ArrayDataset(videos, labels, task)
     path = Path(cfg.data)
     if path.is_dir():  # precomputed latents (memory-mapped, the text embeddings too)
-        a = common.load_arrays(path, ("latents", "labels", "task", "text", "text_mask"))
+        a = common.load_arrays(path, ("latents", "labels", "task", "text", "text_mask", "latents_logvar", "null_text"))
         x = a["latents"]
     else:
-        a = common.load_arrays(path, ("images", "labels", "task", "text", "text_mask"))
+        a = common.load_arrays(path, ("images", "labels", "task", "text", "text_mask", "null_text"))
         x, want = a["images"], (cfg.frames, *cfg.img_size, cfg.channels)
         if x.dtype != np.uint8 or x.ndim != 5 or x.shape[1:] != want:
             raise ValueError(f"{path}: images must be uint8 videos (N, {', '.join(map(str, want))}) (frames, height, "
@@ -793,7 +898,28 @@ def load_data(cfg: Config, split: str = "train"):
             raise ValueError(f"{path} has no `text` and `text_mask` for the text-conditional model (--txt_dim "
                              f"{cfg.txt_dim})")
         arrays += [a["text"], a["text_mask"]]  # memory-mapped in a latent folder: cast per batch, not here
-    return common.ArrayDataset(*arrays)
+        if "null_text" in a and a["null_text"].shape != (cfg.txt_len, cfg.txt_dim):
+            raise ValueError(f"{path}: null_text (the empty caption's embedding) must be ({cfg.txt_len}, "
+                             f"{cfg.txt_dim}), got {a['null_text'].shape}")
+    if "latents_logvar" in a:  # the posterior's log-variance: training samples from it
+        arrays.append(a["latents_logvar"])
+    if cfg.holdout >= n:
+        raise ValueError(f"--holdout {cfg.holdout} leaves nothing of the {n} items of {path} to train on")
+    part = slice(n - cfg.holdout, n) if split == "test" and cfg.holdout else slice(0, n - cfg.holdout)
+    data = common.ArrayDataset(*[a[part] for a in arrays])
+    data.null_text = a.get("null_text") if cfg.txt_dim else None
+    data.logvar = "latents_logvar" in a
+    return data
+
+
+def training_inputs(cfg: Config, vae, batch, logvar: bool = False) -> torch.Tensor:
+    """A training batch's model-space videos: a posterior sample (with the latent folder's `latents_logvar`, the
+    batch's last array, when `logvar`), frames 1.. scaled, and with probability --drop_image the whole batch without
+    its first latent frame (train.py l.230-232), so the model also learns videos that start mid-motion."""
+    x = to_model_space(batch[0], vae, cfg, batch[-1] if logvar else None, sample=True)
+    if cfg.drop_image and x.shape[1] > 1 and torch.rand(()) < cfg.drop_image:
+        x = x[:, 1:]
+    return x
 
 
 def batch_cond(model: STARFlowV, batch, drop: float = 0.0) -> dict:
@@ -816,7 +942,7 @@ def heldout_bpd(model: STARFlowV, cfg: Config, data, vae, d: common.Dist, n_max:
     tot = torch.zeros(2, device=d.device)
     for batch in _loader(data, start, count, bs, cfg.num_workers):
         batch = [t.to(d.device) for t in batch]
-        x = to_model_space(batch[0], vae)
+        x = to_model_space(batch[0], vae, cfg)
         x = x + cfg.noise_std * torch.randn(x.shape, generator=g).to(d.device)
         nll = -model.log_prob(x, batch_cond(model, batch)) / x[0].numel() + (math.log(127.5) if vae is None else 0.0)
         tot += torch.stack([nll.sum(), torch.tensor(float(len(nll)), device=d.device)])
@@ -841,13 +967,13 @@ def generate(model: STARFlowV, cfg: Config, labels: torch.Tensor, vae, seed: int
                                task=torch.ones(n, dtype=torch.long) if task == "v2v" else None, batch=n)
         ctx = None
         if task != "t2v":
-            ctx = to_model_space(context[sl].to(dev), vae)
+            ctx = to_model_space(context[sl].to(dev), vae, cfg)
             want = 1 if task == "i2v" else model.T // 2
             if ctx.shape[1] != want:
                 raise ValueError(f"{task} takes {want} latent frames of context, got {ctx.shape[1]}")
             ctx = ctx + cfg.noise_std * torch.randn(ctx.shape, generator=g, device=dev)  # the training noise level
         x, nfe = sample(model, cond, cfg, generator=g, context=ctx)
-        out.append(common.to_uint8(decode(x, vae)).cpu())
+        out.append(common.to_uint8(decode(x, vae, cfg)).cpu())
     return torch.cat(out), nfe
 
 
@@ -889,8 +1015,8 @@ def evaluate(model: STARFlowV, cfg: Config, vae, d: common.Dist) -> dict:
     frame 0 strays from the given one, 0..255) and V2V (if trained: error of the target against the true one)
     samples, and the same metrics of real test videos (real_*: what a perfect model would score)."""
     model.eval()
-    test = load_data(cfg, "test") if cfg.data == "moving-digits" else load_data(cfg)
-    out = {"bpd": heldout_bpd(model, cfg, test, vae, d)}
+    held = cfg.data == "moving-digits" or cfg.holdout > 0  # else: bits/dim of the first training items, so named
+    out = {"bpd" if held else "train_bpd": heldout_bpd(model, cfg, load_data(cfg, "test"), vae, d)}
     if cfg.data == "moving-digits":
         real, labels, _, _ = moving_digits(cfg, "test")
         n_samples = cfg.eval_samples
@@ -931,14 +1057,125 @@ def build(cfg: Config, device) -> tuple[STARFlowV, object]:
     return STARFlowV(cfg, *latent_shape(cfg, vae)).to(device), vae
 
 
-def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[STARFlowV, Config]:
+def from_checkpoint(path: str, device="cpu", null_text=None, **overrides) -> tuple[STARFlowV, Config]:
     """A trained model ready to sample (EMA weights, eval mode) and its config; `overrides` may change run-time fields
-    (sampler, guidance, long_frames, ...). `model.vae` is the VAE (None in pixel space), kept out of the module tree."""
+    (sampler, guidance, long_frames, ...). `model.vae` is the VAE (None in pixel space), kept out of the module tree.
+    An ml-starflow checkpoint goes to from_official (null_text: see there)."""
+    if _is_official(path):
+        return from_official(path, device, null_text, **overrides)
     state = common.load_checkpoint(path)
     cfg = common.config_from_checkpoint(Config, state, overrides, what=str(path))
     model, vae = build(cfg, device)
     model.__dict__["vae"] = vae
-    return common.load_weights(model, state).eval(), cfg
+    model = common.load_weights(model, state).eval()
+    if null_text is not None:
+        model.set_null_text(torch.as_tensor(np.load(null_text) if isinstance(null_text, (str, Path)) else null_text))
+    return model, cfg
+
+
+def _is_official(path) -> bool:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a plain tensor file (or not a file): common.load_checkpoint says what it is
+        return False
+    return isinstance(sd, dict) and "blocks.0.proj_in.weight" in sd
+
+
+def from_official(path: str, device="cpu", null_text: torch.Tensor | None = None,
+                  **overrides) -> tuple[STARFlowV, Config]:
+    """ml-starflow's STARFlow-V checkpoint (a plain state dict, e.g. starflow-v_7B_t2v_caus_480p_v3.pth, read as its
+    sample.py l.82-83 does) -> (STARFlowV in eval mode, Config). From the tensors: the widths, layers per block, the
+    denoiser's layers, head_dim (feat_rope's buffer), txt_dim, the final norms, the latent channels (given
+    patch_size, default 1) and pt_seq_len (the blocks' attn_mask buffer is pt_seq_len^2 + txt_len square); the rest is
+    the t2v-480p preset (its yaml and the released model's sampling script) unless overridden, e.g. txt_len,
+    denoiser_window, img_size, frames, guidance. `null_text` (txt_len, txt_dim): the text encoder's embedding of the
+    empty caption with the templates the model was trained with (train.py l.241; zeros if not given; an array, tensor
+    or .npy path), for guidance.
+    Layouts: qkv rows of q and k permuted from interleaved RoPE pairs to ours (make_rope); RMSNorm weights + 1
+    (ml-starflow's (1 + w), transformer_flow.py l.158-184)."""
+    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # (7B: read as the tensors are taken)
+    if not isinstance(sd, dict) or "blocks.0.proj_in.weight" not in sd:
+        raise ValueError(f"{path} is not an ml-starflow checkpoint (no blocks.0.proj_in.weight)")
+    K = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    top, den = f"blocks.{K - 1}.", "learnable_self_denoiser."
+    if K % 2:  # Model: the top block's permutation is permutations[num_blocks % 2] (transformer_flow.py l.1100)
+        raise ValueError(f"{path}: {K} flow blocks make ml-starflow's deep block flip each frame; ours needs an even "
+                         f"number")
+
+    def n_layers(pre):
+        return len({k[len(pre):].split(".")[0] for k in sd if k.startswith(pre)})
+
+    p = overrides.get("patch_size", 1)
+    kw = {**PRESETS["t2v-480p"], "fsdp": False, "grad_ckpt": False,
+          "width": sd["blocks.0.proj_in.weight"].shape[0], "deep_width": sd[top + "proj_in.weight"].shape[0],
+          "layers": tuple(n_layers(f"blocks.{i}.attn_blocks.") for i in range(K)),
+          "channels": sd["blocks.0.proj_in.weight"].shape[1] // p ** 2,
+          "head_dim": sd["feat_rope.freqs_cos"].shape[1] if "feat_rope.freqs_cos" in sd else 64,
+          "txt_dim": sd[top + "proj_txt.weight"].shape[1] if top + "proj_txt.weight" in sd else 0,
+          "final_norm": top + "final_norm.weight" in sd, "denoiser_layers": n_layers(den + "attn_blocks."),
+          **overrides}
+    if not kw["txt_dim"]:
+        kw["txt_len"] = 0
+    side = sd[top + "attn_mask"].shape[0] - kw["txt_len"]
+    if "pt_seq_len" not in overrides:
+        kw["pt_seq_len"] = math.isqrt(max(side, 0))
+        if kw["pt_seq_len"] ** 2 != side:
+            raise ValueError(f"{path}: the attn_mask buffer ({side + kw['txt_len']} positions) is not pt_seq_len^2 + "
+                             f"--txt_len {kw['txt_len']}: pass the right txt_len")
+    if kw["denoiser_layers"] and not kw["final_norm"]:
+        raise ValueError(f"{path}: a denoiser without use_final_norm (no norm at all) is not supported")
+    if kw["denoiser_layers"] and kw["txt_dim"] and den + "proj_txt.weight" not in sd:
+        raise ValueError(f"{path}: an unconditional denoiser (conditional_denoiser 0) is not supported")
+    cfg = Config(**kw)
+    vae = load_vae(cfg, device) if cfg.vae else None
+    model = STARFlowV(cfg, *latent_shape(cfg, vae))
+    Dh, out, used = cfg.head_dim, {}, set()
+    perm = torch.cat([torch.arange(0, Dh, 2), torch.arange(1, Dh, 2)])  # interleaved pairs -> (i, i + Dh/2)
+
+    def take(key):
+        used.add(key)
+        return sd[key].float()  # (a bf16 file: the norms' + 1 in fp32)
+
+    def layer(src, dst, W):
+        for a, b in (("attention.norm", "norm1"), ("attention.proj", "attn.proj"), ("mlp.norm", "norm2"),
+                     ("mlp.main.0", "mlp.0"), ("mlp.main.2", "mlp.2")):
+            for t in ("weight", "bias"):
+                out[f"{dst}{b}.{t}"] = take(f"{src}{a}.{t}")
+        for t in ("weight", "bias"):
+            w = take(f"{src}attention.qkv.{t}")
+            q, k, v = w.split(W)
+            q, k = (m.unflatten(0, (W // Dh, Dh))[:, perm].flatten(0, 1) for m in (q, k))
+            out[f"{dst}attn.qkv.{t}"] = torch.cat([q, k, v])
+
+    def block(src, dst, n, W, sos=True):
+        for j in range(n):
+            layer(f"{src}attn_blocks.{j}.", f"{dst}layers.{j}.", W)
+        for a, b in (("proj_in", "proj_in"), ("proj_out", "proj_out"), ("proj_txt", "cond.proj_txt")):
+            if f"{src}{a}.weight" in sd:
+                out[f"{dst}{b}.weight"], out[f"{dst}{b}.bias"] = take(f"{src}{a}.weight"), take(f"{src}{a}.bias")
+        if f"{src}final_norm.weight" in sd:
+            out[f"{dst}norm.weight"] = take(f"{src}final_norm.weight") + 1
+        if sos:
+            out[f"{dst}sos"] = take(f"{src}sos_embed")
+
+    for i, n in enumerate(cfg.layers):
+        block(f"blocks.{i}.", f"blocks.{i}.", n, cfg.deep_width or cfg.width if i == K - 1 else cfg.width)
+    if cfg.denoiser_layers:
+        block(den, "denoiser.", cfg.denoiser_layers, cfg.width, sos=False)
+    left = [k for k in sd if k not in used and not k.endswith("attn_mask") and k not in
+            ("feat_rope.freqs_cos", "feat_rope.freqs_sin", "var")]
+    if left:
+        raise ValueError(f"{path}: tensors this model has no place for: {', '.join(left[:5])}"
+                         f"{' ...' if len(left) > 5 else ''}")
+    if isinstance(null_text, (str, Path)):
+        null_text = np.load(null_text)
+    emb = torch.zeros(cfg.txt_len, cfg.txt_dim) if null_text is None else torch.as_tensor(null_text).float()
+    if emb.shape != (cfg.txt_len, cfg.txt_dim):
+        raise ValueError(f"null_text must be ({cfg.txt_len}, {cfg.txt_dim}) (txt_len, txt_dim), got {tuple(emb.shape)}")
+    out.update({k: emb for k in model.state_dict() if k.endswith("null_text")})
+    model.load_state_dict(out)
+    model.__dict__["vae"] = vae
+    return model.to(device).eval(), cfg
 
 
 def precompute_latents(cfg: Config, src: str, d: common.Dist):
@@ -952,8 +1189,12 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
     out.mkdir(parents=True, exist_ok=True)
     start, count = common.rank_split(len(data), d)
     keys = ("latents", "labels", "task") + (("text", "text_mask") if cfg.txt_dim else ())
-    parts = [(to_model_space(b[0].to(d.device), vae).half().cpu(), *b[1:len(keys)])
-             for b in common.progress(_loader(data, start, count, 4, cfg.num_workers), desc="encoding")]
+    wan = isinstance(vae, common.VideoVAE)
+    parts = []  # the posterior's mean and (Wan) log-variance, unscaled: training samples and scales (to_model_space)
+    for b in common.progress(_loader(data, start, count, 4, cfg.num_workers), desc="encoding"):
+        mean, logvar = posterior(b[0].to(d.device), vae, cfg.vae_family)
+        parts.append((mean.half().cpu(), *b[1:len(keys)]) + ((logvar.half().cpu(),) if wan else ()))
+    keys += ("latents_logvar",) if wan else ()
     arrays = {k: torch.cat(p).numpy() for k, p in zip(keys, zip(*parts, strict=True), strict=True)}
     common.save_npz(out / "latents.npz", d, **arrays)
     if d.is_main:
@@ -961,6 +1202,8 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
             for k in keys:
                 np.save(out / f"{k}.npy", f[k])
         (out / "latents.npz").unlink()
+        if data.null_text is not None:
+            np.save(out / "null_text.npy", data.null_text)
         common.print0(f"wrote {', '.join(f'{out}/{k}.npy' for k in keys)}")
 
 
@@ -994,6 +1237,10 @@ def main(argv=None):
                        help="text embeddings (`text`, `text_mask`) to --sample a text-conditional model from")
         p.add_argument("--task", choices=("t2v", "i2v", "v2v"), default="t2v",
                        help="--sample task: text/class-to-video, image-to-video, video-to-video (default: %(default)s)")
+        p.add_argument("--init_from", metavar="CKPT", default=None,
+                       help="train from these weights (ours or an official .pth): the model fields are theirs")
+        p.add_argument("--null_text", metavar="NPY", default=None,
+                       help="official ml-starflow weights: the (txt_len, txt_dim) embedding of the empty caption")
         p.add_argument("--context", metavar="NPZ", default=None,
                        help="i2v first frames (N,H,W,C) or v2v source videos (N,F,H,W,C) as `images` (default on "
                             "moving digits: test videos)")
@@ -1007,7 +1254,7 @@ def main(argv=None):
         return precompute_latents(cfg, args.precompute, d)
 
     if args.sample or args.eval:
-        model, cfg = from_checkpoint(ckpt, d.device, **overrides)
+        model, cfg = from_checkpoint(ckpt, d.device, args.null_text, **overrides)
         if args.eval:
             res = evaluate(model, cfg, model.vae, d)
             common.print0(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
@@ -1018,7 +1265,9 @@ def main(argv=None):
         if cfg.txt_dim:
             if not args.captions:
                 raise ValueError("a text-conditional model samples from --captions NPZ (text, text_mask)")
-            cap = common.load_arrays(args.captions, ("text", "text_mask"))
+            cap = common.load_arrays(args.captions, ("text", "text_mask", "null_text"))
+            if "null_text" in cap:  # the null caption (guidance), e.g. for an official checkpoint
+                model.set_null_text(torch.as_tensor(cap["null_text"]).float())
             idx = (torch.arange(start, start + count) % len(cap["text"])).numpy()  # captions repeat
             text, mask = torch.as_tensor(cap["text"][idx]).float(), torch.as_tensor(cap["text_mask"][idx])
         vids, nfe = generate(model, cfg, labels, model.vae, seed=cfg.seed + 1000 + d.rank, text=text, text_mask=mask,
@@ -1032,16 +1281,23 @@ def main(argv=None):
         return
 
     common.seed_all(cfg.seed)  # the same initial weights on every rank
+    if args.init_from:  # fine-tuning: the architecture is the weights' (an official file's as from_official reads it)
+        src, scfg = from_checkpoint(args.init_from, "cpu", args.null_text, **overrides)
+        cfg = dataclasses.replace(cfg, **{k: getattr(scfg, k) for k in common.model_fields(cfg)})
     model, vae = build(cfg, d.device)
+    if args.init_from:
+        model.load_state_dict(src.state_dict())
     data = load_data(cfg)
+    if getattr(data, "null_text", None) is not None:
+        model.set_null_text(torch.as_tensor(data.null_text))
     n_params = sum(p.numel() for p in model.parameters())
     common.print0(f"STARFlow-V with {n_params / 1e6:.2f}M parameters: {model.T} latent frames of {model.N} tokens of "
                   f"{model.D} dims, blocks {cfg.layers}, denoiser {cfg.denoiser_layers} layers")
     denoiser = model.denoiser is not None
 
     def loss_fn(net, batch):
-        return train_loss(net, to_model_space(batch[0], vae), batch_cond(model, batch, cfg.label_drop),
-                          cfg.noise_std, denoiser)
+        return train_loss(net, training_inputs(cfg, vae, batch, getattr(data, "logvar", False)),
+                          batch_cond(model, batch, cfg.label_drop), cfg.noise_std, denoiser, loss_weight(cfg))
 
     def on_eval(step, model, ema):
         with ema.swap(model), common.full_params(model):
