@@ -1192,8 +1192,9 @@ def full_params(model: nn.Module):
         yield model
         return
     model.__dict__["_full_params"] = True
-    for m in fsdp:
+    for m in fsdp:  # nor after a backward inside the block (a sampler's score step takes an input gradient)
         m.set_reshard_after_forward(False, recurse=False)
+        m.set_reshard_after_backward(False, recurse=False)
         m.unshard()
     try:
         yield model
@@ -1201,6 +1202,7 @@ def full_params(model: nn.Module):
         for m in fsdp:
             m.reshard()
             m.set_reshard_after_forward(m is not model, recurse=False)
+            m.set_reshard_after_backward(True, recurse=False)
         model.__dict__["_full_params"] = False
 
 
@@ -1234,14 +1236,18 @@ class EMA:
                 src = distribute_tensor(src, t.device_mesh, t.placements)
             t.copy_(src)
 
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module):
+        """Put the averaged weights in the model (shard by shard under FSDP2)."""
+        for p, s in zip(model.parameters(), self.shadow.values()):
+            p.copy_(s)
+
     @contextlib.contextmanager
     def swap(self, model: nn.Module):
         """Run the model with the averaged weights inside the block."""
         params = list(model.parameters())
         backup = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, s in zip(params, self.shadow.values()):
-                p.copy_(s)
+        self.copy_to(model)
         try:
             yield model
         finally:
@@ -2299,8 +2305,9 @@ def dry_run(cfg: TrainConfig, build: Callable[[], nn.Module], loss: Callable[[nn
             tokens: int, gpus: int, block_types: tuple[type, ...], sample_bytes: Callable[[nn.Module], dict] | None
             = None, parts: dict[str, str] | None = None) -> dict:
     """A paper-scale config sized without allocating it: build() on the meta device, cast to bf16 as FSDP2's
-    MixedPrecisionPolicy(param_dtype=bf16) runs it, and one training forward loss(model, micro_batch) on shapes
-    alone. Per GPU, for `gpus` GPUs under FSDP2: fp32 weights, fp32 gradients and AdamW's two fp32 states, all
+    MixedPrecisionPolicy(param_dtype=bf16) runs it, and one training step, loss(model, micro_batch) and its
+    backward, on shapes alone (so it also proves the step reads no value on the host). Per GPU, for `gpus` GPUs
+    under FSDP2: fp32 weights, fp32 gradients and AdamW's two fp32 states, all
     sharded (16 bytes / parameter / gpus); the bf16 weights of the largest sharded block gathered twice (the current
     one and the prefetched next); the activations of a micro-batch (batch_size / gpus / grad_accum) as a fused
     attention kernel keeps them, with and without gradient checkpointing of the blocks; and, from
@@ -2318,8 +2325,11 @@ def dry_run(cfg: TrainConfig, build: Callable[[], nn.Module], loss: Callable[[nn
         by_part[part] = by_part.get(part, 0) + p.numel()
     micro = max(1, cfg.batch_size // (gpus * cfg.grad_accum))
     calls = []
+    held = {}
     with torch.device("meta"):  # the loss's own inputs (torch.randn and the like) are shapes too
-        act = activation_bytes(model, lambda: loss(model, micro), block_types, calls)
+        act = activation_bytes(model, lambda: held.setdefault("loss", loss(model, micro)), block_types, calls)
+        with record_attention([], fused=True):  # (recomputed checkpoints call attention again)
+            held["loss"].backward()  # the whole step on shapes alone: no value is read on the host, no dtype mismatch
     block = max((sum(p.numel() for p in m.parameters()) for m in model.modules() if isinstance(m, block_types)),
                 default=0)
     gib = 2.0 ** 30

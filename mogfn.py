@@ -181,7 +181,7 @@ class MOGFN(nn.Module):
         c = [thermometer(w, self.cfg.therm)]  # as [mogfn] (pref_use_therm, beta_use_therm, 50 bins)
         if beta_conditioned(self.cfg):
             c.append(thermometer(beta[:, None], self.cfg.therm, self.cfg.beta_max))
-        return torch.cat(c, -1)
+        return torch.cat(c, -1).to(self.logz[0].weight.dtype)  # the weights' dtype (bf16 under FSDP2's bf16)
 
     def forward(self, xs, acts, cond):  # -> sum log P_F (B,), log Z(c) (B,); one call, so DDP sees all params
         return self.task.log_pf(self.policy, xs, acts, cond), self.logz(cond)[:, 0]
@@ -374,7 +374,7 @@ class GridPolicy(nn.Module):
         self.mlp = MLP(task.D * task.H, cond_dim, cfg.width, cfg.depth, task.n_actions, cfg.cond == "film")
 
     def forward(self, x, c):  # (B, D) coordinates -> one-hot per coordinate (B, D*H), as [grid] obs()
-        return self.mlp(F.one_hot(x, self.H).flatten(1).float(), c)
+        return self.mlp(F.one_hot(x, self.H).flatten(1).to(c.dtype), c)
 
 
 class MLP(nn.Module):
@@ -981,8 +981,9 @@ def train_step_fn(model: MOGFN, cfg: Config, d: common.Dist):
         rng = np.random.default_rng([cfg.seed, step])
         w, beta = sample_conditions(cfg, model.task.n_obj, B, rng)
         w, beta = w[start:start + count].to(d.device), beta[start:start + count].to(d.device)
-        cond = model.encode(w, beta)
-        xs, acts, x = rollout(model, cond, rank_slice(rng, B, start, count), cfg.eps)
+        with common.full_params(model):  # the rollout calls the policy itself: FSDP2 gathers its weights once
+            cond = model.encode(w, beta)
+            xs, acts, x = rollout(model, cond, rank_slice(rng, B, start, count), cfg.eps)
         if cfg.replay > 0:
             xs, acts, x = replay(xs, acts, x, np.random.default_rng([cfg.seed, step, 1]), start, count)
         loss, log_z, log_r = tb_loss(net, model, xs, acts, x, w, beta, cond)
@@ -1073,9 +1074,11 @@ def main(argv=None):
 
     def on_eval(step, model, ema):
         model.eval()
-        res = evaluate(model, cfg, seed=0, with_baselines=step == cfg.steps) if d.is_main else {}
-        if d.is_main:  # the final figure puts the headline numbers beside the baselines at the same budget
-            plot_front(Path(cfg.out_dir) / "front.png", model.task, model, cfg, {"step": step, **res})
+        with common.full_params(model):  # every rank gathers (a collective); rank 0 evaluates and plots
+            res = evaluate(model, cfg, seed=0, with_baselines=step == cfg.steps) if d.is_main else {}
+            if d.is_main:  # the final figure puts the headline numbers beside the baselines at the same budget
+                plot_front(Path(cfg.out_dir) / "front.png", model.task, model, cfg, {"step": step, **res})
+        if d.is_main:
             common.print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
         model.train()
         return res

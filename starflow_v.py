@@ -481,14 +481,15 @@ class Denoiser(nn.Module):
         """x (B, T, N, D) -> (B, T, N, D) in fp32. fidx (T,): the frames' indices in the video (default 0..T-1; a
         chunk of a long video: its time positions and attention bands)."""
         B, T, n, _ = x.shape
-        fidx = torch.arange(T) if fidx is None else fidx.cpu()
+        fidx = torch.arange(T, device="cpu") if fidx is None else fidx.cpu()  # host indices: they shape the bands
         h = self.proj_in(x.flatten(1, 2).to(self.proj_in.weight.dtype))  # (B, T*N, W)
         if self.cond is not None:
             h = torch.cat([self.cond(cond).to(h.dtype), h], 1)
         key = (int(fidx[-1]) + 1, str(x.device))
         if key not in self._ropes:
             self._ropes[key] = make_rope(self.cfg, self.grid, key[0], self.L).to(x.device)
-        pos = torch.cat([torch.arange(self.L), self.L + (fidx[:, None] * n + torch.arange(n)).flatten()])
+        pos = torch.cat([torch.arange(self.L, device="cpu"),
+                         self.L + (fidx[:, None] * n + torch.arange(n, device="cpu")).flatten()])
         kw = dict(spans=self.spans(fidx.tolist()), rope=self._ropes[key], pos=pos.to(x.device))
         for layer in self.layers:
             if self.cfg.grad_ckpt and self.training:
@@ -569,9 +570,11 @@ class STARFlowV(nn.Module):
         z, logdet, _ = self(x, cond)
         return -0.5 * _fp32(z).square().sum((1, 2)) - 0.5 * math.log(2 * math.pi) * z[0].numel() + logdet
 
-    def make_cond(self, y=None, text=None, text_mask=None, null=None, task=None, batch: int | None = None) -> dict:
+    def make_cond(self, y=None, text=None, text_mask=None, null=None, task=None, batch: int | None = None,
+                  check: bool = True) -> dict:
         """The conditioning dict: labels y (B,), or text (B, L, txt_dim) + text_mask; `task` (B,) indexes TASKS
-        (default t2v); `null` marks samples given the null condition."""
+        (default t2v); `null` marks samples given the null condition. check=False skips the range checks of labels
+        and tasks (host syncs; the training step's data is checked once, when it is loaded)."""
         cfg = self.cfg
         B = batch or (y.shape[0] if y is not None else text.shape[0])
         dev = next(self.parameters()).device
@@ -584,16 +587,16 @@ class STARFlowV(nn.Module):
             cond["text_mask"] = torch.ones(text.shape[:2], dtype=torch.bool, device=dev) if text_mask is None \
                 else text_mask.bool().to(dev)
         elif cfg.num_classes:
-            if y is None or y.min() < 0 or y.max() >= cfg.num_classes:
+            if y is None or (check and (y.min() < 0 or y.max() >= cfg.num_classes)):
                 raise ValueError(f"class labels must be in [0, {cfg.num_classes}), got "
                                  f"{None if y is None else (int(y.min()), int(y.max()))}")
             cond["y"] = y.to(dev)
         if cfg.v2v:
             task = torch.zeros(B, dtype=torch.long) if task is None else task
-            if task.min() < 0 or task.max() >= len(TASKS):
+            if check and (task.min() < 0 or task.max() >= len(TASKS)):
                 raise ValueError(f"task must index {TASKS}, got {task.tolist()}")
             cond["task"] = task.long().to(dev)
-        elif task is not None and task.any():
+        elif task is not None and check and task.any():
             raise ValueError("video-to-video needs a model trained with it (--v2v > 0)")
         return cond
 
@@ -926,7 +929,7 @@ def batch_cond(model: STARFlowV, batch, drop: float = 0.0) -> dict:
     cfg, B = model.cfg, batch[0].shape[0]
     null = torch.rand(B, device=batch[0].device) < drop if drop > 0 else None
     return model.make_cond(batch[1].long() if cfg.num_classes else None, *(batch[3:5] if cfg.txt_dim else (None,) * 2),
-                           null=null, task=batch[2] if cfg.v2v else None, batch=B)
+                           null=null, task=batch[2] if cfg.v2v else None, batch=B, check=False)
 
 
 def _loader(data, start: int, count: int, bs: int, workers: int = 0):
@@ -1050,6 +1053,33 @@ def strip(video: torch.Tensor, zoom: int = 1) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Trainer
+
+
+def dry_run(cfg: Config, gpus: int) -> dict:
+    """--dry_run: the config on the meta device (common.dry_run), train_loss with the denoiser's flow-score tap; the
+    sampler's KV caches (bf16, both guidance branches): the deep block's over the video and the caption, the shallow
+    blocks' over one frame. (Counted without --grad_ckpt; common.dry_run estimates the checkpointed figure.)"""
+    cfg = dataclasses.replace(cfg, grad_ckpt=False)
+    C, H, W, T = latent_shape(cfg)
+
+    def loss(model, b):
+        pad = torch.arange(cfg.txt_len) < (cfg.txt_len + 1) // 2
+        cond = model.make_cond(torch.zeros(b, dtype=torch.long) if cfg.num_classes else None,
+                               torch.randn(b, cfg.txt_len, cfg.txt_dim) if cfg.txt_dim else None,
+                               pad.expand(b, -1) if cfg.txt_dim else None, batch=b, check=False)
+        return train_loss(model, torch.randn(b, T, C, H, W), cond, cfg.noise_std, bool(cfg.denoiser_layers),
+                          loss_weight(cfg))[0]
+
+    def caches(model):
+        n = model.N
+        per = 8 * (cfg.layers[-1] * (T * n + cfg.txt_len) * (cfg.deep_width or cfg.width)
+                   + sum(cfg.layers[:-1]) * n * cfg.width)
+        return {"kv_cache_per_sample": per, "kv_cache_batch8": 8 * per}
+
+    parts = {"deep block": f"blocks.{len(cfg.layers) - 1}", "shallow blocks": "blocks", "denoiser": "denoiser"}
+    return common.dry_run(cfg, lambda: STARFlowV(cfg, C, H, W, T), loss, tokens=T * (H // cfg.patch_size) *
+                          (W // cfg.patch_size), gpus=gpus, block_types=(common.Block,), sample_bytes=caches,
+                          parts=parts)
 
 
 def build(cfg: Config, device) -> tuple[STARFlowV, object]:
@@ -1247,6 +1277,8 @@ def main(argv=None):
     cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=extra, doc=__doc__)
     if args.plot:
         return common.print0(f"wrote {common.plot_log(args.plot)}")
+    if args.dry_run:
+        return common.print0(json.dumps(dry_run(cfg, args.gpus)))
     d = common.setup_distributed(cfg.device)
     ckpt = args.ckpt or str(Path(cfg.out_dir) / "ckpt.pt")
 

@@ -868,7 +868,7 @@ def train_one(cfg: Config, d: common.Dist, resume: str | None, overwrite: bool =
 
     model, ema = common.train(cfg, model, loss_fn, data, d, resume=resume, overwrite=overwrite,
                               evaluate=periodic_eval)
-    common.load_weights(model, {"model": model.state_dict(), "ema": ema.state_dict()})
+    ema.copy_to(model)
     return model.eval()
 
 

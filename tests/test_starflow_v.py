@@ -326,7 +326,8 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     # per-rank noise, so the same weights; the FSDP run ends with the sharded evaluation and sampling
     den = ["--steps", "3", "--denoiser_lr", "1e-3", "--lr", "1e-3", "--v2v", "0.5"]  # with V2V pairs and task tags
     _cli(SMALL + den + ["--out_dir", str(tmp_path / "ddp")], cmd=torchrun)
-    r = _cli(SMALL + den + ["--out_dir", str(tmp_path / "fsdp"), "--fsdp", "--eval_every", "3"], cmd=torchrun)
+    r = _cli(SMALL + den + ["--out_dir", str(tmp_path / "fsdp"), "--fsdp", "--no-amp", "--eval_every", "3"],
+             cmd=torchrun)  # fp32 (--no-amp): exact against DDP
     assert "i2v_frame0_err" in r.stdout and "v2v_target_err" in r.stdout
     c, f = (common.load_checkpoint(tmp_path / p / "ckpt.pt") for p in ("ddp", "fsdp"))
     for k in c["model"]:
