@@ -706,8 +706,8 @@ def generate(model: ARFlow, cfg: Config, labels: torch.Tensor, vae, seed: int, b
 
 @torch.no_grad()
 def heldout_loss(model: ARFlow, cfg: Config, vae, d: common.Dist, batches: int = 4) -> float:
-    """The flow-matching loss on fixed sequences (digits: the test split; other data: the training data), with the
-    labels, averaged over the ranks."""
+    """The flow-matching loss on fixed sequences (digits: the test split; other data: the training data, as nothing
+    else is held out), with the labels, averaged over the ranks."""
     x, x_flip, y, logvar = load_data(cfg, "test")
     shape = (model.C, model.side, model.side)
     bs = max(d.world_size, min(cfg.batch_size, 64) // d.world_size * d.world_size)
@@ -719,11 +719,13 @@ def heldout_loss(model: ARFlow, cfg: Config, vae, d: common.Dist, batches: int =
 
 
 def evaluate(model: ARFlow, cfg: Config, vae, d: common.Dist, n: int | None = None) -> dict:
-    """Held-out loss; on digits also class accuracy and Frechet distance (common.digits_metrics) of n class-
-    conditional samples for every guidance value in cfg.eval_guidance, and the guidance that minimises FD."""
+    """Held-out loss (`val_loss`; on data other than the digits `train_loss`: the same on fixed training sequences);
+    on digits also class accuracy and Frechet distance (common.digits_metrics) of n class-conditional samples for
+    every guidance value in cfg.eval_guidance, and the guidance that minimises FD; with --fid_ref the Inception FID
+    of fid_n samples (classes cycled) at the configured guidance."""
     was_training = model.training
     model.eval()
-    out = {"val_loss": heldout_loss(model, cfg, vae, d)}
+    out = {"val_loss" if cfg.data == "digits" else "train_loss": heldout_loss(model, cfg, vae, d)}
     if cfg.data == "digits":
         start, count = common.rank_split(n or cfg.eval_n, d)
         labels = torch.arange(start, start + count) % cfg.num_classes
@@ -738,6 +740,12 @@ def evaluate(model: ARFlow, cfg: Config, vae, d: common.Dist, n: int | None = No
         if fds:
             best = min(fds, key=fds.get)
             out.update(best_guidance=best, fd_best=fds[best], accuracy_best=out[f"accuracy_w{best:g}"])
+    if cfg.fid_ref:
+        start, count = common.rank_split(cfg.fid_n, d)
+        labels = torch.arange(start, start + count) % cfg.num_classes
+        imgs = common.gather(generate(model, cfg, labels, vae, cfg.seed + 11 + d.rank), d)
+        if d.is_main:
+            out.update(fid=common.fid(imgs, cfg.fid_ref, cfg.fid_weights, d.device), fid_n=len(imgs))
     model.train(was_training)
     return out
 

@@ -203,3 +203,24 @@ def test_wcfm_eval_reports_the_fid_of_its_own_samples(weights, tmp_path):
     x0, _ = wcfm.draw_source(cfg, model.shape, 6, cfg.seed + 12, "cpu")
     imgs = torch.cat([wcfm.generate(model, cfg, xb).x for xb in x0.split(4)])
     assert out["fid_n"] == 6 and out["fid"] == pytest.approx(common.fid(imgs.clamp(-1, 1), str(ref), weights), rel=1e-9)
+
+
+def test_arflow_eval_reports_the_fid_of_its_own_samples(weights, tmp_path):
+    """On data other than the digits, --eval names its loss train_loss (nothing is held out) and adds the FID."""
+    import arflow as af
+    imgs = _images(5, 10, size=4)[:, :1]  # (10, 1, 4, 4) uint8 in two classes
+    np.savez(tmp_path / "data.npz", images=imgs.permute(0, 2, 3, 1).numpy(), labels=np.arange(10) % 2)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, images=_images(6, 6, size=8).permute(0, 2, 3, 1).numpy())
+    cfg = af.Config(data=str(tmp_path / "data.npz"), width=32, heads=4, depth=2, img_size=4, channels=1, patch_size=2,
+                    num_classes=2, seq_len=3, batch_size=4, sample_steps=3, guidance=1.5, fid_ref=str(ref),
+                    fid_weights=weights, fid_n=4)
+    torch.manual_seed(0)
+    model = af.ARFlow(cfg, cfg.channels, cfg.img_size)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = af.evaluate(model, cfg, None, common.Dist())
+    own = af.generate(model.eval(), cfg, torch.arange(4) % 2, None, cfg.seed + 11)
+    assert "val_loss" not in out and np.isfinite(out["train_loss"])
+    assert out["fid_n"] == 4 and out["fid"] == pytest.approx(common.fid(own, str(ref), weights), rel=1e-9)
