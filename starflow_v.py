@@ -938,20 +938,24 @@ def _loader(data, start: int, count: int, bs: int, workers: int = 0):
 
 
 @torch.no_grad()
-def heldout_bpd(model: STARFlowV, cfg: Config, data, vae, d: common.Dist, n_max: int = 1000, bs: int = 128) -> float:
-    """Bits/dim of held-out videos with the training noise (pixels: on the 0..255 scale)."""
+def heldout_bpd(model: STARFlowV, cfg: Config, data, vae, d: common.Dist, n_max: int = 1000,
+                bs: int = 128) -> tuple[float, float, int]:
+    """Bits/dim of held-out videos with the training noise (pixels: on the 0..255 scale): (mean, its standard
+    error, number of videos)."""
     g = torch.Generator().manual_seed(1234)
     start, count = common.rank_split(min(len(data), n_max), d)
-    tot = torch.zeros(2, device=d.device)
+    tot = torch.zeros(3, device=d.device)
     for batch in _loader(data, start, count, bs, cfg.num_workers):
         batch = [t.to(d.device) for t in batch]
         x = to_model_space(batch[0], vae, cfg)
         x = x + cfg.noise_std * torch.randn(x.shape, generator=g).to(d.device)
         nll = -model.log_prob(x, batch_cond(model, batch)) / x[0].numel() + (math.log(127.5) if vae is None else 0.0)
-        tot += torch.stack([nll.sum(), torch.tensor(float(len(nll)), device=d.device)])
+        tot += torch.stack([nll.sum(), nll.square().sum(), torch.tensor(float(len(nll)), device=d.device)])
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(tot)
-    return (tot[0] / tot[1]).item() / math.log(2)
+    s1, s2, n = tot.tolist()
+    mean, var = s1 / n, max(s2 / n - (s1 / n) ** 2, 0.0) * n / max(n - 1, 1)
+    return mean / math.log(2), math.sqrt(var / n) / math.log(2), int(n)
 
 
 @torch.no_grad()
@@ -1019,7 +1023,10 @@ def evaluate(model: STARFlowV, cfg: Config, vae, d: common.Dist) -> dict:
     samples, and the same metrics of real test videos (real_*: what a perfect model would score)."""
     model.eval()
     held = cfg.data == "moving-digits" or cfg.holdout > 0  # else: bits/dim of the first training items, so named
-    out = {"bpd" if held else "train_bpd": heldout_bpd(model, cfg, load_data(cfg, "test"), vae, d)}
+    key = "bpd" if held else "train_bpd"
+    out = dict(zip((key, f"{key}_se", f"{key}_n"), heldout_bpd(model, cfg, load_data(cfg, "test"), vae, d)))
+    if held:
+        common.check_heldout(out["bpd_n"], out["bpd_se"], "bits/dim", "a larger --holdout")
     if cfg.data == "moving-digits":
         real, labels, _, _ = moving_digits(cfg, "test")
         n_samples = cfg.eval_samples

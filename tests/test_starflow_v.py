@@ -389,6 +389,10 @@ def test_text_to_video_through_a_latent_folder(tmp_path, capsys):
     run = tmp_path / "run"
     sv.main(model + ["--data", str(folder), "--steps", "2", "--batch_size", "8", "--out_dir", str(run)])
     assert "train_bpd" in capsys.readouterr().out  # nothing held out: named as what it is
+    sv.main(model + ["--data", str(folder), "--holdout", "4", "--eval", "--ckpt", str(run / "ckpt.pt")])
+    out = capsys.readouterr()
+    res = json.loads(out.out.strip().splitlines()[-1])
+    assert res["bpd_n"] == 4 and res["bpd_se"] > 0.01 and "standard error" in out.err  # 4 videos: too few, said so
     sv.main(["--sample", "--ckpt", str(run / "ckpt.pt"), "--n", "3", "--out", str(tmp_path / "s.npz"), "--captions",
              str(tmp_path / "v.npz")])
     with np.load(tmp_path / "s.npz") as f:
