@@ -43,7 +43,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
+try:  # installed, this file is flowzoo.<name> beside flowzoo.common; run or copied, common.py sits next to it
+    from . import common
+except ImportError:
+    import common
 
 GATE_NORM = 16.0  # log-gates are logsigmoid(.) / 16 (reference gated_retnet_train.py, gate_logit_normalizer)
 

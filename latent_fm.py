@@ -56,7 +56,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import common
+try:  # installed, this file is flowzoo.<name> beside flowzoo.common; run or copied, common.py sits next to it
+    from . import common
+except ImportError:
+    import common
 
 SIGMA_MIN = 1e-5  # LFM's sigma_min (train_flow_latent.py:149-150)
 DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}  # width, depth, heads

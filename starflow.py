@@ -44,7 +44,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import common
+try:  # installed, this file is flowzoo.<name> beside flowzoo.common; run or copied, common.py sits next to it
+    from . import common
+except ImportError:
+    import common
 
 INV_SOFTPLUS_1 = math.log(math.e - 1)  # softplus(a + 0.5413) = 1 at a = 0: every block starts as the identity
 
