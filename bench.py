@@ -815,7 +815,7 @@ def _spec_starflow_v(tiny: bool, device) -> TrainSpec:
                            null=_null(B, cfg.label_drop, dev), batch=B, check=False)
         return lambda: sv.train_loss(m, x, cond, cfg.noise_std, bool(cfg.denoiser_layers), sv.loss_weight(cfg))[0]
     return TrainSpec("t2v-480p", cfg, lambda c: sv.STARFlowV(c, C, H, W, T), make_loss, B, B * T * N, "videos",
-                     f"the whole 6.9B model (every layer), bf16 weights, gradients and AdamW states (8 bytes a "
+                     f"the whole model (every layer), bf16 weights, gradients and AdamW states (8 bytes a "
                      f"parameter; no fp32 master copy: FSDP2 would shard one over the nodes), gradient checkpointing "
                      f"as the preset; micro-batch 1 video of {T} latent frames x {N} tokens + {cfg.txt_len} caption "
                      f"tokens")
@@ -1164,6 +1164,9 @@ def gpu_bench(device: torch.device, tiny: bool, dtype: str, peak_tflops: float, 
                          f"); TF32 for what runs in fp32",
                peak_tflops=peak_tflops, peak_note="MFU denominator: H200 SXM dense bf16 unless --peak_tflops",
                flops_method=FLOPS_METHOD, budget_s=budget_s)
+    if tiny:
+        out["tiny_note"] = ("every model shrunk (width, depth, image size) at micro-batch 2 (sampling: batches 1 and "
+                            "2, Jacobi to convergence); the notes describe the full size")
     out["train"] = {f: _entry(run, f"train {f}", lambda make=make: _train_entry(run, make(tiny, device)))
                     for f, make in TRAIN_SPECS.items()}
     out["wanvae"] = {fam: _entry(run, f"wanvae {fam}", lambda fam=fam: _wanvae_entry(run, fam))
