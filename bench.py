@@ -10,11 +10,11 @@ model files add their group with the @bench decorator below.
 
 --gpu (issue 25, the last section of this file): one JSON line for one GPU, within --budget_s (default 480 s):
 
-    python bench.py --gpu                                  # H200: the six paper-size bf16 train steps (ms, tokens/s,
-                                                           # MFU), STARFlow / STARFlow-V sequential vs Jacobi vs
-                                                           # compiled sampling at batch 1/16/64, the Wan VAE at 480p
-    python bench.py --gpu --device cpu --tiny              # the same code path, every model shrunk (seconds on CPU)
-    python bench.py --gpu --peak_tflops 756                # another GPU's dense bf16 peak (H200 by default)
+    python bench.py --gpu                      # H200: the six paper-size bf16 train steps (ms, tokens/s, MFU),
+                                               # STARFlow sequential vs Jacobi vs compiled sampling and STARFlow-V
+                                               # sequential vs Jacobi at batch 1/16/64, the Wan VAEs at 480p
+    python bench.py --gpu --device cpu --tiny  # the same code path, every model shrunk (under a minute on a CPU)
+    python bench.py --gpu --peak_tflops 756    # MFU against an H100 PCIe's dense bf16 peak (default: H200 SXM's)
 """
 import argparse
 import contextlib
@@ -753,7 +753,8 @@ def bench_wanvae(device):
 # --gpu (issue 25): the paper-size figures of one GPU as one JSON line. Every entry is measured on its own: peak memory
 # reset, one warmup call (compilation and allocator growth happen there), then timed calls with CUDA synchronised; an
 # exception (an OOM, a compile error) becomes that entry's {"error": ...} and the rest still run; an entry whose kind
-# took longer last time than the budget has left is {"skipped": "budget"}. Models have random weights: nothing downloads.
+# took longer last time than the budget has left is {"skipped": "budget"}. Models have random weights: nothing
+# downloads.
 
 H200_BF16_TFLOPS = 989.0  # NVIDIA H200 (as H100) SXM dense bf16 tensor-core peak, TFLOP/s (1979 is with 2:4 sparsity)
 SAMPLERS = ("sequential", "jacobi", "compiled")
@@ -780,6 +781,11 @@ class TrainSpec:
 
 def _null(B, p, dev):
     return torch.rand(B, device=dev) < p  # the label / caption dropout of training
+
+
+def _labels(B, cfg, dev):
+    """Random class labels, the null label (num_classes) at the training dropout rate."""
+    return torch.where(_null(B, cfg.label_drop, dev), cfg.num_classes, torch.randint(cfg.num_classes, (B,), device=dev))
 
 
 def _spec_starflow(tiny: bool, device) -> TrainSpec:
@@ -831,7 +837,7 @@ def _spec_arflow(tiny: bool, device) -> TrainSpec:
         dev = next(m.parameters()).device
         x, eps = torch.randn(B, S, C, side, side, device=dev), torch.randn(B, S, C, side, side, device=dev)
         t = torch.rand(B, S, device=dev).sort(1).values
-        y = torch.where(_null(B, cfg.label_drop, dev), cfg.num_classes, torch.randint(cfg.num_classes, (B,), device=dev))
+        y = _labels(B, cfg, dev)
         return lambda: af.flow_loss(m, x, t, eps, y)
     return TrainSpec("imagenet256", cfg, lambda c: af.ARFlow(c, C, side), make_loss, B,
                      B * S * (side // cfg.patch_size) ** 2, "sequences",
@@ -850,7 +856,7 @@ def _spec_latent_fm(tiny: bool, device) -> TrainSpec:
     def make_loss(m, cfg):
         dev = next(m.parameters()).device
         z0 = torch.randn(B, sd_vae.latent_channels, S, S, device=dev)
-        y = torch.where(_null(B, cfg.label_drop, dev), cfg.num_classes, torch.randint(cfg.num_classes, (B,), device=dev))
+        y = _labels(B, cfg, dev)
         return lambda: lf.lfm_loss(m, z0, y)
     return TrainSpec("imagenet256", cfg, lambda c: lf.build(c, sd_vae), make_loss, B, B * (S // cfg.patch_size) ** 2,
                      "images", "DiT-B/2, micro-batch 160: the paper's 8 processes x 160")
@@ -919,15 +925,25 @@ def _gb(device) -> float | None:
     return None if mb is None else round(mb / 1024, 3)
 
 
-def _measure(fn, device, min_iters: int, target_s: float = 3.0) -> dict:
-    """One warmup call, then timed calls: at least min_iters, up to 5 while they fit in about target_s."""
+def _call_ms(fn, device) -> float:
     _sync(device)
     t = time.perf_counter()
     fn()
     _sync(device)
-    first = (time.perf_counter() - t) * 1e3
+    return (time.perf_counter() - t) * 1e3
+
+
+def _measure(fn, device, min_iters: int, target_s: float = 3.0, warmup: bool = True) -> dict:
+    """Median ms of at least min_iters timed calls, up to 5 while they fit in about target_s, after one warmup call.
+    warmup=False times the first call too: an eager sampler's call is thousands of identical steps, whose one-time
+    costs are a rounding error once the train steps have warmed CUDA up (and a 7B sequential call takes many
+    seconds)."""
+    first = _call_ms(fn, device)
     iters = max(min_iters, min(5, int(target_s * 1e3 / max(first, 1e-3))))
-    return dict(ms=timeit(fn, device, 0, iters), first_call_ms=round(first, 2), iters=iters)
+    if warmup:
+        return dict(ms=timeit(fn, device, 0, iters), first_call_ms=round(first, 2), iters=iters)
+    times = sorted([first] + [_call_ms(fn, device) for _ in range(iters - 1)])
+    return dict(ms=times[len(times) // 2], iters=iters)
 
 
 def _entry(run: GpuRun, kind: str, fn) -> dict:
@@ -1073,14 +1089,14 @@ def _sample_starflow_v(run: GpuRun) -> SampleSpec:
 SAMPLE_SPECS = {"starflow": _sample_starflow, "starflow_v": _sample_starflow_v}
 
 
-def _sample_entry(run: GpuRun, spec: SampleSpec, name: str, B: int, seq: dict) -> dict:
+def _sample_entry(run: GpuRun, spec: SampleSpec, name: str, B: int, seq: dict, warmup: bool) -> dict:
     c = spec.cfgs[name]
     cond, z, held = spec.cond(B), spec.z(B), {}
     peak_mb(run.device)
 
     def call():
         held["out"] = spec.sample(c, cond, z)
-    t = _measure(call, run.device, min_iters=1)
+    t = _measure(call, run.device, min_iters=1, warmup=warmup)
     x, nfe = held["out"]
     out = dict(**t, samples_per_s=B * 1e3 / t["ms"], nfe=nfe, peak_mem_gb=_gb(run.device))
     if name == "sequential":
@@ -1092,7 +1108,9 @@ def _sample_entry(run: GpuRun, spec: SampleSpec, name: str, B: int, seq: dict) -
 
 
 def _sampling(run: GpuRun) -> dict:
-    """Batch-major (every sampler of both files at B=1, then 16, then 64), so a budget cut drops large batches."""
+    """Batch-major (every sampler of both files at B=1, then 16, then 64), so a budget cut drops large batches. A
+    sequential call of the 7B STARFlow-V takes tens of seconds, so only the compiled sampler has a warmup call (a
+    graph per batch size: that first call is the compilation, in first_call_ms)."""
     out, specs, seq = {}, {}, {}
     for f, make in SAMPLE_SPECS.items():
         def build(f=f, make=make):
@@ -1104,19 +1122,21 @@ def _sampling(run: GpuRun) -> dict:
             return info
         out[f] = {"model": _entry(run, f"sample model {f}", build)}
         seq[f] = {}
-    for B in ((1, 2) if run.tiny else (1, 16, 64)):
+    batches = (1, 2) if run.tiny else (1, 16, 64)
+    for B in batches:
         for f, spec in specs.items():
             row = out[f][f"B={B}"] = {}
             for name in SAMPLERS:
-                if name not in run.samplers:
-                    row[name] = {"skipped": "not asked (--samplers)"}
-                elif isinstance(spec.cfgs[name], str):
+                if isinstance(spec.cfgs[name], str):
                     row[name] = {"skipped": spec.cfgs[name]}
+                elif name not in run.samplers:
+                    row[name] = {"skipped": "not asked (--samplers)"}
                 elif B in out[f]["model"].get("batches_dropped_for_memory", ()):
                     row[name] = {"skipped": f"memory: the KV cache of {B} samples is "
                                             f"{B * spec.kv_bytes / 2**30:.0f} GB"}
                 else:
-                    row[name] = _entry(run, f"sample {f} {name}", lambda: _sample_entry(run, spec, name, B, seq[f]))
+                    row[name] = _entry(run, f"sample {f} {name}", lambda: _sample_entry(
+                        run, spec, name, B, seq[f], warmup=name == "compiled"))
         for f in seq:
             seq[f].pop(B, None)
     for f in out:
@@ -1159,9 +1179,9 @@ def gpu_bench(device: torch.device, tiny: bool, dtype: str, peak_tflops: float, 
                  samplers)
     out = dict(device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                torch=torch.__version__, cuda=torch.version.cuda, tiny=tiny, dtype=dtype,
-               precision=f"{dtype} parameters, gradients and AdamW states everywhere ("
-                         f"{'common.as_fsdp_bf16: FSDP2 param_dtype=bf16 compute, autocast off' if dtype == 'bf16' else 'as built'}"
-                         f"); TF32 for what runs in fp32",
+               precision=f"{dtype} parameters, gradients and AdamW states everywhere (" + (
+                   "common.as_fsdp_bf16: FSDP2 param_dtype=bf16 compute, autocast off" if dtype == "bf16" else
+                   "as built") + "); TF32 for what runs in fp32",
                peak_tflops=peak_tflops, peak_note="MFU denominator: H200 SXM dense bf16 unless --peak_tflops",
                flops_method=FLOPS_METHOD, budget_s=budget_s)
     if tiny:
@@ -1194,7 +1214,8 @@ def main(argv=None):
     gpu.add_argument("--peak_tflops", type=_positive, help=f"the MFU denominator (default {H200_BF16_TFLOPS:g}: "
                      "H200 dense bf16)")
     gpu.add_argument("--budget_s", type=_positive, help="seconds; later entries are skipped past it (default 480)")
-    gpu.add_argument("--samplers", choices=SAMPLERS, nargs="+", help="samplers timed (default: all three)")
+    gpu.add_argument("--samplers", choices=SAMPLERS, nargs="+", help="samplers timed (default: all three; on a CPU "
+                     "sequential and jacobi: inductor's C++ compilation of the compiled step takes minutes there)")
     args = p.parse_args(argv)
     try:
         device = torch.device(args.device)
@@ -1213,7 +1234,8 @@ def main(argv=None):
         p.error("--gpu at paper size needs a CUDA device; on a CPU pass --tiny")
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the one JSON line only
         out = gpu_bench(device, args.tiny, args.dtype or "bf16", args.peak_tflops or H200_BF16_TFLOPS,
-                        args.budget_s or 480.0, tuple(args.samplers or SAMPLERS))
+                        args.budget_s or 480.0, tuple(args.samplers or (SAMPLERS if device.type == "cuda" else
+                                                                        ("sequential", "jacobi"))))
     print(json.dumps(out))
 
 
