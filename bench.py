@@ -890,7 +890,7 @@ def _spec_mogfn(tiny: bool, device) -> TrainSpec:
         loss_fn, data = mg.train_step_fn(m, cfg, common.Dist(device=dev))
         it = data(0)
         return lambda: loss_fn(m, next(it))[0]
-    return TrainSpec("ngrams-3obj", cfg, mg.build, make_loss, cfg.batch_size, 0, "trajectories",
+    return TrainSpec("ngrams-3obj", cfg, lambda c: mg.build(c, device), make_loss, cfg.batch_size, 0, "trajectories",
                      "one step: the policy's rollouts (no grad) and the trajectory-balance loss; a 127k-parameter "
                      "model, so its MFU is tiny by nature", meta_flops=False)
 
