@@ -7,10 +7,21 @@ bench.py -- flowzoo's speed table for the current device. A benchmark, not a tes
 
 Each group yields rows (model, variant, train step ms, samples/s, peak memory MB, note) and ratios between variants;
 model files add their group with the @bench decorator below.
+
+--gpu (issue 25, the last section of this file): one JSON line for one GPU, within --budget_s (default 480 s):
+
+    python bench.py --gpu                      # H200: the six paper-size bf16 train steps (ms, tokens/s, MFU),
+                                               # STARFlow sequential vs Jacobi vs compiled sampling and STARFlow-V
+                                               # sequential vs Jacobi at batch 1/16/64, the Wan VAEs at 480p
+    python bench.py --gpu --device cpu --tiny  # the same code path, every model shrunk (under a minute on a CPU)
+    python bench.py --gpu --peak_tflops 756    # MFU against an H100 PCIe's dense bf16 peak (default: H200 SXM's)
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
+import gc
+import json
 import math
 import os
 import sys
@@ -268,7 +279,6 @@ def bench_wcfm(device):
     """2D MLP training step per coupling at batch 128/256/512/2048: W-CFM's overhead over I-CFM (goal <= 5%) against
     OT-CFM's exact assignment, whose cost grows with B; plus the side-by-side demo's few-step table when
     out/wcfm/compare.json exists (W2 at 1 and 2 Euler steps, at 100, at dopri5 with its NFE)."""
-    import json
 
     import wcfm
     cfg = wcfm.Config(**wcfm.PRESETS["8gaussians-moons"])
@@ -739,12 +749,498 @@ def bench_wanvae(device):
     yield dict(ratio="wanvae peak memory 65 / 17 frames", value=peak[65] / peak[17])
 
 
-def main():
+# ======================================================================================================================
+# --gpu (issue 25): the paper-size figures of one GPU as one JSON line. Every entry is measured on its own: peak memory
+# reset, one warmup call (compilation and allocator growth happen there), then timed calls with CUDA synchronised; an
+# exception (an OOM, a compile error) becomes that entry's {"error": ...} and the rest still run; an entry whose kind
+# took longer last time than the budget has left is {"skipped": "budget"}. Models have random weights: nothing
+# downloads.
+
+H200_BF16_TFLOPS = 989.0  # NVIDIA H200 (as H100) SXM dense bf16 tensor-core peak, TFLOP/s (1979 is with 2:4 sparsity)
+SAMPLERS = ("sequential", "jacobi", "compiled")
+FLOPS_METHOD = ("torch.utils.flop_counter.FlopCounterMode over one forward + backward of the same micro-batch on the "
+                "meta device (shapes only), gradient checkpointing off: model FLOPs, recomputation excluded; matmul, "
+                "convolution and attention FLOPs, attention counted in full (causal masks not halved), the optimizer "
+                "step not counted. mogfn: counted over one real step on the device (its rollouts read the host)")
+
+
+@dataclasses.dataclass
+class TrainSpec:
+    """One file's paper-preset training step. make_loss(model, cfg) draws a micro-batch on the model's device once and
+    returns the closure of its loss, so that the meta device can run it too (the FLOP count)."""
+    preset: str
+    cfg: object
+    build: object  # cfg -> model, on the current default device
+    make_loss: object
+    batch: int  # micro-batch per GPU
+    tokens: int  # tokens per micro-batch; 0 where tokens make no sense (items/s only)
+    unit: str  # what an item is
+    note: str
+    meta_flops: bool = True  # False: the step reads values on the host (rollouts), so one real step is counted
+
+
+def _null(B, p, dev):
+    return torch.rand(B, device=dev) < p  # the label / caption dropout of training
+
+
+def _labels(B, cfg, dev):
+    """Random class labels, the null label (num_classes) at the training dropout rate."""
+    return torch.where(_null(B, cfg.label_drop, dev), cfg.num_classes, torch.randint(cfg.num_classes, (B,), device=dev))
+
+
+def _spec_starflow(tiny: bool, device) -> TrainSpec:
+    import starflow as sf
+    small = dict(img_size=32, width=32, head_dim=16, layers=(1,) * 5 + (2,))
+    cfg = sf.Config(**{**sf.PRESETS["imagenet256"], **(small if tiny else {})})
+    C, S = sf.latent_shape(cfg)
+    B, T = (2 if tiny else 32), (S // cfg.patch_size) ** 2
+
+    def make_loss(m, cfg):
+        dev = next(m.parameters()).device
+        x = torch.randn(B, C, S, S, device=dev)
+        cond = m.make_cond(torch.randint(cfg.num_classes, (B,), device=dev), null=_null(B, cfg.label_drop, dev),
+                           check=False)
+        return lambda: sf.nll_loss(m, x, cond, cfg.noise_std, cfg.latent_reg)
+    return TrainSpec("imagenet256", cfg, lambda c: sf.STARFlow(c, C, S), make_loss, B, B * T, "images",
+                     "micro-batch 32: the preset's batch 256 on 8 GPUs")
+
+
+def _spec_starflow_v(tiny: bool, device) -> TrainSpec:
+    import starflow_v as sv
+    small = dict(img_size=(32, 48), frames=9, width=48, deep_width=72, head_dim=24, layers=(1,) * 5 + (2,),
+                 denoiser_layers=2, txt_dim=8, txt_len=4)
+    cfg = sv.Config(**{**sv.PRESETS["t2v-480p"], **(small if tiny else {})})
+    C, H, W, T = sv.latent_shape(cfg)
+    B, N = 1, (H // cfg.patch_size) * (W // cfg.patch_size)
+
+    def make_loss(m, cfg):
+        dev = next(m.parameters()).device
+        x = torch.randn(B, T, C, H, W, device=dev)
+        pad = (torch.arange(cfg.txt_len, device=dev) < (cfg.txt_len + 1) // 2).expand(B, -1)  # captions half padding
+        cond = m.make_cond(text=torch.randn(B, cfg.txt_len, cfg.txt_dim, device=dev), text_mask=pad,
+                           null=_null(B, cfg.label_drop, dev), batch=B, check=False)
+        return lambda: sv.train_loss(m, x, cond, cfg.noise_std, bool(cfg.denoiser_layers), sv.loss_weight(cfg))[0]
+    return TrainSpec("t2v-480p", cfg, lambda c: sv.STARFlowV(c, C, H, W, T), make_loss, B, B * T * N, "videos",
+                     f"the whole model (every layer), bf16 weights, gradients and AdamW states (8 bytes a "
+                     f"parameter; no fp32 master copy: FSDP2 would shard one over the nodes), gradient checkpointing "
+                     f"as the preset; micro-batch 1 video of {T} latent frames x {N} tokens + {cfg.txt_len} caption "
+                     f"tokens")
+
+
+def _spec_arflow(tiny: bool, device) -> TrainSpec:
+    import arflow as af
+    cfg = af.Config(**{**af.PRESETS["imagenet256"], **(dict(img_size=32, width=32, depth=2, heads=2) if tiny else {})})
+    C, side = af.latent_shape(cfg)
+    B, S = (2 if tiny else 8), cfg.seq_len
+
+    def make_loss(m, cfg):
+        dev = next(m.parameters()).device
+        x, eps = torch.randn(B, S, C, side, side, device=dev), torch.randn(B, S, C, side, side, device=dev)
+        t = torch.rand(B, S, device=dev).sort(1).values
+        y = _labels(B, cfg, dev)
+        return lambda: af.flow_loss(m, x, t, eps, y)
+    return TrainSpec("imagenet256", cfg, lambda c: af.ARFlow(c, C, side), make_loss, B,
+                     B * S * (side // cfg.patch_size) ** 2, "sequences",
+                     f"micro-batch 8 sequences of {S} images: the preset's 64 on 8 GPUs")
+
+
+def _spec_latent_fm(tiny: bool, device) -> TrainSpec:
+    import types
+
+    import latent_fm as lf
+    small = dict(arch="", width=32, depth=2, heads=2, img_size=32)
+    cfg = lf.Config(**{**lf.PRESETS["imagenet256"], **(small if tiny else {})})
+    sd_vae = types.SimpleNamespace(latent_channels=4, downsample=8)  # the SD VAE's latent shape (no weights needed)
+    S, B = cfg.img_size // sd_vae.downsample, (2 if tiny else 160)
+
+    def make_loss(m, cfg):
+        dev = next(m.parameters()).device
+        z0 = torch.randn(B, sd_vae.latent_channels, S, S, device=dev)
+        y = _labels(B, cfg, dev)
+        return lambda: lf.lfm_loss(m, z0, y)
+    return TrainSpec("imagenet256", cfg, lambda c: lf.build(c, sd_vae), make_loss, B, B * (S // cfg.patch_size) ** 2,
+                     "images", "DiT-B/2, micro-batch 160: the paper's 8 processes x 160")
+
+
+def _spec_wcfm(tiny: bool, device) -> TrainSpec:
+    import wcfm
+    small = dict(image_size=8, width=32, ch_mult=(1, 2), attn_res=(4,), num_res_blocks=1)
+    cfg = wcfm.Config(**{**wcfm.PRESETS["cifar10"], **(small if tiny else {})})
+    shape, B = wcfm.data_shape(cfg), (2 if tiny else 128)
+    # kappa only scales W-CFM's pair weights, not the work: the preset's, before its budget rule measures the data
+    fm = wcfm.FlowMatcher("wcfm", cfg.sigma, math.prod(shape), cfg.kappa)
+
+    def make_loss(m, cfg):
+        dev = next(m.parameters()).device
+        x0, x1 = torch.randn(B, *shape, device=dev), torch.randn(B, *shape, device=dev)
+        y = torch.zeros(B, dtype=torch.long, device=dev) if cfg.num_classes else None
+        return lambda: wcfm.cfm_loss(m, fm, x0, x1, y, cfg.p_uncond, cfg.num_classes)[0]
+    return TrainSpec("cifar10", cfg, wcfm.build, make_loss, B, 0, "images",
+                     "the 35.7M U-Net at torchcfm's batch 128 on one GPU (a U-Net has no tokens: images/s)")
+
+
+def _spec_mogfn(tiny: bool, device) -> TrainSpec:
+    import mogfn as mg
+    # the largest preset: a transformer policy over 16-token sequences (127k parameters; the hypergrids' are MLPs)
+    small = dict(width=16, depth=1, batch_size=2)
+    cfg = mg.Config(**{**mg.PRESETS["ngrams-3obj"], **(small if tiny else {}), "device": torch.device(device).type})
+
+    def make_loss(m, cfg):
+        dev = next(m.parameters()).device
+        loss_fn, data = mg.train_step_fn(m, cfg, common.Dist(device=dev))
+        it = data(0)
+        return lambda: loss_fn(m, next(it))[0]
+    return TrainSpec("ngrams-3obj", cfg, lambda c: mg.build(c, device), make_loss, cfg.batch_size, 0, "trajectories",
+                     "one step: the policy's rollouts (no grad) and the trajectory-balance loss; a 127k-parameter "
+                     "model, so its MFU is tiny by nature", meta_flops=False)
+
+
+TRAIN_SPECS = {"starflow": _spec_starflow, "starflow_v": _spec_starflow_v, "arflow": _spec_arflow,
+               "latent_fm": _spec_latent_fm, "wcfm": _spec_wcfm, "mogfn": _spec_mogfn}
+
+
+@dataclasses.dataclass
+class GpuRun:
+    device: torch.device
+    dtype: torch.dtype
+    tiny: bool
+    peak_tflops: float
+    deadline: float  # time.perf_counter() at which the budget ends
+    samplers: tuple
+    cost: dict = dataclasses.field(default_factory=dict)  # seconds the last entry of each kind took
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _cast(model, dtype):
+    """bf16 as FSDP2's MixedPrecisionPolicy(param_dtype=bf16) runs a model (common.as_fsdp_bf16), or fp32 as it is."""
+    return common.as_fsdp_bf16(model) if dtype == torch.bfloat16 else model
+
+
+def _gb(device) -> float | None:
+    mb = peak_mb(device)  # (and resets the peak)
+    return None if mb is None else round(mb / 1024, 3)
+
+
+def _call_ms(fn, device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t) * 1e3
+
+
+def _measure(fn, device, min_iters: int, target_s: float = 3.0, warmup: bool = True) -> dict:
+    """Median ms of at least min_iters timed calls, up to 5 while they fit in about target_s, after one warmup call.
+    warmup=False times the first call too: an eager sampler's call is thousands of identical steps, whose one-time
+    costs are a rounding error once the train steps have warmed CUDA up (and a 7B sequential call takes many
+    seconds)."""
+    first = _call_ms(fn, device)
+    iters = max(min_iters, min(5, int(target_s * 1e3 / max(first, 1e-3))))
+    if warmup:
+        return dict(ms=timeit(fn, device, 0, iters), first_call_ms=round(first, 2), iters=iters)
+    times = sorted([first] + [_call_ms(fn, device) for _ in range(iters - 1)])
+    return dict(ms=times[len(times) // 2], iters=iters)
+
+
+def _entry(run: GpuRun, kind: str, fn) -> dict:
+    """fn()'s dict, {"error": ...} if it raised, {"skipped": "budget"} if the last entry of its kind would not fit."""
+    start = time.perf_counter()
+    if start + run.cost.get(kind, 0.0) > run.deadline:
+        return {"skipped": "budget"}
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 -- one failure is that entry's result, the script goes on
+        out = {"error": f"{type(e).__name__}: {e}"[:500]}
+    gc.collect()  # (the entry's models and, after an error, its traceback's tensors)
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+    run.cost[kind] = time.perf_counter() - start
+    out["wall_s"] = round(run.cost[kind], 2)
+    print(f"[bench --gpu] {kind}: {json.dumps(out)[:300]}", file=sys.stderr, flush=True)
+    return out
+
+
+def count_flops(spec: TrainSpec, dtype) -> int:
+    """Model FLOPs of one training micro-batch (forward + backward) on the meta device; see FLOPS_METHOD."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = dataclasses.replace(spec.cfg, grad_ckpt=False) if hasattr(spec.cfg, "grad_ckpt") else spec.cfg
+    with torch.device("meta"):
+        model = _cast(spec.build(cfg), dtype).train()
+        loss = spec.make_loss(model, cfg)
+        with FlopCounterMode(display=False) as counter:
+            loss().backward()
+    return counter.get_total_flops()
+
+
+def _train_entry(run: GpuRun, spec: TrainSpec) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+    dev = run.device
+    flops = count_flops(spec, run.dtype) if spec.meta_flops else None
+    torch.manual_seed(0)
+    with dev:
+        model = _cast(spec.build(spec.cfg), run.dtype).train()
+    loss = spec.make_loss(model, spec.cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+
+    def step():
+        loss().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if flops is None:  # one real step, counted (its first call's costs are outside the timing below too)
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
+    t = _measure(step, dev, min_iters=2)
+    per_s = 1e3 / t["ms"]
+    out = dict(preset=spec.preset, params=sum(p.numel() for p in model.parameters()), batch=spec.batch,
+               unit=spec.unit, **t, items_per_s=spec.batch * per_s)
+    if spec.tokens:
+        out.update(tokens_per_step=spec.tokens, tokens_per_s=spec.tokens * per_s)
+    out.update(flops_per_step=flops, achieved_tflops=flops * per_s / 1e12,
+               mfu=flops * per_s / (run.peak_tflops * 1e12), grad_ckpt=bool(getattr(spec.cfg, "grad_ckpt", False)),
+               peak_mem_gb=_gb(dev), note=spec.note)
+    return out
+
+
+# --- sampling: STARFlow and STARFlow-V, sequential (KV cache) vs Jacobi vs the compiled one-token step -------------
+
+def _off_identity(model):
+    """Random weights, but the zero-initialised output layers (every flow starts as the identity, which Jacobi
+    would solve in one iteration) drawn N(0, 0.02^2), so each token depends on the ones before it."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    return model
+
+
+@dataclasses.dataclass
+class SampleSpec:
+    info: dict  # what was measured, for the JSON
+    cfgs: dict  # sampler name -> config (or the reason it has none)
+    cond: object  # B -> the condition
+    z: object  # B -> prior noise
+    sample: object  # (cfg, cond, z) -> (x, nfe)
+    kv_bytes: int  # KV cache per sample (both guidance branches, bf16)
+
+
+def _sample_starflow(run: GpuRun) -> SampleSpec:
+    import starflow as sf
+    small = dict(img_size=32, width=32, head_dim=16, layers=(1,) * 5 + (2,), jacobi_threshold=1e-7)
+    cfg = sf.Config(**{**sf.PRESETS["imagenet256"], **(small if run.tiny else {}), "denoise": False})
+    torch.manual_seed(0)
+    with run.device:
+        m = _cast(_off_identity(sf.STARFlow(cfg, *sf.latent_shape(cfg))), run.dtype).eval()
+    kv = max(2 * len(b.layers) * (b.prefix + b.seq_len) * cfg.width * 2 * (2 if b.conditioned else 1)
+             for b in m.blocks)  # (starflow.dry_run's count)
+    cfgs = {"sequential": dataclasses.replace(cfg, sampler="sequential"),
+            "jacobi": dataclasses.replace(cfg, sampler="jacobi"),
+            "compiled": dataclasses.replace(cfg, sampler="sequential", compile=True)}
+    info = dict(preset="imagenet256", params=sum(p.numel() for p in m.parameters()), tokens=m.T, blocks=len(m.blocks),
+                guidance=cfg.guidance, jacobi=dict(chunk=cfg.jacobi_chunk, max_iter=cfg.jacobi_max_iter,
+                                                   threshold=cfg.jacobi_threshold),
+                note="the preset's model with random weights: Jacobi's iteration counts are not a trained model's; "
+                     "the score-based denoising step is not included; compiled: the sequential sampler under "
+                     "--compile (one-token step through torch.compile, compilation in first_call_ms)")
+    return SampleSpec(info, cfgs, lambda B: m.make_cond(torch.arange(B, device=run.device) % cfg.num_classes),
+                      lambda B: torch.randn(B, m.T, m.D, device=run.device,
+                                            generator=torch.Generator(run.device).manual_seed(0)),
+                      lambda c, cond, z: sf.sample(m, cond, c, z=z), kv)
+
+
+def _sample_starflow_v(run: GpuRun) -> SampleSpec:
+    import starflow_v as sv
+    small = dict(img_size=(32, 48), frames=9, width=48, deep_width=72, head_dim=24, layers=(1,) * 5 + (2,),
+                 denoiser_layers=2, txt_dim=8, txt_len=4, jacobi_threshold=1e-7)
+    # 5 frames (2 latent frames, 3,180 tokens) of the preset's 81: its 33,390 tokens one at a time through a 24-layer
+    # 4096-wide deep block would take minutes per video, past this script's whole budget
+    cfg = sv.Config(**{**sv.PRESETS["t2v-480p"], **(small if run.tiny else {"frames": 5}), "denoise": "none"})
+    C, H, W, T = sv.latent_shape(cfg)
+    torch.manual_seed(0)
+    with run.device:
+        m = _cast(_off_identity(sv.STARFlowV(cfg, C, H, W, T)), run.dtype).eval()
+    n, wd = m.N, cfg.deep_width or cfg.width
+    kv = 8 * (cfg.layers[-1] * (T * n + cfg.txt_len) * wd + sum(cfg.layers[:-1]) * n * cfg.width)  # (dry_run's)
+    cfgs = {"sequential": dataclasses.replace(cfg, sampler="sequential"),
+            "jacobi": dataclasses.replace(cfg, sampler="jacobi"),
+            "compiled": "starflow_v.py's sampler has no compiled step (--compile compiles its training forward)"}
+    info = dict(preset="t2v-480p", params=sum(p.numel() for p in m.parameters()), frames=cfg.frames,
+                latent_frames=T, tokens=T * n, caption_tokens=cfg.txt_len, guidance=cfg.guidance,
+                jacobi=dict(chunk=cfg.jacobi_chunk, chunk_video=cfg.jacobi_chunk_video, max_iter=cfg.jacobi_max_iter,
+                            threshold=cfg.jacobi_threshold, warm_start=cfg.jacobi_warm_start),
+                note="the preset's whole model, random weights, on a short clip (the preset's 81 frames are 33,390 "
+                     "tokens: sequential decoding would not fit the budget); denoiser step not included")
+
+    def cond(B):
+        text = torch.randn(B, cfg.txt_len, cfg.txt_dim, device=run.device,
+                           generator=torch.Generator(run.device).manual_seed(1))
+        return m.make_cond(text=text)
+    return SampleSpec(info, cfgs, cond, lambda B: torch.randn(B, T * n, m.D, device=run.device,
+                                                              generator=torch.Generator(run.device).manual_seed(0)),
+                      lambda c, cond, z: sv.sample(m, cond, c, z=z), kv)
+
+
+SAMPLE_SPECS = {"starflow": _sample_starflow, "starflow_v": _sample_starflow_v}
+
+
+def _sample_entry(run: GpuRun, spec: SampleSpec, name: str, B: int, seq: dict, warmup: bool) -> dict:
+    c = spec.cfgs[name]
+    cond, z, held = spec.cond(B), spec.z(B), {}
+    peak_mb(run.device)
+
+    def call():
+        held["out"] = spec.sample(c, cond, z)
+    t = _measure(call, run.device, min_iters=1, warmup=warmup)
+    x, nfe = held["out"]
+    out = dict(**t, samples_per_s=B * 1e3 / t["ms"], nfe=nfe, peak_mem_gb=_gb(run.device))
+    if name == "sequential":
+        seq[B] = x
+    elif B in seq:  # sanity: the same noise and condition give the same samples (to bf16 / Jacobi's threshold)
+        out.update(max_abs_diff_vs_sequential=(x.float() - seq[B].float()).abs().max().item(),
+                   sequential_max_abs=seq[B].float().abs().max().item())
+    return out
+
+
+def _sampling(run: GpuRun) -> dict:
+    """Batch-major (every sampler of both files at B=1, then 16, then 64), so a budget cut drops large batches. A
+    sequential call of the 7B STARFlow-V takes tens of seconds, so only the compiled sampler has a warmup call (a
+    graph per batch size: that first call is the compilation, in first_call_ms)."""
+    out, specs, seq = {}, {}, {}
+    for f, make in SAMPLE_SPECS.items():
+        def build(f=f, make=make):
+            specs[f] = make(run)
+            info = dict(specs[f].info, kv_cache_gb_per_sample=round(specs[f].kv_bytes / 2**30, 3))
+            if run.device.type == "cuda":  # batches whose guided KV cache fits half the GPU
+                total = torch.cuda.get_device_properties(run.device).total_memory
+                info["batches_dropped_for_memory"] = [B for B in (16, 64) if B * specs[f].kv_bytes > total / 2]
+            return info
+        out[f] = {"model": _entry(run, f"sample model {f}", build)}
+        seq[f] = {}
+    batches = (1, 2) if run.tiny else (1, 16, 64)
+    for B in batches:
+        for f, spec in specs.items():
+            row = out[f][f"B={B}"] = {}
+            for name in SAMPLERS:
+                if isinstance(spec.cfgs[name], str):
+                    row[name] = {"skipped": spec.cfgs[name]}
+                elif name not in run.samplers:
+                    row[name] = {"skipped": "not asked (--samplers)"}
+                elif B in out[f]["model"].get("batches_dropped_for_memory", ()):
+                    row[name] = {"skipped": f"memory: the KV cache of {B} samples is "
+                                            f"{B * spec.kv_bytes / 2**30:.0f} GB"}
+                else:
+                    row[name] = _entry(run, f"sample {f} {name}", lambda: _sample_entry(
+                        run, spec, name, B, seq[f], warmup=name == "compiled"))
+        for f in seq:
+            seq[f].pop(B, None)
+    for f in out:
+        if f not in specs:
+            out[f]["skipped"] = "its model did not build"
+    return out
+
+
+# --- the Wan VAE at 480p -----------------------------------------------------------------------------------------
+
+def _wanvae_entry(run: GpuRun, family: str) -> dict:
+    arch = dict(common.VIDEO_VAE_FAMILIES[family]["arch"])
+    (H, W), T = ((32, 32), 5) if run.tiny else ((480, 832), 17)
+    if run.tiny:
+        arch.update(base_dim=8, decoder_base_dim=8)
+    torch.manual_seed(0)
+    with run.device:
+        ae = common.AutoencoderKLWan(**arch).to(run.dtype).eval()
+    x = torch.rand(1, ae.channels, T, H, W, device=run.device, dtype=run.dtype) * 2 - 1
+    peak_mb(run.device)
+    base = torch.cuda.memory_allocated() if run.device.type == "cuda" else 0
+
+    @torch.no_grad()
+    def call():
+        ae.decode(ae.encode(x)[0])
+    t = _measure(call, run.device, min_iters=1)
+    peak = _gb(run.device)
+    return dict(arch="tiny (base_dim 8)" if run.tiny else "released", frames=T, height=H, width=W, **t,
+                frames_per_s=T * 1e3 / t["ms"], peak_mem_gb=peak,
+                peak_mem_above_weights_and_input_gb=None if peak is None else round(peak - base / 2**30, 3))
+
+
+def gpu_bench(device: torch.device, tiny: bool, dtype: str, peak_tflops: float, budget_s: float,
+              samplers: tuple) -> dict:
+    """Everything of --gpu, in priority order: train steps, the Wan VAE, then sampling (the longest)."""
+    torch.backends.cuda.matmul.allow_tf32 = True  # (fp32 matmuls left: the flows' affine maps, losses)
+    torch.backends.cudnn.allow_tf32 = True
+    t0 = time.perf_counter()
+    run = GpuRun(device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], tiny, peak_tflops, t0 + budget_s,
+                 samplers)
+    out = dict(device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+               torch=torch.__version__, cuda=torch.version.cuda, tiny=tiny, dtype=dtype,
+               precision=f"{dtype} parameters, gradients and AdamW states everywhere (" + (
+                   "common.as_fsdp_bf16: FSDP2 param_dtype=bf16 compute, autocast off" if dtype == "bf16" else
+                   "as built") + "); TF32 for what runs in fp32",
+               peak_tflops=peak_tflops, peak_note="MFU denominator: H200 SXM dense bf16 unless --peak_tflops",
+               flops_method=FLOPS_METHOD, budget_s=budget_s)
+    if tiny:
+        out["tiny_note"] = ("every model shrunk (width, depth, image size) at micro-batch 2 (sampling: batches 1 and "
+                            "2, Jacobi to convergence); the notes describe the full size")
+    out["train"] = {f: _entry(run, f"train {f}", lambda make=make: _train_entry(run, make(tiny, device)))
+                    for f, make in TRAIN_SPECS.items()}
+    out["wanvae"] = {fam: _entry(run, f"wanvae {fam}", lambda fam=fam: _wanvae_entry(run, fam))
+                     for fam in common.VIDEO_VAE_FAMILIES}
+    out["sample"] = _sampling(run)
+    out["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def _positive(s: str) -> float:
+    v = float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=list(GROUPS), nargs="*", help="groups to run (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    device = torch.device(args.device)
+    gpu = p.add_argument_group("--gpu", "one JSON line of paper-size figures (the last section of bench.py)")
+    gpu.add_argument("--gpu", action="store_true", help="print the one JSON line instead of the table")
+    gpu.add_argument("--tiny", action="store_true", help="every model shrunk, batches 1/2: the code path in seconds")
+    gpu.add_argument("--dtype", choices=("bf16", "fp32"), help="parameters and compute (default bf16)")
+    gpu.add_argument("--peak_tflops", type=_positive, help=f"the MFU denominator (default {H200_BF16_TFLOPS:g}: "
+                     "H200 dense bf16)")
+    gpu.add_argument("--budget_s", type=_positive, help="seconds; later entries are skipped past it (default 480)")
+    gpu.add_argument("--samplers", choices=SAMPLERS, nargs="+", help="samplers timed (default: all three; on a CPU "
+                     "sequential and jacobi: inductor's C++ compilation of the compiled step takes minutes there)")
+    args = p.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    gpu_only = [f"--{k}" for k in ("tiny", "dtype", "peak_tflops", "budget_s", "samplers") if getattr(args, k)]
+    if not args.gpu:
+        if gpu_only:
+            p.error(f"{', '.join(gpu_only)} only go with --gpu")
+        return table(args, device)
+    if args.only is not None:
+        p.error("--only selects groups of the table; --gpu runs its own fixed list")
+    if device.type != "cuda" and not args.tiny:
+        p.error("--gpu at paper size needs a CUDA device; on a CPU pass --tiny")
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the one JSON line only
+        out = gpu_bench(device, args.tiny, args.dtype or "bf16", args.peak_tflops or H200_BF16_TFLOPS,
+                        args.budget_s or 480.0, tuple(args.samplers or (SAMPLERS if device.type == "cuda" else
+                                                                        ("sequential", "jacobi"))))
+    print(json.dumps(out))
+
+
+def table(args, device):
+    """The speed table of the @bench groups."""
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"{'model':<10} {'variant':<40} {'ms':>10} {'items/s':>10} {'peak MB':>9}  note")
