@@ -8,7 +8,7 @@ bench.py -- flowzoo's speed table for the current device. A benchmark, not a tes
 Each group yields rows (model, variant, train step ms, samples/s, peak memory MB, note) and ratios between variants;
 model files add their group with the @bench decorator below.
 
---gpu (issue 25, the last section of this file): one JSON line for one GPU, within --budget_s (default 480 s):
+--gpu (the last section of this file): one JSON line for one GPU, within --budget_s (default 480 s):
 
     python bench.py --gpu                      # H200: the six paper-size bf16 train steps (ms, tokens/s, MFU),
                                                # STARFlow sequential vs Jacobi vs compiled sampling and STARFlow-V
