@@ -1302,7 +1302,7 @@ class TrainConfig:
     across fields in a `__post_init__` that calls this one)."""
     out_dir: str = ""  # output folder (default: out/<model>, or out/<model>-<preset> for other presets)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    steps: int = opt(2000, min=1)  # optimizer steps
+    steps: int = opt(2000, min=1)  # optimizer steps (a larger value at --resume recomputes the cosine over the new total)
     batch_size: int = opt(64, min=1)  # global batch, split across ranks (and across --grad_accum micro-batches)
     grad_accum: int = opt(1, min=1)  # micro-batches per optimizer step (the global batch stays --batch_size)
     lr: float = opt(1e-3, gt=0)  # peak learning rate
@@ -1409,7 +1409,9 @@ def parse_config(cls, presets: dict[str, dict], argv=None, extra: Callable | Non
             p.add_argument(f"--{f.name}", type=_parser_type(f.default), default=None, help=h,
                            metavar=type(f.default).__name__.upper())
     g = p.add_argument_group("run modes")
-    g.add_argument("--resume", action="store_true", help="continue from <out_dir>/ckpt.pt (or --ckpt)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from <out_dir>/ckpt.pt (or --ckpt) with the run's own config, read from the "
+                        "checkpoint: options given with it change run-time fields (e.g. --steps), never the model")
     g.add_argument("--overwrite", action="store_true",
                    help="train into an out_dir that holds another run (or --sample over an existing --out)")
     g.add_argument("--sample", action="store_true", help="write --n samples from --ckpt to --out (.npz)")
@@ -1441,6 +1443,17 @@ def parse_config(cls, presets: dict[str, dict], argv=None, extra: Callable | Non
     if sum((args.resume, args.sample, args.eval, bool(args.plot), args.dry_run)) > 1 or (args.overwrite and args.resume):
         raise ValueError("pick one of --resume, --sample, --eval, --plot, --dry_run (and --overwrite or --resume, "
                          "not both)")
+    if args.resume:  # the run's settings come back from its checkpoint, so no flag has to be repeated
+        path = Path(args.ckpt or Path(cfg.out_dir) / "ckpt.pt")
+        if path.is_file():  # (a file-specific layout, e.g. wcfm's run folders, resolves its checkpoint itself)
+            state = load_checkpoint(path, mmap=True)  # (only its config and step are read here)
+            cfg = config_from_checkpoint(cls, state, overrides, what=str(path))
+            if state["step"] >= cfg.steps:
+                raise ValueError(f"{path} is at step {state['step']}, the end of its --steps {cfg.steps}: pass a "
+                                 f"larger --steps to train on")
+    if not (args.sample or args.eval or args.plot or args.dry_run) and cfg.warmup >= cfg.steps:
+        print0(f"warning: --warmup {cfg.warmup} is not shorter than --steps {cfg.steps}: the learning rate never "
+               f"reaches --lr {cfg.lr:g}", file=sys.stderr)
     for name in ("n", "gpus"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -1503,12 +1516,12 @@ def atomic_save(obj, path: str | Path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a truncated or foreign file: say so in one line
         raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
 

@@ -193,3 +193,20 @@ def test_log_eval_and_ckpt_every_zero_mean_off(tmp_path):
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3  # the final checkpoint only
     lines = (out / "log.jsonl").read_text().splitlines()
     assert len(lines) == 1 and '"hv' in lines[0]  # no training-loss lines, the final evaluation only
+
+
+@pytest.mark.parametrize("name", ["starflow", "mogfn"])
+def test_resume_restores_the_runs_config(name, tmp_path, capsys):
+    """`--resume` needs no flag repeated: the model and training fields come back from the checkpoint; --steps
+    extends the run; a run at its end, or a changed model field, gives one line."""
+    out = str(tmp_path / "run")
+    MODELS[name].main(TINY[name] + ["--out_dir", out])
+    assert "never reaches --lr" in capsys.readouterr().err  # the tiny run's warmup (100) outlasts its 2 steps
+    line = fails(name, ["--resume", "--out_dir", out], capsys)
+    assert "is at step 2, the end of its --steps 2: pass a larger --steps" in line
+    MODELS[name].main(["--resume", "--out_dir", out, "--steps", "3"])  # no model flag given: all from the checkpoint
+    state = torch.load(f"{out}/ckpt.pt", weights_only=True)
+    assert state["step"] == 3 and state["config"]["steps"] == 3 and state["config"]["width"] == 16
+    assert state["config"]["batch_size"] == int(TINY[name][TINY[name].index("--batch_size") + 1])
+    line = fails(name, ["--resume", "--out_dir", out, "--steps", "4", "--width", "32"], capsys)
+    assert "width" in line
