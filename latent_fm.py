@@ -80,7 +80,8 @@ class Config(common.TrainConfig):
     num_classes: int = common.opt(10, min=1)  # classes of --condition class (label num_classes is the null label)
     label_drop: float = common.opt(0.1, max=1)  # probability of the null label in training (classifier-free guidance)
     seg_classes: int = common.opt(3, min=2)  # classes of the one-hot segmentation map (--condition semantic)
-    mask: str = common.opt("mixed", choices=("box", "free", "mixed"))  # training masks of --condition inpaint
+    mask: str = common.opt("mixed", choices=("box", "free", "mixed", "lfm"))  # training masks of --condition inpaint
+    hflip: bool = False  # random horizontal flips of the training images (and of their --precompute'd latents)
     # model
     arch: str = common.opt("", choices=("",) + ARCHS)  # DiT size, e.g. L/2: sets width, depth, heads, patch_size
     width: int = common.opt(128, min=8)  # transformer width
@@ -88,6 +89,8 @@ class Config(common.TrainConfig):
     heads: int = common.opt(4, min=1)  # attention heads
     patch_size: int = common.opt(2, min=1)  # patch side on the latent grid (tokens = (latent side / patch)^2)
     mlp_ratio: float = common.opt(4.0, gt=0)  # MLP hidden width / width
+    time_scale: float = common.opt(1000.0, gt=0)  # t x this before the sinusoids: DiT's range; LFM's DiT feeds t (1)
+    pos_order: str = common.opt("hw", choices=("hw", "wh"))  # first half of the 2D positions: row (hw) | column (wh)
     grad_ckpt: bool = False  # gradient checkpointing of the DiT blocks
     min_lr: float = 1e-5  # where the cosine schedule ends (LFM's eta_min); --lr_schedule constant is LFM's --no_lr_decay
     # sampler
@@ -103,7 +106,7 @@ class Config(common.TrainConfig):
     eval_n: int = common.opt(1000, min=10)  # samples for --eval and the end-of-training evaluation (digits)
 
     NAME = "latent_fm"
-    RUNTIME = ("data", "vae", "label_drop", "mask", "grad_ckpt", "min_lr", "sampler", "sample_steps", "atol", "rtol",
+    RUNTIME = ("data", "vae", "label_drop", "mask", "hflip", "grad_ckpt", "min_lr", "sampler", "sample_steps", "atol", "rtol",
                "guidance", "guidance_rule", "raag_w_max", "raag_alpha", "raag_ratio", "eval_n")
 
     def __post_init__(self):
@@ -157,22 +160,24 @@ PRESETS = {
 # Model: DiT with adaLN-Zero (Peebles & Xie 2023, Sec. 3.2), and the SpatialRescaler of semantic maps
 
 
-def sincos_2d(width: int, side: int) -> torch.Tensor:
-    """Fixed 2D sin-cos positions (side^2, width): half the channels encode the row, half the column."""
+def sincos_2d(width: int, side: int, order: str = "hw") -> torch.Tensor:
+    """Fixed 2D sin-cos positions (side^2, width): half the channels encode the row, half the column; `order` says
+    which half comes first (LFM's DiT, after MAE, puts the column first: "wh", models/DiT.py:307)."""
     def axis(pos, d):  # (n,) -> (n, d)
         omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
         a = pos[:, None] * omega[None]
         return torch.cat([a.sin(), a.cos()], 1)
     r, c = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
                           indexing="ij")
-    return torch.cat([axis(r.flatten(), width // 2), axis(c.flatten(), width // 2)], 1).float()
+    halves = [axis(r.flatten(), width // 2), axis(c.flatten(), width // 2)]
+    return torch.cat(halves if order == "hw" else halves[::-1], 1).float()
 
 
-def timestep_embedding(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
-    """(B,) times in [0, 1] -> (B, dim) sinusoids. LFM's DiT feeds t in [0, 1] as is; we scale by 1000 (DiT's
-    timestep range) so the frequencies 1 .. 1e-4 resolve the whole interval -- an embedding choice, not the method."""
+def timestep_embedding(t: torch.Tensor, dim: int = 256, scale: float = 1000.0) -> torch.Tensor:
+    """(B,) times in [0, 1] -> (B, dim) sinusoids of scale * t. DiT's 1000 lets the frequencies 1 .. 1e-4 resolve the
+    whole interval; LFM's own DiT feeds t in [0, 1] as is (scale 1, models/DiT.py:58), which its weights expect."""
     freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device, dtype=torch.float32) / (dim // 2))
-    a = 1000 * t.float()[:, None] * freqs
+    a = scale * t.float()[:, None] * freqs
     return torch.cat([a.cos(), a.sin()], -1)
 
 
@@ -206,9 +211,9 @@ class DiT(nn.Module):
     def __init__(self, cfg: Config, in_ch: int, out_ch: int, side: int, num_labels: int):
         super().__init__()
         W, p = cfg.width, cfg.patch_size
-        self.p, self.out_ch, self.grad_ckpt = p, out_ch, cfg.grad_ckpt
+        self.p, self.out_ch, self.grad_ckpt, self.time_scale = p, out_ch, cfg.grad_ckpt, cfg.time_scale
         self.x_embed = nn.Conv2d(in_ch, W, p, stride=p)
-        self.register_buffer("pos", sincos_2d(W, side // p), persistent=False)  # (T, W)
+        self.register_buffer("pos", sincos_2d(W, side // p, cfg.pos_order), persistent=False)  # (T, W)
         self.t_embed = nn.Sequential(nn.Linear(256, W), nn.SiLU(), nn.Linear(W, W))
         self.y_embed = nn.Embedding(num_labels, W) if num_labels else None  # the classes + the null label
         self.blocks = nn.ModuleList([DiTBlock(W, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
@@ -232,8 +237,9 @@ class DiT(nn.Module):
 
     def forward(self, x, t, y=None):  # x (B, in_ch, h, w), t (B,), y (B,) or None -> (B, out_ch, h, w)
         B, _, h, w = x.shape
-        tok = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos  # (B, T, W)
-        c = self.t_embed(timestep_embedding(t).to(tok.dtype))
+        x = x.to(self.x_embed.weight.dtype)  # bf16 weights (FSDP2's policy) take bf16 inputs
+        tok = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos.to(x.dtype)  # (B, T, W)
+        c = self.t_embed(timestep_embedding(t, scale=self.time_scale).to(tok.dtype))
         if self.y_embed is not None:
             c = c + self.y_embed(y)
         for blk in self.blocks:
@@ -281,7 +287,7 @@ class LatentFlow(nn.Module):
         """z (B, C, S, S), t (B,); y (B,) labels for `class` (num_classes = null); spatial: the inpainting condition
         (B, C + 1, S, S) from `inpaint_condition`, or a one-hot segmentation map (B, K, H, W) for `semantic`."""
         if self.rescaler is not None:
-            spatial = self.rescaler(spatial.to(z.dtype))
+            spatial = self.rescaler(spatial.to(self.rescaler.conv.weight.dtype))
         if spatial is not None:
             z = torch.cat([z, spatial.to(z.dtype)], 1)
         return self.dit(z, t, y)
@@ -380,12 +386,23 @@ def interpolant(z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[t
     return (1 - t) * z0 + (SIGMA_MIN + (1 - SIGMA_MIN) * t) * eps, (1 - SIGMA_MIN) * eps - z0
 
 
-def lfm_loss(net, z0, y=None, spatial=None, t=None, eps=None) -> torch.Tensor:
-    """Mean over the batch of |v(z_t, t | c) - u|^2 / dim, t ~ U(0, 1), eps ~ N(0, I)."""
+def drop_labels(y: torch.Tensor, u: torch.Tensor, p: float, null: int) -> torch.Tensor:
+    """Classifier-free guidance's label dropout: y_i -> the null label where u_i < p (u ~ U(0, 1), one per example)."""
+    return torch.where(u < p, null, y.long())
+
+
+def lfm_loss(net, z0, y=None, spatial=None, t=None, eps=None, label_drop: float = 0.0, null_label: int | None = None,
+             u=None) -> torch.Tensor:
+    """Mean over the batch of |v(z_t, t | c) - u|^2 / dim, t ~ U(0, 1), eps ~ N(0, I). label_drop: the labels y become
+    null_label (= num_classes) with that probability (u: the uniforms deciding it, drawn if None), as training does."""
     t = torch.rand(len(z0), device=z0.device) if t is None else t
     eps = torch.randn_like(z0) if eps is None else eps
-    zt, u = interpolant(z0, eps, t)
-    return F.mse_loss(net(zt, t, y, spatial).to(u.dtype), u)
+    if label_drop > 0 and y is not None:
+        if null_label is None:
+            raise ValueError("label_drop needs null_label, the null class index (Config.num_classes)")
+        y = drop_labels(y, torch.rand(len(y), device=y.device) if u is None else u, label_drop, null_label)
+    zt, target = interpolant(z0, eps, t)
+    return F.mse_loss(net(zt, t, y, spatial).to(target.dtype), target)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -444,46 +461,82 @@ def integrate(f, x: torch.Tensor, method: str, steps: int = 16, atol: float = 1e
     return x, nfe
 
 
-# Dormand-Prince 5(4) (Dormand & Prince 1980): nodes, stage coefficients, 5th- and 4th-order weights
+# Dormand-Prince 5(4) (Dormand & Prince 1980): nodes, stage coefficients and 5th-order weights; the embedded 4th-order
+# weights and the dense-output midpoint weights are Shampine's (1986, "Some practical Runge-Kutta formulas"), the
+# pair torchdiffeq's dopri5 uses -- the error estimate, hence every step the controller takes, depends on them.
 DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 DP_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
         (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
         (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
         (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
 DP_B5 = DP_A[6] + (0.0,)
-DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+DP_B4 = (1951 / 21600, 0.0, 22642 / 50085, 451 / 720, -12231 / 42400, 649 / 6300, 1 / 60)
+DP_MID = (6025192743 / 30085553152 / 2, 0.0, 51252292925 / 65400821598 / 2, -2691868925 / 45128329728 / 2,
+          187940372067 / 1594534317056 / 2, -1776094331 / 19743644256 / 2, 11237099 / 235043384 / 2)  # x(t + h/2)
+
+
+def _combine(x, h, coefs, ks):
+    """x + h sum_j coefs_j k_j (zero coefficients skipped)."""
+    return x + h * sum(c * k for c, k in zip(coefs, ks) if c)
 
 
 def dopri5(f, x: torch.Tensor, t0: float, t1: float, atol: float, rtol: float, max_steps: int = 100_000):
-    """Adaptive Dormand-Prince 5(4), local extrapolation and FSAL (6 evaluations per step). A step is kept when the RMS
-    of err / (atol + rtol max(|x|, |x_new|)) is <= 1; the step size follows 0.9 ratio^(-1/5), within x0.2 .. x10.
-    The first step is Hairer's estimate. One step size serves the whole batch, as torchdiffeq's odeint."""
+    """Adaptive Dormand-Prince 5(4) with torchdiffeq's controller, so it lands on the numbers of LFM's sampler
+    (torchdiffeq's odeint, method dopri5; its solution is itself ~1e-3 from the exact one at atol = rtol = 1e-5, so only
+    the same controller reproduces it):
+      - time runs forward in s = +-t (the sign of t1 - t0), f becomes -f for a decreasing t; one step size for the batch;
+      - the first step is Hairer's estimate (Solving ODEs I, II.4) with the order-4 exponent 1/5;
+      - a step is kept when the RMS over all elements of err / (atol + rtol max(|x|, |x_new|)) is <= 1, with err from
+        Shampine's embedded 4th-order solution; local extrapolation and FSAL (6 evaluations a step);
+      - the next step is h min(10, max(0.9 ratio^-1/5, 0.2)) after a rejection, but never smaller than h after an
+        accepted one (ratio 0: 10 h); steps are not cut at the end point:
+      - x(t1) comes from the last step's quartic dense output (x, x_new, the midpoint from DP_MID, both slopes).
+    Norms are taken in x's dtype, as torchdiffeq does, so float32 states give its float32 decisions."""
+    sign = 1.0 if t1 >= t0 else -1.0
+    s, s_end = sign * t0, sign * t1
+
+    def g(si, xi):  # dx/ds
+        v = f(sign * si, xi)
+        return v if sign > 0 else -v
+
     def rms(v):
-        return v.double().square().mean().sqrt().item()
-    span, sign = abs(t1 - t0), math.copysign(1.0, t1 - t0)
-    k1 = f(t0, x)
+        return float(v.abs().square().mean().sqrt())
+    k1 = g(s, x)
+    # initial step (Hairer, Norsett & Wanner, Sec. II.4)
     scale = atol + rtol * x.abs()
     d0, d1 = rms(x / scale), rms(k1 / scale)
-    h = 0.01 * d0 / d1 if d0 > 1e-5 and d1 > 1e-5 else 1e-6
-    d2 = rms((f(t0 + sign * h, x + sign * h * k1) - k1) / scale) / h
-    h = min(100 * h, (0.01 / max(d1, d2)) ** 0.2 if max(d1, d2) > 1e-15 else max(1e-6, h * 1e-3), span)
-    t, done = t0, 0.0
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    d2 = rms((g(s + h0, x + h0 * k1) - k1) / scale) / h0
+    h1 = max(1e-6, h0 * 1e-3) if d1 <= 1e-15 and d2 <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
+    h = min(100 * h0, h1)
+    prev = None  # (s at the start of the last accepted step, its quartic's coefficients)
     for _ in range(max_steps):
-        if span - done <= 1e-12 * span:
-            return x
-        h = min(h, span - done)
+        if s >= s_end:
+            break
         k = [k1]
         for i in range(1, 7):
-            xi = x + (sign * h) * sum(a * kj for a, kj in zip(DP_A[i], k) if a)
-            k.append(f(t + sign * h * DP_C[i], xi))
+            xi = _combine(x, h, DP_A[i], k)
+            k.append(g(s + (h if DP_C[i] == 1.0 else DP_C[i] * h), xi))
         x_new = xi  # stage 7 is evaluated at the 5th-order solution (FSAL)
-        err = (sign * h) * sum((b5 - b4) * kj for b5, b4, kj in zip(DP_B5, DP_B4, k))
+        err = _combine(torch.zeros_like(x), h, [b5 - b4 for b5, b4 in zip(DP_B5, DP_B4)], k)
         ratio = rms(err / (atol + rtol * torch.maximum(x.abs(), x_new.abs())))
         if ratio <= 1:
-            done += h
-            t, x, k1 = t0 + sign * done, x_new, k[6]
-        h *= 10.0 if ratio == 0 else min(10.0, max(0.2, 0.9 * ratio ** -0.2))
-    raise RuntimeError(f"dopri5 did not reach t = {t1} in {max_steps} steps")
+            mid = _combine(x, h, DP_MID, k)
+            # p(r) = x + r h k1 + c r^2 + b r^3 + a r^4 on r in [0, 1]: p(1) = x_new, p'(1) = h k7, p(1/2) = mid
+            a = 16 * mid - 8 * (x + x_new) + 2 * h * (k[6] - k[0])
+            b = 14 * x_new + 18 * x - 32 * mid + h * (5 * k[0] - 3 * k[6])
+            c = 16 * mid - 11 * x - 5 * x_new + h * (k[6] - 4 * k[0])
+            prev = (s, s + h, (x, h * k[0], c, b, a))
+            s, x, k1 = s + h, x_new, k[6]
+        floor = 1.0 if ratio < 1 else 0.2
+        h *= 10.0 if ratio == 0 else min(10.0, max(0.9 * ratio ** -0.2, floor))
+    else:
+        raise RuntimeError(f"dopri5 did not reach t = {t1} in {max_steps} steps")
+    if prev is None:
+        return x
+    sa, sb, coefs = prev
+    r = (s_end - sa) / (sb - sa)
+    return sum(cf * r ** i for i, cf in enumerate(coefs))
 
 
 @torch.no_grad()
