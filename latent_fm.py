@@ -318,10 +318,63 @@ def random_masks(n: int, size: int, kind: str = "mixed", generator=None, device=
     ab = (b - a)[:, :, None]  # (n, 3, 1, 2)
     s = (((grid - a[:, :, None]) * ab).sum(-1) / ab.square().sum(-1).clamp_min(1e-6)).clamp(0, 1)  # (n, 3, HW)
     free = ((grid - a[:, :, None] - s[..., None] * ab).norm(dim=-1) <= r).any(1).view(n, size, size)
+    if kind == "lfm":
+        return lfm_masks(n, size, generator, device)
     pick = {"box": box, "free": free}.get(kind)
     if pick is None:
         pick = torch.where(u(n, 1, 1) < 0.5, box, free)
     return pick[:, None].float()
+
+
+def lfm_masks(n: int, size: int, generator=None, device=None) -> torch.Tensor:
+    """(n, 1, size, size), 1 = fill: LFM's training masks, LaMa's MixedMaskGenerator at its defaults (get_mask_generator
+    (None, None), datasets_prep/__init__.py:120; inpaint_preprocess/mask.py:293-365), lengths in pixels of a 256 image
+    scaled to `size`. Half are strokes (:43-66): 0-10 polylines of 1-5 segments, each from the last end point at
+    angle 0.01 + {0,1,2,3} rad (2 pi minus it on even polylines), length 10-69, width 5-24, ends clipped to the image;
+    half are boxes (:111-123): 0-3 rectangles of sides 30-99 inside a margin of 10. Zero polylines or boxes leave the
+    mask empty (1/11 of the strokes, 1/4 of the boxes: 17% of all masks)."""
+    def ri(lo, hi, *shape):  # integers in [lo, hi)
+        return torch.randint(lo, hi, shape, generator=generator, device=device)
+    k = size / 256
+    px = torch.arange(size, device=device, dtype=torch.float32) + 0.5
+    gy, gx = torch.meshgrid(px, px, indexing="ij")  # (size, size)
+    # strokes: polyline i active if i < times; segment j of it if j < its count
+    times, segs = ri(0, 11, n), ri(1, 6, n, 10)
+    x, y = ri(0, 256, n, 10).float(), ri(0, 256, n, 10).float()
+    even = (torch.arange(10, device=device) % 2 == 0)
+    stroke = torch.zeros(n, size, size, dtype=torch.bool, device=device)
+    for j in range(5):
+        ang = 0.01 + ri(0, 4, n, 10).float()
+        ang = torch.where(even, 2 * math.pi - ang, ang)
+        length, width = 10 + ri(0, 60, n, 10).float(), 5 + ri(0, 20, n, 10).float()
+        x2 = (x + length * torch.sin(ang)).clamp(0, 256).floor()
+        y2 = (y + length * torch.cos(ang)).clamp(0, 256).floor()
+        on = (torch.arange(10, device=device) < times[:, None]) & (j < segs)  # (n, 10)
+        a, b = torch.stack([x, y], -1) * k, torch.stack([x2, y2], -1) * k  # (n, 10, 2) in pixels of `size`
+        d = b - a
+        p = torch.stack([gx, gy], -1).view(1, -1, 2)  # (1, HW, 2)
+        for i in range(10):  # one polyline at a time: (n, HW), not (n, 10, HW), at 256 x 256
+            if not bool(on[:, i].any()):
+                continue
+            ai, di = a[:, i, None], d[:, i, None]  # (n, 1, 2)
+            s = (((p - ai) * di).sum(-1) / di.square().sum(-1).clamp_min(1e-9)).clamp(0, 1)  # (n, HW)
+            dist = (p - ai - s[..., None] * di).norm(dim=-1)
+            hit = (dist <= (width[:, i, None] * k / 2)) & on[:, i, None]
+            stroke |= hit.view(n, size, size)
+        x, y = torch.where(on, x2, x), torch.where(on, y2, y)
+    # boxes
+    margin, lo = 10, 30
+    hi = min(100, 256 - 2 * margin)
+    nb = ri(0, 4, n)
+    bw, bh = ri(lo, hi, n, 3), ri(lo, hi, n, 3)
+    x0 = margin + (torch.rand(n, 3, generator=generator, device=device) * (256 - 2 * margin - bw + 1)).floor()
+    y0 = margin + (torch.rand(n, 3, generator=generator, device=device) * (256 - 2 * margin - bh + 1)).floor()
+    on = torch.arange(3, device=device) < nb[:, None]
+    inx = (gx[None, None] >= x0[..., None, None] * k) & (gx[None, None] < (x0 + bw)[..., None, None] * k)
+    iny = (gy[None, None] >= y0[..., None, None] * k) & (gy[None, None] < (y0 + bh)[..., None, None] * k)
+    box = (inx & iny & on[..., None, None]).any(1)
+    pick = torch.rand(n, 1, 1, generator=generator, device=device) < 0.5
+    return torch.where(pick, stroke, box)[:, None].float()
 
 
 def center_mask(n: int, size: int, device=None) -> torch.Tensor:
@@ -545,6 +598,106 @@ def sample(model: LatentFlow, cfg: Config, z1: torch.Tensor, y=None, spatial=Non
     if cfg.condition == "class":
         model.check_labels(y)
     return integrate(velocity(model, cfg, y, spatial), z1, cfg.sampler, cfg.sample_steps, cfg.atol, cfg.rtol)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Official weights: VinAIResearch/LFM's DiT checkpoints (model_{epoch}.pth) and its trainer's content.pth
+
+
+OFFICIAL_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # DiT-S/B/L/XL's heads by width (models/DiT.py:354-399)
+
+
+def read_official(state) -> tuple[dict, dict] | None:
+    """(state dict without DDP's `module.` prefix, the training args or {}) of an official file's contents: a released
+    model_{epoch}.pth (train_flow_latent.py:211-214) or the trainer's content.pth, whose `model_dict` sits beside an
+    argparse.Namespace (:196-203); None for anything else."""
+    args = {}
+    if isinstance(state, dict) and "model_dict" in state:
+        a = state.get("args")
+        args = vars(a) if isinstance(a, argparse.Namespace) else dict(a or {})
+        state = state["model_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return None
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return (sd, args) if "x_embedder.proj.weight" in sd and "t_embedder.mlp.0.weight" in sd else None
+
+
+def load_any(path) -> dict:
+    """A checkpoint of ours or an official file, read with torch.load(weights_only=True); content.pth's pickled
+    argparse.Namespace is the one class allowed beyond tensors and containers (no arbitrary objects)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return common.load_checkpoint(path)
+
+
+def from_official(path, device="cpu", *, state=None, **overrides) -> tuple[LatentFlow, Config]:
+    """An official LFM DiT file -> our LatentFlow computing the same velocity, and its Config. The architecture comes
+    from the tensors; the head count is not in them: `heads` (default: the official size of that width); `overrides`
+    may also set run-time fields (sampler, guidance, vae, ...). What differs from our defaults: LFM's DiT feeds t as is
+    (time_scale 1), its positions put the column half first (pos_order "wh"), and an unconditional model still adds
+    the single row of its label table (num_classes 1, label_dropout 0, models/DiT.py:79-81, 259-264): folded here
+    into the time MLP's last bias. Sampler defaults are the official test script's (test_flow_latent.py): dopri5
+    (:381) with atol = rtol = 1e-5 (:376-377), its Euler's step 0.01 (:397) as 100 steps, and CFG 1.5 for the
+    1000-class ImageNet model (test_args/imnet_dit.txt:7; run_test_cls.sh:17), 1 otherwise (:351)."""
+    read = read_official(load_any(path) if state is None else state)
+    if read is None:
+        raise ValueError(f"{path} is not a VinAIResearch/LFM DiT checkpoint (model_*.pth or content.pth)")
+    sd, args = read
+    sd = {k: v.float() for k, v in sd.items()}
+    W, C, p, _ = sd["x_embedder.proj.weight"].shape
+    T = sd["pos_embed"].shape[1]
+    side = p * math.isqrt(T)  # latent side
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
+    if out_ch != C:
+        raise ValueError(f"{path}: {C} input but {out_ch} output channels; only LFM's DiT generators are supported")
+    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    n_cls = args.get("num_classes") or (rows - 1 if rows > 1 else 1)
+    if n_cls > 1 and rows not in (n_cls, n_cls + 1):
+        raise ValueError(f"{path}: a label table of {rows} rows for {n_cls} classes")
+    size = str(args.get("model_type", "")).removeprefix("DiT-").split("/")[0]
+    heads = DIT_SIZES[size][2] if size in DIT_SIZES else OFFICIAL_HEADS.get(W)
+    f = int(args.get("f", 8))
+    inferred = dict(width=W, depth=depth, patch_size=p, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / W,
+                    condition="class" if n_cls > 1 else "none", num_classes=n_cls if n_cls > 1 else 10,
+                    time_scale=1.0, pos_order="wh", img_size=side * f, channels=3, vae_family="sd")
+    for k, v in overrides.items():
+        if k in inferred and v != inferred[k]:
+            raise ValueError(f"{path}: the weights say {k}={inferred[k]!r}, not {v!r}")
+    heads = overrides.pop("heads", heads)
+    if heads is None:
+        raise ValueError(f"{path}: width {W} is no official DiT size, so the head count is unknown: pass heads=")
+    dflt = dict(data="latents", sampler="dopri5", atol=1e-5, rtol=1e-5, sample_steps=100, guidance=1.0,
+                label_drop=float(args.get("label_dropout", 0.1 if n_cls > 1 else 0.0)))
+    if n_cls == 1000:
+        dflt["guidance"] = 1.5
+    cfg = Config(**{**dflt, **inferred, "heads": heads, **overrides})
+    # key map: ours <- theirs (timm's Attention / Mlp inside the blocks)
+    ours = {"dit.x_embed.": "x_embedder.proj.", "dit.t_embed.": "t_embedder.mlp.", "dit.linear_out.":
+            "final_layer.linear.", "dit.ada_out.": "final_layer.adaLN_modulation."}
+    for i in range(depth):
+        for a, b in (("attn.", "attn."), ("mlp.0.", "mlp.fc1."), ("mlp.2.", "mlp.fc2."), ("ada.", "adaLN_modulation.")):
+            ours[f"dit.blocks.{i}.{a}"] = f"blocks.{i}.{b}"
+    new = {}
+    for k, v in sd.items():
+        for a, b in ours.items():
+            if k.startswith(b):
+                new[a + k[len(b):]] = v
+                break
+    table = sd["y_embedder.embedding_table.weight"]
+    if cfg.condition == "class":  # classes + the null label (row num_classes); a table without one gets a zero row
+        new["dit.y_embed.weight"] = torch.cat([table, table.new_zeros(n_cls + 1 - rows, W)])
+    else:  # c = t_emb + emb(0) for every input: one more bias
+        new["dit.t_embed.2.bias"] = new["dit.t_embed.2.bias"] + table[-1]
+    pos = sincos_2d(W, side // p, "wh")
+    if not torch.allclose(sd["pos_embed"][0], pos, atol=1e-5):
+        raise ValueError(f"{path}: pos_embed is not the fixed 2D sin-cos table of its grid")
+    model = LatentFlow(cfg, C, side, f)
+    missing = set(model.state_dict()) ^ set(new)
+    if missing:
+        raise ValueError(f"{path}: unmapped weights {sorted(missing)[:4]}")
+    model.load_state_dict(new)
+    model.__dict__["vae"] = load_vae(cfg, device) if cfg.vae else None
+    return model.to(device).eval(), cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -819,8 +972,11 @@ def build(cfg: Config, vae) -> LatentFlow:
 
 def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[LatentFlow, Config]:
     """A trained model ready to sample (EMA weights, eval mode) and its config; `overrides` may change run-time fields
-    (sampler, guidance, ...). `model.vae` is its frozen VAE, kept out of the module tree (and the state dict)."""
-    state = common.load_checkpoint(path)
+    (sampler, guidance, ...). `model.vae` is its frozen VAE, kept out of the module tree (and the state dict). An
+    official LFM file (model_*.pth or content.pth) goes to `from_official`."""
+    state = load_any(path)
+    if read_official(state) is not None:
+        return from_official(path, device, state=state, **overrides)
     cfg = common.config_from_checkpoint(Config, state, overrides, what=str(path))
     vae = load_vae(cfg, device)
     model = build(cfg, vae)
