@@ -34,8 +34,8 @@ Run
     python latent_fm.py --preset digits-semantic          # digits from their segmentation maps
     python latent_fm.py --eval --ckpt out/latent_fm/ckpt.pt                      # held-out LFM loss, accuracy, FD, NFE
     python latent_fm.py --sample --ckpt out/latent_fm/ckpt.pt --n 100 --out s.npz --guidance_rule raag --sampler euler
-    python latent_fm.py --preset imagenet256 --precompute /data/imagenet/train --data latents/ --vae sd-vae-ft-ema/
-    torchrun --nproc_per_node=8 latent_fm.py --preset imagenet256 --data latents/ --vae sd-vae-ft-ema/
+    python latent_fm.py --preset imagenet256 --precompute /data/imagenet/train --data latents/ --vae sd-vae-ft-mse/
+    torchrun --nproc_per_node=8 latent_fm.py --preset imagenet256 --data latents/ --vae sd-vae-ft-mse/
     torchrun --nproc_per_node=2 latent_fm.py --preset celebahq256-inpaint --data celebahq256.npz --vae sd-vae-ft-mse/
 Inpainting and semantic models sample from `--cond NPZ` (`images` (N,H,W,C) uint8 + `masks` (N,H,W), 1 = fill; or
 `segmentation` (N,H,W) int); on the digits the test split is the default condition.
@@ -130,6 +130,8 @@ _DIGITS = dict(img_size=16, channels=1, vae_family="sd", width=96, depth=4, head
                ckpt_every=500, sample_steps=16, sampler="heun")
 # The paper-scale runs (bash_scripts/run.sh, downstream_tasks/readme.md): AdamW with torch's default betas
 # (0.9, 0.999) and weight decay 0, no gradient clipping, no warmup, and no --use_ema in the DiT commands (ema_decay 0).
+# Precision departs: the official runs are fp32 with TF32 matmuls (train_flow_latent.py:28-29,56); these presets keep
+# the trainer's bf16 autocast (--amp, the TrainConfig default; --no-amp gives fp32).
 _PAPER = dict(channels=3, img_size=256, vae_family="sd", weight_decay=0.0, beta2=0.999, grad_clip=0.0, warmup=0,
               ema_decay=0.0, log_every=100, eval_every=20000, ckpt_every=5000, sampler="dopri5", eval_n=2000)
 PRESETS = {
@@ -139,20 +141,33 @@ PRESETS = {
     "digits-inpaint": dict(_DIGITS, condition="inpaint", steps=2500, eval_every=2500),
     # Digits from the derived 3-class segmentation map (background / ink / enclosed background).
     "digits-semantic": dict(_DIGITS, condition="semantic", seg_classes=3, steps=2500, eval_every=2500),
-    # CelebA-HQ 256, DiT-L/2, batch 32, lr 2e-4, --no_lr_decay, unconditional (bash_scripts/run.sh:55-62);
-    # sampled with dopri5 (test_args/celeb256_dit.txt:5); 500 epochs of 30k images at batch 32 = 468k steps.
+    # CelebA-HQ 256, DiT-L/2, batch 32, lr 2e-4, --no_lr_decay, unconditional (bash_scripts/run.sh:55-62); sampled with
+    # dopri5 (test_args/celeb256_dit.txt:5). NVAE's CelebA-HQ split has 27,000 training images
+    # (datasets_prep/lmdb_datasets.py:18-19), 843 full batches of 32: 500 epochs = 421,500 steps; random horizontal
+    # flips (datasets_prep/__init__.py:67-76).
     "celebahq256": dict(_PAPER, data="celebahq256.npz", condition="none", arch="L/2", batch_size=32, lr=2e-4,
-                        lr_schedule="constant", steps=468_000),
+                        lr_schedule="constant", steps=421_500, hflip=True),
     # ImageNet 256, DiT-B/2, 8 processes x batch 160, lr 1e-4, --no_lr_decay, label dropout 0.1, gradient checkpointing
     # (bash_scripts/run.sh:43-51); CFG 1.5 with dopri5 at the released epoch 875 (test_args/imnet_dit.txt:2,5,7):
-    # 875 epochs of 1.28M images at batch 1280 = 875k steps. Train on latents from --precompute.
+    # 875 epochs of 1.28M images at batch 1280 = 875k steps; center crop and random flips (datasets_prep/__init__.py:
+    # 25-37). Train on latents from --precompute (with --hflip: the mirrored images' latents too).
     "imagenet256": dict(_PAPER, data="latents", condition="class", num_classes=1000, label_drop=0.1, arch="B/2",
-                        batch_size=1280, lr=1e-4, lr_schedule="constant", grad_ckpt=True, steps=875_000, guidance=1.5),
-    # CelebA-HQ 256 inpainting: batch 64, lr 5e-5, 500 epochs, cosine to eta_min 1e-5 (downstream_tasks/readme.md:21-24,
-    # train_flow_latent_inpainting.py:111), MAT's 24,183 training images -> 189k steps at batch 64. The official model
-    # is the ADM U-Net (9 in, 4 out channels); here it is the DiT-L/2 of the celebahq256 preset with 9 input channels.
-    "celebahq256-inpaint": dict(_PAPER, data="celebahq256.npz", condition="inpaint", mask="free", arch="L/2",
-                                batch_size=64, lr=5e-5, lr_schedule="cosine", min_lr=1e-5, steps=189_000),
+                        batch_size=1280, lr=1e-4, lr_schedule="constant", grad_ckpt=True, steps=875_000, guidance=1.5,
+                        hflip=True),
+    # CelebA-HQ 256 inpainting: 64 per GPU on 2 GPUs (global batch 128), lr 5e-5, 500 epochs, cosine to eta_min 1e-5
+    # (downstream_tasks/readme.md:21-24, train_flow_latent_inpainting.py:81,111); MAT's 24,183 training images ->
+    # 188 batches an epoch, 94,000 steps; LaMa's mixed masks as LFM draws them (--mask lfm, datasets_prep/__init__.py:
+    # 117-122), no flips (inpainting_dataset.py:20-34). The official model is the ADM U-Net (9 in, 4 out channels);
+    # here it is the DiT-L/2 of the celebahq256 preset with 9 input channels.
+    "celebahq256-inpaint": dict(_PAPER, data="celebahq256.npz", condition="inpaint", mask="lfm", arch="L/2",
+                                batch_size=128, lr=5e-5, lr_schedule="cosine", min_lr=1e-5, steps=94_000),
+    # CelebAMask-HQ 256 semantic synthesis: 19-class maps (train_flow_latent_semantic_syn.py:97-99) through the
+    # SpatialRescaler (3 halvings, 4 channels, :119), 64 per GPU on 2 GPUs, lr 5e-5, 175 epochs, cosine to 1e-5
+    # (downstream_tasks/readme.md:33-36, :137); the first 27,000 images (readme.md:7; celeb_mask.py:18) -> 210 batches
+    # an epoch, 36,750 steps; no flips (celeb_mask.py). Official model: the ADM U-Net; here DiT-L/2. The .npz holds
+    # `images` and `segmentation` (N, 256, 256) in 0..18.
+    "celebahq256-semantic": dict(_PAPER, data="celebamask256.npz", condition="semantic", seg_classes=19, arch="L/2",
+                                 batch_size=128, lr=5e-5, lr_schedule="cosine", min_lr=1e-5, steps=36_750),
 }
 
 
@@ -780,12 +795,15 @@ def train_data(cfg: Config, vae) -> torch.utils.data.Dataset:
     if path.is_dir() and (path / "mean.npy").exists():  # latents from --precompute, memory-mapped
         if cfg.condition == "inpaint":
             raise ValueError("--condition inpaint encodes the masked images each step: pass images as --data")
-        a = common.load_arrays(path, ("mean", "std", "labels", "segmentation"))
+        a = common.load_arrays(path, ("mean", "std", "labels", "segmentation", "mean_flip", "std_flip"))
         y = torch.tensor(np.array(a["labels"]) if "labels" in a else np.zeros(len(a["mean"])), dtype=torch.long)
         seg = torch.tensor(np.array(a["segmentation"]), dtype=torch.long) if "segmentation" in a else None
         check_data(cfg, y, seg)
         extra = seg if cfg.condition == "semantic" else torch.zeros(len(y))
-        return common.ArrayDataset(a["mean"], a["std"], y, extra)
+        if cfg.hflip and "mean_flip" not in a:
+            raise ValueError(f"--hflip needs the mirrored images' latents in {path}: run --precompute with --hflip")
+        flips = (a["mean_flip"], a["std_flip"]) if cfg.hflip else ()
+        return common.ArrayDataset(a["mean"], a["std"], y, extra, *flips)
     loaded = load_images(cfg)
     if isinstance(loaded, common.ImageFolder):
         if cfg.condition == "class" and len(loaded.classes) > cfg.num_classes:
@@ -795,15 +813,17 @@ def train_data(cfg: Config, vae) -> torch.utils.data.Dataset:
     check_data(cfg, y, seg)
     mean, std = encode_moments(vae, common.to_float(x))
     extra = {"inpaint": x, "semantic": seg}.get(cfg.condition, torch.zeros(len(x)))
-    return common.ArrayDataset(mean, std, y, extra)
+    flips = encode_moments(vae, common.to_float(x.flip(-1))) if cfg.hflip else ()
+    return common.ArrayDataset(mean, std, y, extra, *flips)
 
 
 def draw_noise(cfg: Config, n: int, shape, generator, device) -> list[torch.Tensor]:
     """The randomness of n training examples: t ~ U(0, 1), eps ~ N(0, I), the posterior's noise, the label-drop
-    uniforms [, the inpainting masks]."""
+    uniforms [, the inpainting masks] [, the flip uniforms of --hflip: mirrored where < 0.5]."""
     g = dict(generator=generator, device=device)
     out = [torch.rand(n, **g), torch.randn(n, *shape, **g), torch.randn(n, *shape, **g), torch.rand(n, **g)]
-    return out + ([random_masks(n, cfg.img_size, cfg.mask, **g)] if cfg.condition == "inpaint" else [])
+    out += [random_masks(n, cfg.img_size, cfg.mask, **g)] if cfg.condition == "inpaint" else []
+    return out + ([torch.rand(n, **g)] if cfg.hflip else [])
 
 
 def training_batches(cfg: Config, data, shape, d: common.Dist):
@@ -834,20 +854,32 @@ def training_batches(cfg: Config, data, shape, d: common.Dist):
     return it
 
 
-def batch_inputs(model: LatentFlow, batch, vae, drop: float = 0.0):
+def batch_inputs(model: LatentFlow, batch, vae, drop: float = 0.0, hflip: bool = False):
     """A batch + its noise -> (z0 a posterior sample, t, eps, labels or None, spatial condition or None). Batches are
-    (mean, std, labels, extra) or, from an image folder, (images uint8, labels), encoded here."""
+    (mean, std, labels, extra [, mean and std of the mirrored images under hflip]) or, from an image folder, (images
+    uint8, labels), encoded here. hflip: examples whose flip uniform (the last noise) is < 0.5 are mirrored."""
     cfg = model.cfg
     if batch[0].dtype == torch.uint8:
-        (mean, std), rest = encode_moments(vae, common.to_float(batch[0])), [batch[1], batch[0]] + list(batch[2:])
+        x, y, rest = batch[0], batch[1], list(batch[2:])
+        if hflip:
+            x = torch.where(rest[-1].view(-1, 1, 1, 1) < 0.5, x.flip(-1), x)
+        (mean, std), extra = encode_moments(vae, common.to_float(x)), x
     else:
-        mean, std, rest = batch[0].float(), batch[1].float(), list(batch[2:])
-    y, extra, t, eps, post, u, *masks = rest
+        mean, std, y, extra, *rest = batch
+        mean, std = mean.float(), std.float()
+        if hflip:  # the mirrored images' own posterior (a VAE is not equivariant to flips): encoded beforehand
+            mean_f, std_f, *rest = rest
+            f = rest[-1] < 0.5
+            mean = torch.where(f.view(-1, 1, 1, 1), mean_f.float(), mean)
+            std = torch.where(f.view(-1, 1, 1, 1), std_f.float(), std)
+            if cfg.condition in ("inpaint", "semantic"):
+                extra = torch.where(f.view(-1, *[1] * (extra.ndim - 1)), extra.flip(-1), extra)
+    t, eps, post, u, *more = rest
     z0 = mean + std * post
     if cfg.condition == "class":
-        return z0, t, eps, torch.where(u < drop, cfg.num_classes, y.long()), None
+        return z0, t, eps, drop_labels(y, u, drop, cfg.num_classes), None
     if cfg.condition == "inpaint":  # the condition's latent is the posterior mean: an input, not a target
-        return z0, t, eps, None, inpaint_condition(vae, common.to_float(extra), masks[0])
+        return z0, t, eps, None, inpaint_condition(vae, common.to_float(extra), more[0])
     if cfg.condition == "semantic":
         return z0, t, eps, None, one_hot_seg(extra, cfg.seg_classes, cfg.img_size)
     return z0, t, eps, None, None
@@ -918,7 +950,7 @@ def eval_conditions(cfg: Config, vae, n: int, start: int = 0, device="cpu") -> d
 
 
 def evaluate(model: LatentFlow, cfg: Config, vae, n: int | None = None, seed: int = 7) -> dict:
-    """Held-out LFM loss; on the digits also: class -> accuracy and FD of guided and conditional samples (the real-data
+    """Held-out LFM loss; with --fid_ref the Inception FID (common.fid) of --fid_n samples; on the digits also: class -> accuracy and FD of guided and conditional samples (the real-data
     floor fd_floor); inpaint -> error on the known region against the original (and against another test digit:
     chance), classifier accuracy of the inpainted digits and of the masked inputs; semantic -> agreement of the
     samples' own segmentation maps with the input maps (and chance), accuracy, FD."""
@@ -932,6 +964,12 @@ def evaluate(model: LatentFlow, cfg: Config, vae, n: int | None = None, seed: in
     else:  # no test split: the first examples of the training data
         held = train_data(cfg, vae)
     out = {"lfm_loss": heldout_loss(model, cfg, held, vae)}
+    if cfg.fid_ref:  # the standard Inception FID of fid_n samples for held-out conditions, with the configured guidance
+        y = torch.arange(cfg.fid_n) % cfg.num_classes if cfg.condition == "class" else None
+        spatial = eval_conditions(cfg, vae, cfg.fid_n)["spatial"] if cfg.condition in ("inpaint", "semantic") else None
+        imgs, _ = generate(model, cfg, vae, cfg.fid_n, y, spatial, seed=seed + 4)
+        out.update(fid=common.fid(imgs, cfg.fid_ref, cfg.fid_weights, next(model.parameters()).device),
+                   fid_n=cfg.fid_n)
     if cfg.data != "digits":
         return out
     metrics = common.digits_metrics
@@ -966,6 +1004,31 @@ def evaluate(model: LatentFlow, cfg: Config, vae, n: int | None = None, seed: in
 # Trainer and command line
 
 
+def latent_dims(cfg: Config) -> tuple[int, int]:
+    """(latent channels, VAE downsampling) without loading the VAE: the digits VAE's 4 x /2, a family's f8, or pixels."""
+    if cfg.vae_family == "none":
+        return cfg.channels, 1
+    if cfg.data == "digits" and not cfg.vae:
+        return 4, 2  # common.digits_vae: size -> 4 x size/2 x size/2
+    return {"sd": 4, "sdxl": 4, "flux": 16}[cfg.vae_family], 8
+
+
+def dry_run(cfg: Config, gpus: int) -> dict:
+    """--dry_run: the config on the meta device (common.dry_run) and its training loss as train() runs it (labels with
+    dropout, the inpainting condition's latent + mask channels, or a one-hot map through the rescaler)."""
+    C, f = latent_dims(cfg)
+    S = cfg.img_size // f
+
+    def loss(model, b):
+        y = torch.zeros(b, dtype=torch.long) if cfg.condition == "class" else None
+        spatial = {"inpaint": lambda: torch.randn(b, C + 1, S, S),
+                   "semantic": lambda: torch.randn(b, cfg.seg_classes, cfg.img_size, cfg.img_size)}.get(cfg.condition)
+        return lfm_loss(model, torch.randn(b, C, S, S), y, spatial() if spatial else None, label_drop=cfg.label_drop,
+                        null_label=cfg.num_classes)
+    return common.dry_run(cfg, lambda: LatentFlow(cfg, C, S, f), loss, tokens=(S // cfg.patch_size) ** 2, gpus=gpus,
+                          block_types=(DiTBlock,))
+
+
 def build(cfg: Config, vae) -> LatentFlow:
     return LatentFlow(cfg, vae.latent_channels, cfg.img_size // vae.downsample, vae.downsample)
 
@@ -986,22 +1049,25 @@ def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[LatentFlow, C
 
 def precompute(cfg: Config, src: str, d: common.Dist):
     """Encode images (an .npz or a folder) through the VAE once: <--data>/mean.npy, std.npy (the posterior, fp16),
-    labels.npy [, segmentation.npy]; train then reads them memory-mapped and draws z0 = mean + std eps."""
+    labels.npy [, segmentation.npy] [, mean_flip.npy, std_flip.npy: the mirrored images', with --hflip]; train then
+    reads them memory-mapped and draws z0 = mean + std eps."""
     vae = load_vae(cfg, d.device)
     loaded = load_images(dataclasses.replace(cfg, data=src))
     data = loaded if isinstance(loaded, common.ImageFolder) else common.ArrayDataset(loaded[0], loaded[1])
     start, count = common.rank_split(len(data), d)
     part = torch.utils.data.Subset(data, range(start, start + count))
-    means, stds, labels = [], [], []
+    arrays = {k: [] for k in ("mean", "std", "labels") + (("mean_flip", "std_flip") if cfg.hflip else ())}
     for xb, yb in common.progress(torch.utils.data.DataLoader(part, batch_size=64, num_workers=cfg.num_workers),
                                   desc="encoding"):
-        m, s = encode_moments(vae, common.to_float(xb.to(d.device)))
-        means.append(m.half())
-        stds.append(s.half())
-        labels.append(yb)
+        xb = common.to_float(xb.to(d.device))
+        for sfx, xs in [("", xb)] + ([("_flip", xb.flip(-1))] if cfg.hflip else []):  # --hflip: the mirrors too
+            m, s = encode_moments(vae, xs)
+            arrays["mean" + sfx].append(m.half().cpu())
+            arrays["std" + sfx].append(s.half().cpu())
+        arrays["labels"].append(yb)
     out = Path(cfg.data)
     out.mkdir(parents=True, exist_ok=True)
-    arrays = dict(mean=torch.cat(means).numpy(), std=torch.cat(stds).numpy(), labels=torch.cat(labels).numpy())
+    arrays = {k: torch.cat(v).numpy() for k, v in arrays.items()}
     common.save_npz(out / "latents.npz", d, **arrays)
     if d.is_main:
         with np.load(out / "latents.npz") as z:
@@ -1010,7 +1076,7 @@ def precompute(cfg: Config, src: str, d: common.Dist):
         if not isinstance(loaded, common.ImageFolder) and loaded[2] is not None:
             np.save(out / "segmentation.npy", loaded[2].numpy().astype(np.int16))
         (out / "latents.npz").unlink()
-        common.print0(f"wrote {out}/mean.npy, std.npy, labels.npy ({len(data)} images)")
+        common.print0(f"wrote {', '.join(f'{out}/{k}.npy' for k in arrays)} ({len(data)} images)")
 
 
 def conditions_from_npz(cfg: Config, path: str, vae, start: int, count: int, device) -> dict:
@@ -1041,12 +1107,17 @@ def add_args(p: argparse.ArgumentParser):
                    help="encode IMAGES (an .npz or a folder) through --vae into the latent folder --data")
     p.add_argument("--cond", metavar="NPZ", default=None,
                    help="conditions to --sample an inpaint (images + masks) or semantic (segmentation) model from")
+    p.add_argument("--init_from", metavar="CKPT", default=None,
+                   help="train from these weights (ours or an official model_*.pth / content.pth): the model fields "
+                        "are theirs")
 
 
 def main(argv=None):
     cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=add_args, doc=__doc__)
     if args.plot:
         return common.print0(f"wrote {common.plot_log(args.plot)}")
+    if args.dry_run:
+        return common.print0(json.dumps(dry_run(cfg, args.gpus)))
     d = common.setup_distributed(cfg.device)
     ckpt = args.ckpt or str(Path(cfg.out_dir) / "ckpt.pt")
     if args.precompute:
@@ -1055,6 +1126,8 @@ def main(argv=None):
     if args.sample or args.eval:
         model, cfg = from_checkpoint(ckpt, d.device, **overrides)
         vae = model.vae
+        if vae is None:
+            raise ValueError(f"{ckpt} is an official LFM model: pass --vae PATH (sd-vae-ft-mse) to decode its samples")
         if args.eval:
             res = evaluate(model, cfg, vae)
             common.print0(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in res.items()}))
@@ -1078,15 +1151,21 @@ def main(argv=None):
         return
 
     common.seed_all(cfg.seed)  # the same initial weights on every rank
+    if args.init_from:  # fine-tuning: the architecture is the weights' (an official file's as `from_official` reads it)
+        src, scfg = from_checkpoint(args.init_from, "cpu", **{k: v for k, v in overrides.items()
+                                                              if k in common.model_fields(cfg) and k != "arch"})
+        cfg = dataclasses.replace(cfg, arch="", **{k: getattr(scfg, k) for k in common.model_fields(cfg) if k != "arch"})
     vae = load_vae(cfg, d.device)
     model = build(cfg, vae)
+    if args.init_from:
+        model.load_state_dict(src.state_dict())
     data = train_data(cfg, vae)
     common.print0(f"LFM ({cfg.condition}): DiT width {cfg.width} x {cfg.depth} blocks, {model.S // cfg.patch_size}^2 "
                   f"tokens of {model.C}x{cfg.patch_size}x{cfg.patch_size} latents, "
                   f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters -> {cfg.out_dir}")
 
     def loss_fn(net, batch):
-        z0, t, eps, y, spatial = batch_inputs(model, batch, vae, cfg.label_drop)
+        z0, t, eps, y, spatial = batch_inputs(model, batch, vae, cfg.label_drop, cfg.hflip)
         return lfm_loss(net, z0, y, spatial, t, eps), {}
 
     def on_eval(step, model, ema):
