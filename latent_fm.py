@@ -544,8 +544,8 @@ DP_MID = (6025192743 / 30085553152 / 2, 0.0, 51252292925 / 65400821598 / 2, -269
 
 
 def _combine(x, h, coefs, ks):
-    """x + h sum_j coefs_j k_j (zero coefficients skipped)."""
-    return x + h * sum(c * k for c, k in zip(coefs, ks) if c)
+    """x + sum_j (h coefs_j) k_j (zero coefficients skipped)."""
+    return x + sum((h * c) * k for c, k in zip(coefs, ks) if c)
 
 
 def dopri5(f, x: torch.Tensor, t0: float, t1: float, atol: float, rtol: float, max_steps: int = 100_000):
@@ -597,7 +597,7 @@ def dopri5(f, x: torch.Tensor, t0: float, t1: float, atol: float, rtol: float, m
             prev = (s, s + h, (x, h * k[0], c, b, a))
             s, x, k1 = s + h, x_new, k[6]
         floor = 1.0 if ratio < 1 else 0.2
-        h *= 10.0 if ratio == 0 else min(10.0, max(0.9 * ratio ** -0.2, floor))
+        h *= 10.0 if ratio == 0 else min(10.0, max(0.9 / ratio ** 0.2, floor))
     else:
         raise RuntimeError(f"dopri5 did not reach t = {t1} in {max_steps} steps")
     if prev is None:
