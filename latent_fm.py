@@ -37,6 +37,9 @@ Run
     python latent_fm.py --preset imagenet256 --precompute /data/imagenet/train --data latents/ --vae sd-vae-ft-mse/
     torchrun --nproc_per_node=8 latent_fm.py --preset imagenet256 --data latents/ --vae sd-vae-ft-mse/
     torchrun --nproc_per_node=2 latent_fm.py --preset celebahq256-inpaint --data celebahq256.npz --vae sd-vae-ft-mse/
+    python latent_fm.py --preset celebahq256 --dry_run --gpus 8          # paper scale on the meta device: one JSON line
+Released checkpoints (VinAIResearch/LFM's DiTs, model_{epoch}.pth; `from_official`), e.g. ImageNet DiT-B/2:
+    python latent_fm.py --sample --ckpt model_875.pth --vae sd-vae-ft-mse/ --n 50000 --out imnet.npz  # dopri5, CFG 1.5
 Inpainting and semantic models sample from `--cond NPZ` (`images` (N,H,W,C) uint8 + `masks` (N,H,W), 1 = fill; or
 `segmentation` (N,H,W) int); on the digits the test split is the default condition.
 """
@@ -137,8 +140,9 @@ _PAPER = dict(channels=3, img_size=256, vae_family="sd", weight_decay=0.0, beta2
 PRESETS = {
     # CPU demo: 16x16 digits through the small digits VAE (4x8x8 latents, trained once, cached), 16 tokens of 2x2.
     "digits": dict(_DIGITS, condition="class", steps=2500, eval_every=2500, guidance=1.5),
-    # The same model inpainting: random box / free-form masks in training, the center box at evaluation.
-    "digits-inpaint": dict(_DIGITS, condition="inpaint", steps=2500, eval_every=2500),
+    # The same model inpainting: random box / free-form masks in training, the center box at evaluation; twice the
+    # steps of the others (filling the box's middle keeps improving: class accuracy 0.46 at 2500 steps, 0.67 at 5000).
+    "digits-inpaint": dict(_DIGITS, condition="inpaint", steps=5000, eval_every=5000),
     # Digits from the derived 3-class segmentation map (background / ink / enclosed background).
     "digits-semantic": dict(_DIGITS, condition="semantic", seg_classes=3, steps=2500, eval_every=2500),
     # CelebA-HQ 256, DiT-L/2, batch 32, lr 2e-4, --no_lr_decay, unconditional (bash_scripts/run.sh:55-62); sampled with
@@ -1025,7 +1029,8 @@ def dry_run(cfg: Config, gpus: int) -> dict:
                    "semantic": lambda: torch.randn(b, cfg.seg_classes, cfg.img_size, cfg.img_size)}.get(cfg.condition)
         return lfm_loss(model, torch.randn(b, C, S, S), y, spatial() if spatial else None, label_drop=cfg.label_drop,
                         null_label=cfg.num_classes)
-    return common.dry_run(cfg, lambda: LatentFlow(cfg, C, S, f), loss, tokens=(S // cfg.patch_size) ** 2, gpus=gpus,
+    plain = dataclasses.replace(cfg, grad_ckpt=False)  # the estimate gives both, with and without checkpointing
+    return common.dry_run(cfg, lambda: LatentFlow(plain, C, S, f), loss, tokens=(S // cfg.patch_size) ** 2, gpus=gpus,
                           block_types=(DiTBlock,))
 
 
