@@ -109,6 +109,7 @@ class Config(common.TrainConfig):
     eval_n: int = common.opt(1000, min=10)  # samples for --eval and the end-of-training evaluation (digits)
 
     NAME = "latent_fm"
+    LEGACY = {"time_scale": 1000.0, "pos_order": "hw"}  # model fields of checkpoints from before they existed
     RUNTIME = ("data", "vae", "label_drop", "mask", "hflip", "grad_ckpt", "min_lr", "sampler", "sample_steps", "atol", "rtol",
                "guidance", "guidance_rule", "raag_w_max", "raag_alpha", "raag_ratio", "eval_n")
 
@@ -1045,6 +1046,8 @@ def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[LatentFlow, C
     state = load_any(path)
     if read_official(state) is not None:
         return from_official(path, device, state=state, **overrides)
+    if state.get("kind") == Config.NAME:
+        state["config"] = {**Config.LEGACY, **state["config"]}
     cfg = common.config_from_checkpoint(Config, state, overrides, what=str(path))
     vae = load_vae(cfg, device)
     model = build(cfg, vae)

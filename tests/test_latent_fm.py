@@ -465,3 +465,14 @@ def test_paper_presets_are_the_published_runs():
     assert (inp["batch_size"], inp["steps"], inp["mask"]) == (128, 24_183 // 128 * 500, "lfm")
     sem = P["celebahq256-semantic"]
     assert (sem["seg_classes"], sem["batch_size"], sem["steps"]) == (19, 128, 27_000 // 128 * 175)
+
+
+def test_checkpoints_from_before_time_scale_and_pos_order_still_load(tmp_path):
+    lf.main(SMALL + ["--steps", "1", "--out_dir", str(tmp_path)])
+    state = common.load_checkpoint(tmp_path / "ckpt.pt")
+    for k in lf.Config.LEGACY:
+        del state["config"][k]
+    torch.save(state, tmp_path / "old.pt")
+    m, cfg = lf.from_checkpoint(str(tmp_path / "old.pt"))
+    assert (cfg.time_scale, cfg.pos_order) == (1000.0, "hw")
+    assert all(torch.equal(v, state["ema"][k]) for k, v in m.state_dict().items() if k in state["ema"])
