@@ -110,7 +110,8 @@ class Config(common.TrainConfig):
 
     NAME = "latent_fm"
     LEGACY = {"time_scale": 1000.0, "pos_order": "hw"}  # model fields of checkpoints from before they existed
-    RUNTIME = ("data", "vae", "label_drop", "mask", "hflip", "grad_ckpt", "min_lr", "sampler", "sample_steps", "atol", "rtol",
+    RUNTIME = ("data", "vae", "label_drop", "mask", "hflip", "grad_ckpt", "min_lr", "sampler", "sample_steps", "atol",
+               "rtol",
                "guidance", "guidance_rule", "raag_w_max", "raag_alpha", "raag_ratio", "eval_n")
 
     def __post_init__(self):
@@ -557,7 +558,7 @@ def dopri5(f, x: torch.Tensor, t0: float, t1: float, atol: float, rtol: float, m
     """Adaptive Dormand-Prince 5(4) with torchdiffeq's controller, so it lands on the numbers of LFM's sampler
     (torchdiffeq's odeint, method dopri5; its solution is itself ~1e-3 from the exact one at atol = rtol = 1e-5, so only
     the same controller reproduces it):
-      - time runs forward in s = +-t (the sign of t1 - t0), f becomes -f for a decreasing t; one step size for the batch;
+      - time runs forward in s = +-t (the sign of t1 - t0), f becomes -f for a decreasing t; one step size a batch;
       - the first step is Hairer's estimate (Solving ODEs I, II.4) with the order-4 exponent 1/5;
       - a step is kept when the RMS over all elements of err / (atol + rtol max(|x|, |x_new|)) is <= 1, with err from
         Shampine's embedded 4th-order solution; local extrapolation and FSAL (6 evaluations a step);
@@ -955,7 +956,8 @@ def eval_conditions(cfg: Config, vae, n: int, start: int = 0, device="cpu") -> d
 
 
 def evaluate(model: LatentFlow, cfg: Config, vae, n: int | None = None, seed: int = 7) -> dict:
-    """Held-out LFM loss; with --fid_ref the Inception FID (common.fid) of --fid_n samples; on the digits also: class -> accuracy and FD of guided and conditional samples (the real-data
+    """Held-out LFM loss; with --fid_ref the Inception FID (common.fid) of --fid_n samples; on the digits also:
+    class -> accuracy and FD of guided and conditional samples (the real-data
     floor fd_floor); inpaint -> error on the known region against the original (and against another test digit:
     chance), classifier accuracy of the inpainted digits and of the masked inputs; semantic -> agreement of the
     samples' own segmentation maps with the input maps (and chance), accuracy, FD."""
@@ -1010,7 +1012,7 @@ def evaluate(model: LatentFlow, cfg: Config, vae, n: int | None = None, seed: in
 
 
 def latent_dims(cfg: Config) -> tuple[int, int]:
-    """(latent channels, VAE downsampling) without loading the VAE: the digits VAE's 4 x /2, a family's f8, or pixels."""
+    """(latent channels, VAE downsampling) without loading the VAE: the digits VAE's 4 x /2, a family's f8, pixels."""
     if cfg.vae_family == "none":
         return cfg.channels, 1
     if cfg.data == "digits" and not cfg.vae:
@@ -1162,7 +1164,8 @@ def main(argv=None):
     if args.init_from:  # fine-tuning: the architecture is the weights' (an official file's as `from_official` reads it)
         src, scfg = from_checkpoint(args.init_from, "cpu", **{k: v for k, v in overrides.items()
                                                               if k in common.model_fields(cfg) and k != "arch"})
-        cfg = dataclasses.replace(cfg, arch="", **{k: getattr(scfg, k) for k in common.model_fields(cfg) if k != "arch"})
+        cfg = dataclasses.replace(cfg, arch="", **{k: getattr(scfg, k) for k in common.model_fields(cfg)
+                                                   if k != "arch"})
     vae = load_vae(cfg, d.device)
     model = build(cfg, vae)
     if args.init_from:
