@@ -34,9 +34,12 @@ Run
     python latent_fm.py --preset digits-semantic          # digits from their segmentation maps
     python latent_fm.py --eval --ckpt out/latent_fm/ckpt.pt                      # held-out LFM loss, accuracy, FD, NFE
     python latent_fm.py --sample --ckpt out/latent_fm/ckpt.pt --n 100 --out s.npz --guidance_rule raag --sampler euler
-    python latent_fm.py --preset imagenet256 --precompute /data/imagenet/train --data latents/ --vae sd-vae-ft-ema/
-    torchrun --nproc_per_node=8 latent_fm.py --preset imagenet256 --data latents/ --vae sd-vae-ft-ema/
+    python latent_fm.py --preset imagenet256 --precompute /data/imagenet/train --data latents/ --vae sd-vae-ft-mse/
+    torchrun --nproc_per_node=8 latent_fm.py --preset imagenet256 --data latents/ --vae sd-vae-ft-mse/
     torchrun --nproc_per_node=2 latent_fm.py --preset celebahq256-inpaint --data celebahq256.npz --vae sd-vae-ft-mse/
+    python latent_fm.py --preset celebahq256 --dry_run --gpus 8          # paper scale on the meta device: one JSON line
+Released checkpoints (VinAIResearch/LFM's DiTs, model_{epoch}.pth; `from_official`), e.g. ImageNet DiT-B/2:
+    python latent_fm.py --sample --ckpt model_875.pth --vae sd-vae-ft-mse/ --n 50000 --out imnet.npz  # dopri5, CFG 1.5
 Inpainting and semantic models sample from `--cond NPZ` (`images` (N,H,W,C) uint8 + `masks` (N,H,W), 1 = fill; or
 `segmentation` (N,H,W) int); on the digits the test split is the default condition.
 """
@@ -83,7 +86,8 @@ class Config(common.TrainConfig):
     num_classes: int = common.opt(10, min=1)  # classes of --condition class (label num_classes is the null label)
     label_drop: float = common.opt(0.1, max=1)  # probability of the null label in training (classifier-free guidance)
     seg_classes: int = common.opt(3, min=2)  # classes of the one-hot segmentation map (--condition semantic)
-    mask: str = common.opt("mixed", choices=("box", "free", "mixed"))  # training masks of --condition inpaint
+    mask: str = common.opt("mixed", choices=("box", "free", "mixed", "lfm"))  # training masks of --condition inpaint
+    hflip: bool = False  # random horizontal flips of the training images (and of their --precompute'd latents)
     # model
     arch: str = common.opt("", choices=("",) + ARCHS)  # DiT size, e.g. L/2: sets width, depth, heads, patch_size
     width: int = common.opt(128, min=8)  # transformer width
@@ -91,6 +95,8 @@ class Config(common.TrainConfig):
     heads: int = common.opt(4, min=1)  # attention heads
     patch_size: int = common.opt(2, min=1)  # patch side on the latent grid (tokens = (latent side / patch)^2)
     mlp_ratio: float = common.opt(4.0, gt=0)  # MLP hidden width / width
+    time_scale: float = common.opt(1000.0, gt=0)  # t x this before the sinusoids: DiT's range; LFM's DiT feeds t (1)
+    pos_order: str = common.opt("hw", choices=("hw", "wh"))  # first half of the 2D positions: row (hw) | column (wh)
     grad_ckpt: bool = False  # gradient checkpointing of the DiT blocks
     min_lr: float = 1e-5  # where the cosine schedule ends (LFM's eta_min); --lr_schedule constant is LFM's --no_lr_decay
     # sampler
@@ -106,7 +112,9 @@ class Config(common.TrainConfig):
     eval_n: int = common.opt(1000, min=10)  # samples for --eval and the end-of-training evaluation (digits)
 
     NAME = "latent_fm"
-    RUNTIME = ("data", "vae", "label_drop", "mask", "grad_ckpt", "min_lr", "sampler", "sample_steps", "atol", "rtol",
+    LEGACY = {"time_scale": 1000.0, "pos_order": "hw"}  # model fields of checkpoints from before they existed
+    RUNTIME = ("data", "vae", "label_drop", "mask", "hflip", "grad_ckpt", "min_lr", "sampler", "sample_steps", "atol",
+               "rtol",
                "guidance", "guidance_rule", "raag_w_max", "raag_alpha", "raag_ratio", "eval_n")
 
     def __post_init__(self):
@@ -130,29 +138,45 @@ _DIGITS = dict(img_size=16, channels=1, vae_family="sd", width=96, depth=4, head
                ckpt_every=500, sample_steps=16, sampler="heun")
 # The paper-scale runs (bash_scripts/run.sh, downstream_tasks/readme.md): AdamW with torch's default betas
 # (0.9, 0.999) and weight decay 0, no gradient clipping, no warmup, and no --use_ema in the DiT commands (ema_decay 0).
+# Precision departs: the official runs are fp32 with TF32 matmuls (train_flow_latent.py:28-29,56); these presets keep
+# the trainer's bf16 autocast (--amp, the TrainConfig default; --no-amp gives fp32).
 _PAPER = dict(channels=3, img_size=256, vae_family="sd", weight_decay=0.0, beta2=0.999, grad_clip=0.0, warmup=0,
               ema_decay=0.0, log_every=100, eval_every=20000, ckpt_every=5000, sampler="dopri5", eval_n=2000)
 PRESETS = {
     # CPU demo: 16x16 digits through the small digits VAE (4x8x8 latents, trained once, cached), 16 tokens of 2x2.
     "digits": dict(_DIGITS, condition="class", steps=2500, eval_every=2500, guidance=1.5),
-    # The same model inpainting: random box / free-form masks in training, the center box at evaluation.
-    "digits-inpaint": dict(_DIGITS, condition="inpaint", steps=2500, eval_every=2500),
+    # The same model inpainting: random box / free-form masks in training, the center box at evaluation; twice the
+    # steps of the others (filling the box's middle keeps improving: class accuracy 0.46 at 2500 steps, 0.67 at 5000).
+    "digits-inpaint": dict(_DIGITS, condition="inpaint", steps=5000, eval_every=5000),
     # Digits from the derived 3-class segmentation map (background / ink / enclosed background).
     "digits-semantic": dict(_DIGITS, condition="semantic", seg_classes=3, steps=2500, eval_every=2500),
-    # CelebA-HQ 256, DiT-L/2, batch 32, lr 2e-4, --no_lr_decay, unconditional (bash_scripts/run.sh:55-62);
-    # sampled with dopri5 (test_args/celeb256_dit.txt:5); 500 epochs of 30k images at batch 32 = 468k steps.
+    # CelebA-HQ 256, DiT-L/2, batch 32, lr 2e-4, --no_lr_decay, unconditional (bash_scripts/run.sh:55-62); sampled with
+    # dopri5 (test_args/celeb256_dit.txt:5). NVAE's CelebA-HQ split has 27,000 training images
+    # (datasets_prep/lmdb_datasets.py:18-19), 843 full batches of 32: 500 epochs = 421,500 steps; random horizontal
+    # flips (datasets_prep/__init__.py:67-76).
     "celebahq256": dict(_PAPER, data="celebahq256.npz", condition="none", arch="L/2", batch_size=32, lr=2e-4,
-                        lr_schedule="constant", steps=468_000),
+                        lr_schedule="constant", steps=421_500, hflip=True),
     # ImageNet 256, DiT-B/2, 8 processes x batch 160, lr 1e-4, --no_lr_decay, label dropout 0.1, gradient checkpointing
     # (bash_scripts/run.sh:43-51); CFG 1.5 with dopri5 at the released epoch 875 (test_args/imnet_dit.txt:2,5,7):
-    # 875 epochs of 1.28M images at batch 1280 = 875k steps. Train on latents from --precompute.
+    # 875 epochs of 1.28M images at batch 1280 = 875k steps; center crop and random flips (datasets_prep/__init__.py:
+    # 25-37). Train on latents from --precompute (with --hflip: the mirrored images' latents too).
     "imagenet256": dict(_PAPER, data="latents", condition="class", num_classes=1000, label_drop=0.1, arch="B/2",
-                        batch_size=1280, lr=1e-4, lr_schedule="constant", grad_ckpt=True, steps=875_000, guidance=1.5),
-    # CelebA-HQ 256 inpainting: batch 64, lr 5e-5, 500 epochs, cosine to eta_min 1e-5 (downstream_tasks/readme.md:21-24,
-    # train_flow_latent_inpainting.py:111), MAT's 24,183 training images -> 189k steps at batch 64. The official model
-    # is the ADM U-Net (9 in, 4 out channels); here it is the DiT-L/2 of the celebahq256 preset with 9 input channels.
-    "celebahq256-inpaint": dict(_PAPER, data="celebahq256.npz", condition="inpaint", mask="free", arch="L/2",
-                                batch_size=64, lr=5e-5, lr_schedule="cosine", min_lr=1e-5, steps=189_000),
+                        batch_size=1280, lr=1e-4, lr_schedule="constant", grad_ckpt=True, steps=875_000, guidance=1.5,
+                        hflip=True),
+    # CelebA-HQ 256 inpainting: 64 per GPU on 2 GPUs (global batch 128), lr 5e-5, 500 epochs, cosine to eta_min 1e-5
+    # (downstream_tasks/readme.md:21-24, train_flow_latent_inpainting.py:81,111); MAT's 24,183 training images ->
+    # 188 batches an epoch, 94,000 steps; LaMa's mixed masks as LFM draws them (--mask lfm, datasets_prep/__init__.py:
+    # 117-122), no flips (inpainting_dataset.py:20-34). The official model is the ADM U-Net (9 in, 4 out channels);
+    # here it is the DiT-L/2 of the celebahq256 preset with 9 input channels.
+    "celebahq256-inpaint": dict(_PAPER, data="celebahq256.npz", condition="inpaint", mask="lfm", arch="L/2",
+                                batch_size=128, lr=5e-5, lr_schedule="cosine", min_lr=1e-5, steps=94_000),
+    # CelebAMask-HQ 256 semantic synthesis: 19-class maps (train_flow_latent_semantic_syn.py:97-99) through the
+    # SpatialRescaler (3 halvings, 4 channels, :119), 64 per GPU on 2 GPUs, lr 5e-5, 175 epochs, cosine to 1e-5
+    # (downstream_tasks/readme.md:33-36, :137); the first 27,000 images (readme.md:7; celeb_mask.py:18) -> 210 batches
+    # an epoch, 36,750 steps; no flips (celeb_mask.py). Official model: the ADM U-Net; here DiT-L/2. The .npz holds
+    # `images` and `segmentation` (N, 256, 256) in 0..18.
+    "celebahq256-semantic": dict(_PAPER, data="celebamask256.npz", condition="semantic", seg_classes=19, arch="L/2",
+                                 batch_size=128, lr=5e-5, lr_schedule="cosine", min_lr=1e-5, steps=36_750),
 }
 
 
@@ -160,22 +184,24 @@ PRESETS = {
 # Model: DiT with adaLN-Zero (Peebles & Xie 2023, Sec. 3.2), and the SpatialRescaler of semantic maps
 
 
-def sincos_2d(width: int, side: int) -> torch.Tensor:
-    """Fixed 2D sin-cos positions (side^2, width): half the channels encode the row, half the column."""
+def sincos_2d(width: int, side: int, order: str = "hw") -> torch.Tensor:
+    """Fixed 2D sin-cos positions (side^2, width): half the channels encode the row, half the column; `order` says
+    which half comes first (LFM's DiT, after MAE, puts the column first: "wh", models/DiT.py:307)."""
     def axis(pos, d):  # (n,) -> (n, d)
         omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
         a = pos[:, None] * omega[None]
         return torch.cat([a.sin(), a.cos()], 1)
     r, c = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
                           indexing="ij")
-    return torch.cat([axis(r.flatten(), width // 2), axis(c.flatten(), width // 2)], 1).float()
+    halves = [axis(r.flatten(), width // 2), axis(c.flatten(), width // 2)]
+    return torch.cat(halves if order == "hw" else halves[::-1], 1).float()
 
 
-def timestep_embedding(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
-    """(B,) times in [0, 1] -> (B, dim) sinusoids. LFM's DiT feeds t in [0, 1] as is; we scale by 1000 (DiT's
-    timestep range) so the frequencies 1 .. 1e-4 resolve the whole interval -- an embedding choice, not the method."""
+def timestep_embedding(t: torch.Tensor, dim: int = 256, scale: float = 1000.0) -> torch.Tensor:
+    """(B,) times in [0, 1] -> (B, dim) sinusoids of scale * t. DiT's 1000 lets the frequencies 1 .. 1e-4 resolve the
+    whole interval; LFM's own DiT feeds t in [0, 1] as is (scale 1, models/DiT.py:58), which its weights expect."""
     freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device, dtype=torch.float32) / (dim // 2))
-    a = 1000 * t.float()[:, None] * freqs
+    a = scale * t.float()[:, None] * freqs
     return torch.cat([a.cos(), a.sin()], -1)
 
 
@@ -209,9 +235,9 @@ class DiT(nn.Module):
     def __init__(self, cfg: Config, in_ch: int, out_ch: int, side: int, num_labels: int):
         super().__init__()
         W, p = cfg.width, cfg.patch_size
-        self.p, self.out_ch, self.grad_ckpt = p, out_ch, cfg.grad_ckpt
+        self.p, self.out_ch, self.grad_ckpt, self.time_scale = p, out_ch, cfg.grad_ckpt, cfg.time_scale
         self.x_embed = nn.Conv2d(in_ch, W, p, stride=p)
-        self.register_buffer("pos", sincos_2d(W, side // p), persistent=False)  # (T, W)
+        self.register_buffer("pos", sincos_2d(W, side // p, cfg.pos_order), persistent=False)  # (T, W)
         self.t_embed = nn.Sequential(nn.Linear(256, W), nn.SiLU(), nn.Linear(W, W))
         self.y_embed = nn.Embedding(num_labels, W) if num_labels else None  # the classes + the null label
         self.blocks = nn.ModuleList([DiTBlock(W, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
@@ -235,8 +261,9 @@ class DiT(nn.Module):
 
     def forward(self, x, t, y=None):  # x (B, in_ch, h, w), t (B,), y (B,) or None -> (B, out_ch, h, w)
         B, _, h, w = x.shape
-        tok = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos  # (B, T, W)
-        c = self.t_embed(timestep_embedding(t).to(tok.dtype))
+        x = x.to(self.x_embed.weight.dtype)  # bf16 weights (FSDP2's policy) take bf16 inputs
+        tok = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos.to(x.dtype)  # (B, T, W)
+        c = self.t_embed(timestep_embedding(t, scale=self.time_scale).to(tok.dtype))
         if self.y_embed is not None:
             c = c + self.y_embed(y)
         for blk in self.blocks:
@@ -284,7 +311,7 @@ class LatentFlow(nn.Module):
         """z (B, C, S, S), t (B,); y (B,) labels for `class` (num_classes = null); spatial: the inpainting condition
         (B, C + 1, S, S) from `inpaint_condition`, or a one-hot segmentation map (B, K, H, W) for `semantic`."""
         if self.rescaler is not None:
-            spatial = self.rescaler(spatial.to(z.dtype))
+            spatial = self.rescaler(spatial.to(self.rescaler.conv.weight.dtype))
         if spatial is not None:
             z = torch.cat([z, spatial.to(z.dtype)], 1)
         return self.dit(z, t, y)
@@ -315,10 +342,63 @@ def random_masks(n: int, size: int, kind: str = "mixed", generator=None, device=
     ab = (b - a)[:, :, None]  # (n, 3, 1, 2)
     s = (((grid - a[:, :, None]) * ab).sum(-1) / ab.square().sum(-1).clamp_min(1e-6)).clamp(0, 1)  # (n, 3, HW)
     free = ((grid - a[:, :, None] - s[..., None] * ab).norm(dim=-1) <= r).any(1).view(n, size, size)
+    if kind == "lfm":
+        return lfm_masks(n, size, generator, device)
     pick = {"box": box, "free": free}.get(kind)
     if pick is None:
         pick = torch.where(u(n, 1, 1) < 0.5, box, free)
     return pick[:, None].float()
+
+
+def lfm_masks(n: int, size: int, generator=None, device=None) -> torch.Tensor:
+    """(n, 1, size, size), 1 = fill: LFM's training masks, LaMa's MixedMaskGenerator at its defaults (get_mask_generator
+    (None, None), datasets_prep/__init__.py:120; inpaint_preprocess/mask.py:293-365), lengths in pixels of a 256 image
+    scaled to `size`. Half are strokes (:43-66): 0-10 polylines of 1-5 segments, each from the last end point at
+    angle 0.01 + {0,1,2,3} rad (2 pi minus it on even polylines), length 10-69, width 5-24, ends clipped to the image;
+    half are boxes (:111-123): 0-3 rectangles of sides 30-99 inside a margin of 10. Zero polylines or boxes leave the
+    mask empty (1/11 of the strokes, 1/4 of the boxes: 17% of all masks)."""
+    def ri(lo, hi, *shape):  # integers in [lo, hi)
+        return torch.randint(lo, hi, shape, generator=generator, device=device)
+    k = size / 256
+    px = torch.arange(size, device=device, dtype=torch.float32) + 0.5
+    gy, gx = torch.meshgrid(px, px, indexing="ij")  # (size, size)
+    # strokes: polyline i active if i < times; segment j of it if j < its count
+    times, segs = ri(0, 11, n), ri(1, 6, n, 10)
+    x, y = ri(0, 256, n, 10).float(), ri(0, 256, n, 10).float()
+    even = (torch.arange(10, device=device) % 2 == 0)
+    stroke = torch.zeros(n, size, size, dtype=torch.bool, device=device)
+    for j in range(5):
+        ang = 0.01 + ri(0, 4, n, 10).float()
+        ang = torch.where(even, 2 * math.pi - ang, ang)
+        length, width = 10 + ri(0, 60, n, 10).float(), 5 + ri(0, 20, n, 10).float()
+        x2 = (x + length * torch.sin(ang)).clamp(0, 256).floor()
+        y2 = (y + length * torch.cos(ang)).clamp(0, 256).floor()
+        on = (torch.arange(10, device=device) < times[:, None]) & (j < segs)  # (n, 10)
+        a, b = torch.stack([x, y], -1) * k, torch.stack([x2, y2], -1) * k  # (n, 10, 2) in pixels of `size`
+        d = b - a
+        p = torch.stack([gx, gy], -1).view(1, -1, 2)  # (1, HW, 2)
+        for i in range(10):  # one polyline at a time: (n, HW), not (n, 10, HW), at 256 x 256
+            if not bool(on[:, i].any()):
+                continue
+            ai, di = a[:, i, None], d[:, i, None]  # (n, 1, 2)
+            s = (((p - ai) * di).sum(-1) / di.square().sum(-1).clamp_min(1e-9)).clamp(0, 1)  # (n, HW)
+            dist = (p - ai - s[..., None] * di).norm(dim=-1)
+            hit = (dist <= (width[:, i, None] * k / 2)) & on[:, i, None]
+            stroke |= hit.view(n, size, size)
+        x, y = torch.where(on, x2, x), torch.where(on, y2, y)
+    # boxes
+    margin, lo = 10, 30
+    hi = min(100, 256 - 2 * margin)
+    nb = ri(0, 4, n)
+    bw, bh = ri(lo, hi, n, 3), ri(lo, hi, n, 3)
+    x0 = margin + (torch.rand(n, 3, generator=generator, device=device) * (256 - 2 * margin - bw + 1)).floor()
+    y0 = margin + (torch.rand(n, 3, generator=generator, device=device) * (256 - 2 * margin - bh + 1)).floor()
+    on = torch.arange(3, device=device) < nb[:, None]
+    inx = (gx[None, None] >= x0[..., None, None] * k) & (gx[None, None] < (x0 + bw)[..., None, None] * k)
+    iny = (gy[None, None] >= y0[..., None, None] * k) & (gy[None, None] < (y0 + bh)[..., None, None] * k)
+    box = (inx & iny & on[..., None, None]).any(1)
+    pick = torch.rand(n, 1, 1, generator=generator, device=device) < 0.5
+    return torch.where(pick, stroke, box)[:, None].float()
 
 
 def center_mask(n: int, size: int, device=None) -> torch.Tensor:
@@ -383,12 +463,23 @@ def interpolant(z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[t
     return (1 - t) * z0 + (SIGMA_MIN + (1 - SIGMA_MIN) * t) * eps, (1 - SIGMA_MIN) * eps - z0
 
 
-def lfm_loss(net, z0, y=None, spatial=None, t=None, eps=None) -> torch.Tensor:
-    """Mean over the batch of |v(z_t, t | c) - u|^2 / dim, t ~ U(0, 1), eps ~ N(0, I)."""
+def drop_labels(y: torch.Tensor, u: torch.Tensor, p: float, null: int) -> torch.Tensor:
+    """Classifier-free guidance's label dropout: y_i -> the null label where u_i < p (u ~ U(0, 1), one per example)."""
+    return torch.where(u < p, null, y.long())
+
+
+def lfm_loss(net, z0, y=None, spatial=None, t=None, eps=None, label_drop: float = 0.0, null_label: int | None = None,
+             u=None) -> torch.Tensor:
+    """Mean over the batch of |v(z_t, t | c) - u|^2 / dim, t ~ U(0, 1), eps ~ N(0, I). label_drop: the labels y become
+    null_label (= num_classes) with that probability (u: the uniforms deciding it, drawn if None), as training does."""
     t = torch.rand(len(z0), device=z0.device) if t is None else t
     eps = torch.randn_like(z0) if eps is None else eps
-    zt, u = interpolant(z0, eps, t)
-    return F.mse_loss(net(zt, t, y, spatial).to(u.dtype), u)
+    if label_drop > 0 and y is not None:
+        if null_label is None:
+            raise ValueError("label_drop needs null_label, the null class index (Config.num_classes)")
+        y = drop_labels(y, torch.rand(len(y), device=y.device) if u is None else u, label_drop, null_label)
+    zt, target = interpolant(z0, eps, t)
+    return F.mse_loss(net(zt, t, y, spatial).to(target.dtype), target)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -447,46 +538,82 @@ def integrate(f, x: torch.Tensor, method: str, steps: int = 16, atol: float = 1e
     return x, nfe
 
 
-# Dormand-Prince 5(4) (Dormand & Prince 1980): nodes, stage coefficients, 5th- and 4th-order weights
+# Dormand-Prince 5(4) (Dormand & Prince 1980): nodes, stage coefficients and 5th-order weights; the embedded 4th-order
+# weights and the dense-output midpoint weights are Shampine's (1986, "Some practical Runge-Kutta formulas"), the
+# pair torchdiffeq's dopri5 uses -- the error estimate, hence every step the controller takes, depends on them.
 DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 DP_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
         (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
         (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
         (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
 DP_B5 = DP_A[6] + (0.0,)
-DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+DP_B4 = (1951 / 21600, 0.0, 22642 / 50085, 451 / 720, -12231 / 42400, 649 / 6300, 1 / 60)
+DP_MID = (6025192743 / 30085553152 / 2, 0.0, 51252292925 / 65400821598 / 2, -2691868925 / 45128329728 / 2,
+          187940372067 / 1594534317056 / 2, -1776094331 / 19743644256 / 2, 11237099 / 235043384 / 2)  # x(t + h/2)
+
+
+def _combine(x, h, coefs, ks):
+    """x + sum_j (h coefs_j) k_j (zero coefficients skipped)."""
+    return x + sum((h * c) * k for c, k in zip(coefs, ks) if c)
 
 
 def dopri5(f, x: torch.Tensor, t0: float, t1: float, atol: float, rtol: float, max_steps: int = 100_000):
-    """Adaptive Dormand-Prince 5(4), local extrapolation and FSAL (6 evaluations per step). A step is kept when the RMS
-    of err / (atol + rtol max(|x|, |x_new|)) is <= 1; the step size follows 0.9 ratio^(-1/5), within x0.2 .. x10.
-    The first step is Hairer's estimate. One step size serves the whole batch, as torchdiffeq's odeint."""
+    """Adaptive Dormand-Prince 5(4) with torchdiffeq's controller, so it lands on the numbers of LFM's sampler
+    (torchdiffeq's odeint, method dopri5; its solution is itself ~1e-3 from the exact one at atol = rtol = 1e-5, so only
+    the same controller reproduces it):
+      - time runs forward in s = +-t (the sign of t1 - t0), f becomes -f for a decreasing t; one step size a batch;
+      - the first step is Hairer's estimate (Solving ODEs I, II.4) with the order-4 exponent 1/5;
+      - a step is kept when the RMS over all elements of err / (atol + rtol max(|x|, |x_new|)) is <= 1, with err from
+        Shampine's embedded 4th-order solution; local extrapolation and FSAL (6 evaluations a step);
+      - the next step is h min(10, max(0.9 ratio^-1/5, 0.2)) after a rejection, but never smaller than h after an
+        accepted one (ratio 0: 10 h); steps are not cut at the end point:
+      - x(t1) comes from the last step's quartic dense output (x, x_new, the midpoint from DP_MID, both slopes).
+    Norms are taken in x's dtype, as torchdiffeq does, so float32 states give its float32 decisions."""
+    sign = 1.0 if t1 >= t0 else -1.0
+    s, s_end = sign * t0, sign * t1
+
+    def g(si, xi):  # dx/ds
+        v = f(sign * si, xi)
+        return v if sign > 0 else -v
+
     def rms(v):
-        return v.double().square().mean().sqrt().item()
-    span, sign = abs(t1 - t0), math.copysign(1.0, t1 - t0)
-    k1 = f(t0, x)
+        return float(v.abs().square().mean().sqrt())
+    k1 = g(s, x)
+    # initial step (Hairer, Norsett & Wanner, Sec. II.4)
     scale = atol + rtol * x.abs()
     d0, d1 = rms(x / scale), rms(k1 / scale)
-    h = 0.01 * d0 / d1 if d0 > 1e-5 and d1 > 1e-5 else 1e-6
-    d2 = rms((f(t0 + sign * h, x + sign * h * k1) - k1) / scale) / h
-    h = min(100 * h, (0.01 / max(d1, d2)) ** 0.2 if max(d1, d2) > 1e-15 else max(1e-6, h * 1e-3), span)
-    t, done = t0, 0.0
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    d2 = rms((g(s + h0, x + h0 * k1) - k1) / scale) / h0
+    h1 = max(1e-6, h0 * 1e-3) if d1 <= 1e-15 and d2 <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
+    h = min(100 * h0, h1)
+    prev = None  # (s at the start of the last accepted step, its quartic's coefficients)
     for _ in range(max_steps):
-        if span - done <= 1e-12 * span:
-            return x
-        h = min(h, span - done)
+        if s >= s_end:
+            break
         k = [k1]
         for i in range(1, 7):
-            xi = x + (sign * h) * sum(a * kj for a, kj in zip(DP_A[i], k) if a)
-            k.append(f(t + sign * h * DP_C[i], xi))
+            xi = _combine(x, h, DP_A[i], k)
+            k.append(g(s + (h if DP_C[i] == 1.0 else DP_C[i] * h), xi))
         x_new = xi  # stage 7 is evaluated at the 5th-order solution (FSAL)
-        err = (sign * h) * sum((b5 - b4) * kj for b5, b4, kj in zip(DP_B5, DP_B4, k))
+        err = _combine(torch.zeros_like(x), h, [b5 - b4 for b5, b4 in zip(DP_B5, DP_B4)], k)
         ratio = rms(err / (atol + rtol * torch.maximum(x.abs(), x_new.abs())))
         if ratio <= 1:
-            done += h
-            t, x, k1 = t0 + sign * done, x_new, k[6]
-        h *= 10.0 if ratio == 0 else min(10.0, max(0.2, 0.9 * ratio ** -0.2))
-    raise RuntimeError(f"dopri5 did not reach t = {t1} in {max_steps} steps")
+            mid = _combine(x, h, DP_MID, k)
+            # p(r) = x + r h k1 + c r^2 + b r^3 + a r^4 on r in [0, 1]: p(1) = x_new, p'(1) = h k7, p(1/2) = mid
+            a = 16 * mid - 8 * (x + x_new) + 2 * h * (k[6] - k[0])
+            b = 14 * x_new + 18 * x - 32 * mid + h * (5 * k[0] - 3 * k[6])
+            c = 16 * mid - 11 * x - 5 * x_new + h * (k[6] - 4 * k[0])
+            prev = (s, s + h, (x, h * k[0], c, b, a))
+            s, x, k1 = s + h, x_new, k[6]
+        floor = 1.0 if ratio < 1 else 0.2
+        h *= 10.0 if ratio == 0 else min(10.0, max(0.9 / ratio ** 0.2, floor))
+    else:
+        raise RuntimeError(f"dopri5 did not reach t = {t1} in {max_steps} steps")
+    if prev is None:
+        return x
+    sa, sb, coefs = prev
+    r = (s_end - sa) / (sb - sa)
+    return sum(cf * r ** i for i, cf in enumerate(coefs))
 
 
 @torch.no_grad()
@@ -495,6 +622,106 @@ def sample(model: LatentFlow, cfg: Config, z1: torch.Tensor, y=None, spatial=Non
     if cfg.condition == "class":
         model.check_labels(y)
     return integrate(velocity(model, cfg, y, spatial), z1, cfg.sampler, cfg.sample_steps, cfg.atol, cfg.rtol)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Official weights: VinAIResearch/LFM's DiT checkpoints (model_{epoch}.pth) and its trainer's content.pth
+
+
+OFFICIAL_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # DiT-S/B/L/XL's heads by width (models/DiT.py:354-399)
+
+
+def read_official(state) -> tuple[dict, dict] | None:
+    """(state dict without DDP's `module.` prefix, the training args or {}) of an official file's contents: a released
+    model_{epoch}.pth (train_flow_latent.py:211-214) or the trainer's content.pth, whose `model_dict` sits beside an
+    argparse.Namespace (:196-203); None for anything else."""
+    args = {}
+    if isinstance(state, dict) and "model_dict" in state:
+        a = state.get("args")
+        args = vars(a) if isinstance(a, argparse.Namespace) else dict(a or {})
+        state = state["model_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return None
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return (sd, args) if "x_embedder.proj.weight" in sd and "t_embedder.mlp.0.weight" in sd else None
+
+
+def load_any(path) -> dict:
+    """A checkpoint of ours or an official file, read with torch.load(weights_only=True); content.pth's pickled
+    argparse.Namespace is the one class allowed beyond tensors and containers (no arbitrary objects)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return common.load_checkpoint(path)
+
+
+def from_official(path, device="cpu", *, state=None, **overrides) -> tuple[LatentFlow, Config]:
+    """An official LFM DiT file -> our LatentFlow computing the same velocity, and its Config. The architecture comes
+    from the tensors; the head count is not in them: `heads` (default: the official size of that width); `overrides`
+    may also set run-time fields (sampler, guidance, vae, ...). What differs from our defaults: LFM's DiT feeds t as is
+    (time_scale 1), its positions put the column half first (pos_order "wh"), and an unconditional model still adds
+    the single row of its label table (num_classes 1, label_dropout 0, models/DiT.py:79-81, 259-264): folded here
+    into the time MLP's last bias. Sampler defaults are the official test script's (test_flow_latent.py): dopri5
+    (:381) with atol = rtol = 1e-5 (:376-377), its Euler's step 0.01 (:397) as 100 steps, and CFG 1.5 for the
+    1000-class ImageNet model (test_args/imnet_dit.txt:7; run_test_cls.sh:17), 1 otherwise (:351)."""
+    read = read_official(load_any(path) if state is None else state)
+    if read is None:
+        raise ValueError(f"{path} is not a VinAIResearch/LFM DiT checkpoint (model_*.pth or content.pth)")
+    sd, args = read
+    sd = {k: v.float() for k, v in sd.items()}
+    W, C, p, _ = sd["x_embedder.proj.weight"].shape
+    T = sd["pos_embed"].shape[1]
+    side = p * math.isqrt(T)  # latent side
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
+    if out_ch != C:
+        raise ValueError(f"{path}: {C} input but {out_ch} output channels; only LFM's DiT generators are supported")
+    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    n_cls = args.get("num_classes") or (rows - 1 if rows > 1 else 1)
+    if n_cls > 1 and rows not in (n_cls, n_cls + 1):
+        raise ValueError(f"{path}: a label table of {rows} rows for {n_cls} classes")
+    size = str(args.get("model_type", "")).removeprefix("DiT-").split("/")[0]
+    heads = DIT_SIZES[size][2] if size in DIT_SIZES else OFFICIAL_HEADS.get(W)
+    f = int(args.get("f", 8))
+    inferred = dict(width=W, depth=depth, patch_size=p, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / W,
+                    condition="class" if n_cls > 1 else "none", num_classes=n_cls if n_cls > 1 else 10,
+                    time_scale=1.0, pos_order="wh", img_size=side * f, channels=3, vae_family="sd")
+    for k, v in overrides.items():
+        if k in inferred and v != inferred[k]:
+            raise ValueError(f"{path}: the weights say {k}={inferred[k]!r}, not {v!r}")
+    heads = overrides.pop("heads", heads)
+    if heads is None:
+        raise ValueError(f"{path}: width {W} is no official DiT size, so the head count is unknown: pass heads=")
+    dflt = dict(data="latents", sampler="dopri5", atol=1e-5, rtol=1e-5, sample_steps=100, guidance=1.0,
+                label_drop=float(args.get("label_dropout", 0.1 if n_cls > 1 else 0.0)))
+    if n_cls == 1000:
+        dflt["guidance"] = 1.5
+    cfg = Config(**{**dflt, **inferred, "heads": heads, **overrides})
+    # key map: ours <- theirs (timm's Attention / Mlp inside the blocks)
+    ours = {"dit.x_embed.": "x_embedder.proj.", "dit.t_embed.": "t_embedder.mlp.", "dit.linear_out.":
+            "final_layer.linear.", "dit.ada_out.": "final_layer.adaLN_modulation."}
+    for i in range(depth):
+        for a, b in (("attn.", "attn."), ("mlp.0.", "mlp.fc1."), ("mlp.2.", "mlp.fc2."), ("ada.", "adaLN_modulation.")):
+            ours[f"dit.blocks.{i}.{a}"] = f"blocks.{i}.{b}"
+    new = {}
+    for k, v in sd.items():
+        for a, b in ours.items():
+            if k.startswith(b):
+                new[a + k[len(b):]] = v
+                break
+    table = sd["y_embedder.embedding_table.weight"]
+    if cfg.condition == "class":  # classes + the null label (row num_classes); a table without one gets a zero row
+        new["dit.y_embed.weight"] = torch.cat([table, table.new_zeros(n_cls + 1 - rows, W)])
+    else:  # c = t_emb + emb(0) for every input: one more bias
+        new["dit.t_embed.2.bias"] = new["dit.t_embed.2.bias"] + table[-1]
+    pos = sincos_2d(W, side // p, "wh")
+    if not torch.allclose(sd["pos_embed"][0], pos, atol=1e-5):
+        raise ValueError(f"{path}: pos_embed is not the fixed 2D sin-cos table of its grid")
+    model = LatentFlow(cfg, C, side, f)
+    missing = set(model.state_dict()) ^ set(new)
+    if missing:
+        raise ValueError(f"{path}: unmapped weights {sorted(missing)[:4]}")
+    model.load_state_dict(new)
+    model.__dict__["vae"] = load_vae(cfg, device) if cfg.vae else None
+    return model.to(device).eval(), cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -577,12 +804,15 @@ def train_data(cfg: Config, vae) -> torch.utils.data.Dataset:
     if path.is_dir() and (path / "mean.npy").exists():  # latents from --precompute, memory-mapped
         if cfg.condition == "inpaint":
             raise ValueError("--condition inpaint encodes the masked images each step: pass images as --data")
-        a = common.load_arrays(path, ("mean", "std", "labels", "segmentation"))
+        a = common.load_arrays(path, ("mean", "std", "labels", "segmentation", "mean_flip", "std_flip"))
         y = torch.tensor(np.array(a["labels"]) if "labels" in a else np.zeros(len(a["mean"])), dtype=torch.long)
         seg = torch.tensor(np.array(a["segmentation"]), dtype=torch.long) if "segmentation" in a else None
         check_data(cfg, y, seg)
         extra = seg if cfg.condition == "semantic" else torch.zeros(len(y))
-        return common.ArrayDataset(a["mean"], a["std"], y, extra)
+        if cfg.hflip and "mean_flip" not in a:
+            raise ValueError(f"--hflip needs the mirrored images' latents in {path}: run --precompute with --hflip")
+        flips = (a["mean_flip"], a["std_flip"]) if cfg.hflip else ()
+        return common.ArrayDataset(a["mean"], a["std"], y, extra, *flips)
     loaded = load_images(cfg)
     if isinstance(loaded, common.ImageFolder):
         if cfg.condition == "class" and len(loaded.classes) > cfg.num_classes:
@@ -592,15 +822,17 @@ def train_data(cfg: Config, vae) -> torch.utils.data.Dataset:
     check_data(cfg, y, seg)
     mean, std = encode_moments(vae, common.to_float(x))
     extra = {"inpaint": x, "semantic": seg}.get(cfg.condition, torch.zeros(len(x)))
-    return common.ArrayDataset(mean, std, y, extra)
+    flips = encode_moments(vae, common.to_float(x.flip(-1))) if cfg.hflip else ()
+    return common.ArrayDataset(mean, std, y, extra, *flips)
 
 
 def draw_noise(cfg: Config, n: int, shape, generator, device) -> list[torch.Tensor]:
     """The randomness of n training examples: t ~ U(0, 1), eps ~ N(0, I), the posterior's noise, the label-drop
-    uniforms [, the inpainting masks]."""
+    uniforms [, the inpainting masks] [, the flip uniforms of --hflip: mirrored where < 0.5]."""
     g = dict(generator=generator, device=device)
     out = [torch.rand(n, **g), torch.randn(n, *shape, **g), torch.randn(n, *shape, **g), torch.rand(n, **g)]
-    return out + ([random_masks(n, cfg.img_size, cfg.mask, **g)] if cfg.condition == "inpaint" else [])
+    out += [random_masks(n, cfg.img_size, cfg.mask, **g)] if cfg.condition == "inpaint" else []
+    return out + ([torch.rand(n, **g)] if cfg.hflip else [])
 
 
 def training_batches(cfg: Config, data, shape, d: common.Dist):
@@ -631,20 +863,32 @@ def training_batches(cfg: Config, data, shape, d: common.Dist):
     return it
 
 
-def batch_inputs(model: LatentFlow, batch, vae, drop: float = 0.0):
+def batch_inputs(model: LatentFlow, batch, vae, drop: float = 0.0, hflip: bool = False):
     """A batch + its noise -> (z0 a posterior sample, t, eps, labels or None, spatial condition or None). Batches are
-    (mean, std, labels, extra) or, from an image folder, (images uint8, labels), encoded here."""
+    (mean, std, labels, extra [, mean and std of the mirrored images under hflip]) or, from an image folder, (images
+    uint8, labels), encoded here. hflip: examples whose flip uniform (the last noise) is < 0.5 are mirrored."""
     cfg = model.cfg
     if batch[0].dtype == torch.uint8:
-        (mean, std), rest = encode_moments(vae, common.to_float(batch[0])), [batch[1], batch[0]] + list(batch[2:])
+        x, y, rest = batch[0], batch[1], list(batch[2:])
+        if hflip:
+            x = torch.where(rest[-1].view(-1, 1, 1, 1) < 0.5, x.flip(-1), x)
+        (mean, std), extra = encode_moments(vae, common.to_float(x)), x
     else:
-        mean, std, rest = batch[0].float(), batch[1].float(), list(batch[2:])
-    y, extra, t, eps, post, u, *masks = rest
+        mean, std, y, extra, *rest = batch
+        mean, std = mean.float(), std.float()
+        if hflip:  # the mirrored images' own posterior (a VAE is not equivariant to flips): encoded beforehand
+            mean_f, std_f, *rest = rest
+            f = rest[-1] < 0.5
+            mean = torch.where(f.view(-1, 1, 1, 1), mean_f.float(), mean)
+            std = torch.where(f.view(-1, 1, 1, 1), std_f.float(), std)
+            if cfg.condition in ("inpaint", "semantic"):
+                extra = torch.where(f.view(-1, *[1] * (extra.ndim - 1)), extra.flip(-1), extra)
+    t, eps, post, u, *more = rest
     z0 = mean + std * post
     if cfg.condition == "class":
-        return z0, t, eps, torch.where(u < drop, cfg.num_classes, y.long()), None
+        return z0, t, eps, drop_labels(y, u, drop, cfg.num_classes), None
     if cfg.condition == "inpaint":  # the condition's latent is the posterior mean: an input, not a target
-        return z0, t, eps, None, inpaint_condition(vae, common.to_float(extra), masks[0])
+        return z0, t, eps, None, inpaint_condition(vae, common.to_float(extra), more[0])
     if cfg.condition == "semantic":
         return z0, t, eps, None, one_hot_seg(extra, cfg.seg_classes, cfg.img_size)
     return z0, t, eps, None, None
@@ -715,7 +959,8 @@ def eval_conditions(cfg: Config, vae, n: int, start: int = 0, device="cpu") -> d
 
 
 def evaluate(model: LatentFlow, cfg: Config, vae, n: int | None = None, seed: int = 7) -> dict:
-    """Held-out LFM loss; on the digits also: class -> accuracy and FD of guided and conditional samples (the real-data
+    """Held-out LFM loss; with --fid_ref the Inception FID (common.fid) of --fid_n samples; on the digits also:
+    class -> accuracy and FD of guided and conditional samples (the real-data
     floor fd_floor); inpaint -> error on the known region against the original (and against another test digit:
     chance), classifier accuracy of the inpainted digits and of the masked inputs; semantic -> agreement of the
     samples' own segmentation maps with the input maps (and chance), accuracy, FD."""
@@ -729,6 +974,12 @@ def evaluate(model: LatentFlow, cfg: Config, vae, n: int | None = None, seed: in
     else:  # no test split: the first examples of the training data
         held = train_data(cfg, vae)
     out = {"lfm_loss": heldout_loss(model, cfg, held, vae)}
+    if cfg.fid_ref:  # the standard Inception FID of fid_n samples for held-out conditions, with the configured guidance
+        y = torch.arange(cfg.fid_n) % cfg.num_classes if cfg.condition == "class" else None
+        spatial = eval_conditions(cfg, vae, cfg.fid_n)["spatial"] if cfg.condition in ("inpaint", "semantic") else None
+        imgs, _ = generate(model, cfg, vae, cfg.fid_n, y, spatial, seed=seed + 4)
+        out.update(fid=common.fid(imgs, cfg.fid_ref, cfg.fid_weights, next(model.parameters()).device),
+                   fid_n=cfg.fid_n)
     if cfg.data != "digits":
         return out
     metrics = common.digits_metrics
@@ -763,14 +1014,45 @@ def evaluate(model: LatentFlow, cfg: Config, vae, n: int | None = None, seed: in
 # Trainer and command line
 
 
+def latent_dims(cfg: Config) -> tuple[int, int]:
+    """(latent channels, VAE downsampling) without loading the VAE: the digits VAE's 4 x /2, a family's f8, pixels."""
+    if cfg.vae_family == "none":
+        return cfg.channels, 1
+    if cfg.data == "digits" and not cfg.vae:
+        return 4, 2  # common.digits_vae: size -> 4 x size/2 x size/2
+    return {"sd": 4, "sdxl": 4, "flux": 16}[cfg.vae_family], 8
+
+
+def dry_run(cfg: Config, gpus: int) -> dict:
+    """--dry_run: the config on the meta device (common.dry_run) and its training loss as train() runs it (labels with
+    dropout, the inpainting condition's latent + mask channels, or a one-hot map through the rescaler)."""
+    C, f = latent_dims(cfg)
+    S = cfg.img_size // f
+
+    def loss(model, b):
+        y = torch.zeros(b, dtype=torch.long) if cfg.condition == "class" else None
+        spatial = {"inpaint": lambda: torch.randn(b, C + 1, S, S),
+                   "semantic": lambda: torch.randn(b, cfg.seg_classes, cfg.img_size, cfg.img_size)}.get(cfg.condition)
+        return lfm_loss(model, torch.randn(b, C, S, S), y, spatial() if spatial else None, label_drop=cfg.label_drop,
+                        null_label=cfg.num_classes)
+    plain = dataclasses.replace(cfg, grad_ckpt=False)  # the estimate gives both, with and without checkpointing
+    return common.dry_run(cfg, lambda: LatentFlow(plain, C, S, f), loss, tokens=(S // cfg.patch_size) ** 2, gpus=gpus,
+                          block_types=(DiTBlock,))
+
+
 def build(cfg: Config, vae) -> LatentFlow:
     return LatentFlow(cfg, vae.latent_channels, cfg.img_size // vae.downsample, vae.downsample)
 
 
 def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[LatentFlow, Config]:
     """A trained model ready to sample (EMA weights, eval mode) and its config; `overrides` may change run-time fields
-    (sampler, guidance, ...). `model.vae` is its frozen VAE, kept out of the module tree (and the state dict)."""
-    state = common.load_checkpoint(path)
+    (sampler, guidance, ...). `model.vae` is its frozen VAE, kept out of the module tree (and the state dict). An
+    official LFM file (model_*.pth or content.pth) goes to `from_official`."""
+    state = load_any(path)
+    if read_official(state) is not None:
+        return from_official(path, device, state=state, **overrides)
+    if state.get("kind") == Config.NAME:
+        state["config"] = {**Config.LEGACY, **state["config"]}
     cfg = common.config_from_checkpoint(Config, state, overrides, what=str(path))
     vae = load_vae(cfg, device)
     model = build(cfg, vae)
@@ -780,22 +1062,25 @@ def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[LatentFlow, C
 
 def precompute(cfg: Config, src: str, d: common.Dist):
     """Encode images (an .npz or a folder) through the VAE once: <--data>/mean.npy, std.npy (the posterior, fp16),
-    labels.npy [, segmentation.npy]; train then reads them memory-mapped and draws z0 = mean + std eps."""
+    labels.npy [, segmentation.npy] [, mean_flip.npy, std_flip.npy: the mirrored images', with --hflip]; train then
+    reads them memory-mapped and draws z0 = mean + std eps."""
     vae = load_vae(cfg, d.device)
     loaded = load_images(dataclasses.replace(cfg, data=src))
     data = loaded if isinstance(loaded, common.ImageFolder) else common.ArrayDataset(loaded[0], loaded[1])
     start, count = common.rank_split(len(data), d)
     part = torch.utils.data.Subset(data, range(start, start + count))
-    means, stds, labels = [], [], []
+    arrays = {k: [] for k in ("mean", "std", "labels") + (("mean_flip", "std_flip") if cfg.hflip else ())}
     for xb, yb in common.progress(torch.utils.data.DataLoader(part, batch_size=64, num_workers=cfg.num_workers),
                                   desc="encoding"):
-        m, s = encode_moments(vae, common.to_float(xb.to(d.device)))
-        means.append(m.half())
-        stds.append(s.half())
-        labels.append(yb)
+        xb = common.to_float(xb.to(d.device))
+        for sfx, xs in [("", xb)] + ([("_flip", xb.flip(-1))] if cfg.hflip else []):  # --hflip: the mirrors too
+            m, s = encode_moments(vae, xs)
+            arrays["mean" + sfx].append(m.half().cpu())
+            arrays["std" + sfx].append(s.half().cpu())
+        arrays["labels"].append(yb)
     out = Path(cfg.data)
     out.mkdir(parents=True, exist_ok=True)
-    arrays = dict(mean=torch.cat(means).numpy(), std=torch.cat(stds).numpy(), labels=torch.cat(labels).numpy())
+    arrays = {k: torch.cat(v).numpy() for k, v in arrays.items()}
     common.save_npz(out / "latents.npz", d, **arrays)
     if d.is_main:
         with np.load(out / "latents.npz") as z:
@@ -804,7 +1089,7 @@ def precompute(cfg: Config, src: str, d: common.Dist):
         if not isinstance(loaded, common.ImageFolder) and loaded[2] is not None:
             np.save(out / "segmentation.npy", loaded[2].numpy().astype(np.int16))
         (out / "latents.npz").unlink()
-        common.print0(f"wrote {out}/mean.npy, std.npy, labels.npy ({len(data)} images)")
+        common.print0(f"wrote {', '.join(f'{out}/{k}.npy' for k in arrays)} ({len(data)} images)")
 
 
 def conditions_from_npz(cfg: Config, path: str, vae, start: int, count: int, device) -> dict:
@@ -835,12 +1120,17 @@ def add_args(p: argparse.ArgumentParser):
                    help="encode IMAGES (an .npz or a folder) through --vae into the latent folder --data")
     p.add_argument("--cond", metavar="NPZ", default=None,
                    help="conditions to --sample an inpaint (images + masks) or semantic (segmentation) model from")
+    p.add_argument("--init_from", metavar="CKPT", default=None,
+                   help="train from these weights (ours or an official model_*.pth / content.pth): the model fields "
+                        "are theirs")
 
 
 def main(argv=None):
     cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=add_args, doc=__doc__)
     if args.plot:
         return common.print0(f"wrote {common.plot_log(args.plot)}")
+    if args.dry_run:
+        return common.print0(json.dumps(dry_run(cfg, args.gpus)))
     d = common.setup_distributed(cfg.device)
     ckpt = args.ckpt or str(Path(cfg.out_dir) / "ckpt.pt")
     if args.precompute:
@@ -849,6 +1139,8 @@ def main(argv=None):
     if args.sample or args.eval:
         model, cfg = from_checkpoint(ckpt, d.device, **overrides)
         vae = model.vae
+        if vae is None:
+            raise ValueError(f"{ckpt} is an official LFM model: pass --vae PATH (sd-vae-ft-mse) to decode its samples")
         if args.eval:
             res = evaluate(model, cfg, vae)
             common.print0(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in res.items()}))
@@ -872,15 +1164,22 @@ def main(argv=None):
         return
 
     common.seed_all(cfg.seed)  # the same initial weights on every rank
+    if args.init_from:  # fine-tuning: the architecture is the weights' (an official file's as `from_official` reads it)
+        src, scfg = from_checkpoint(args.init_from, "cpu", **{k: v for k, v in overrides.items()
+                                                              if k in common.model_fields(cfg) and k != "arch"})
+        cfg = dataclasses.replace(cfg, arch="", **{k: getattr(scfg, k) for k in common.model_fields(cfg)
+                                                   if k != "arch"})
     vae = load_vae(cfg, d.device)
     model = build(cfg, vae)
+    if args.init_from:
+        model.load_state_dict(src.state_dict())
     data = train_data(cfg, vae)
     common.print0(f"LFM ({cfg.condition}): DiT width {cfg.width} x {cfg.depth} blocks, {model.S // cfg.patch_size}^2 "
                   f"tokens of {model.C}x{cfg.patch_size}x{cfg.patch_size} latents, "
                   f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters -> {cfg.out_dir}")
 
     def loss_fn(net, batch):
-        z0, t, eps, y, spatial = batch_inputs(model, batch, vae, cfg.label_drop)
+        z0, t, eps, y, spatial = batch_inputs(model, batch, vae, cfg.label_drop, cfg.hflip)
         return lfm_loss(net, z0, y, spatial, t, eps), {}
 
     def on_eval(step, model, ema):

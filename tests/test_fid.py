@@ -224,3 +224,21 @@ def test_arflow_eval_reports_the_fid_of_its_own_samples(weights, tmp_path):
     own = af.generate(model.eval(), cfg, torch.arange(4) % 2, None, cfg.seed + 11)
     assert "val_loss" not in out and np.isfinite(out["train_loss"])
     assert out["fid_n"] == 4 and out["fid"] == pytest.approx(common.fid(own, str(ref), weights), rel=1e-9)
+
+
+def test_latent_fm_eval_reports_the_fid_of_its_own_samples(weights, tmp_path):
+    import latent_fm as lf
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, images=_images(5, 6, size=8)[:, :1].permute(0, 2, 3, 1).numpy())  # grey, as the digits
+    cfg = lf.Config(img_size=8, vae_family="none", width=32, depth=1, heads=2, sampler="euler", sample_steps=2,
+                    guidance=1.5, eval_n=10, fid_n=6, fid_ref=str(ref), fid_weights=weights)
+    torch.manual_seed(0)
+    vae = lf.load_vae(cfg)
+    model = lf.build(cfg, vae)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = lf.evaluate(model, cfg, vae, seed=7)
+    imgs, _ = lf.generate(model.eval(), cfg, vae, 6, torch.arange(6) % 10, seed=11)  # evaluate's seed + 4
+    assert out["fid_n"] == 6 and out["fid"] == pytest.approx(common.fid(imgs, str(ref), weights), rel=1e-9)
+    assert out["fid"] > 0 and np.isfinite(out["lfm_loss"])

@@ -11,7 +11,7 @@ import torch
 
 import common
 import latent_fm as lf
-from conftest import ROOT
+from conftest import ROOT, need
 
 # pixel space (the identity VAE) keeps most tests to seconds; test_latent_space_through_a_vae covers the VAE path
 PIXEL = dict(data="digits", img_size=8, vae_family="none", width=32, depth=2, heads=2, patch_size=2, sample_steps=8)
@@ -305,3 +305,174 @@ def test_latent_space_through_a_vae(tmp_path):
     noise = lf.draw_noise(cfg, 10, (4, 8, 8), torch.Generator().manual_seed(0), "cpu")
     z0, t, eps, _, sp = lf.batch_inputs(model, [m, s, lab, sg] + noise, vae)
     assert sp.shape == (10, 3, 16, 16) and torch.equal(z0, m.float() + s.float() * noise[2])  # a posterior sample
+
+
+def test_trained_tiny_inpainter_fills_the_hole_from_the_visible_ring(tiny_inpainter):
+    """What the model puts in the hole, not only the known region: the filled centre is closer to the true digit's
+    centre than another test digit's centre is (a draw that ignored the ring), for the same digits."""
+    model, cfg, vae, *_ = tiny_inpainter
+    x = common.load_digits("test", 8)[0]
+    mask = lf.center_mask(len(x), 8)
+    imgs, _ = lf.generate(model, cfg, vae, len(x), spatial=lf.inpaint_condition(vae, common.to_float(x), mask))
+    got, ref = common.to_float(imgs), common.to_float(x)
+    hole = ((got - ref).square() * mask).sum() / mask.sum()
+    chance = ((ref.roll(1, 0) - ref).square() * mask).sum() / mask.sum()
+    # a fill that ignored the ring would be a draw of the digits' marginal: as far as another digit (ratio ~1)
+    assert hole < 0.9 * chance, (hole, chance)  # measured: 0.84 vs 1.12 after 150 steps
+
+
+# --- the official LFM DiT (tests/fixtures/README.md: tiny random weights, official outputs) -------------------------
+
+FIX = ROOT / "tests" / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def official():
+    io = torch.load(FIX / "latent_fm_io.pt", weights_only=True)
+    mc, cc = lf.from_official(FIX / "latent_fm_class_model_5.pth", heads=2)
+    mu, cu = lf.from_official(FIX / "latent_fm_uncond_content.pth", heads=2)
+    return io, (mc, cc), (mu, cu)
+
+
+def test_official_checkpoints_load_with_the_official_config(official):
+    io, (mc, cc), (mu, cu) = official
+    # model_5.pth: DDP's module. prefix, 10 classes + the null row; content.pth: an unconditional run's args
+    assert (cc.condition, cc.num_classes, cc.width, cc.depth, cc.patch_size, cc.img_size) == ("class", 10, 16, 2, 2, 64)
+    assert (cu.condition, cu.depth, cu.label_drop) == ("none", 1, 0.0)
+    for c in (cc, cu):  # the official test script's sampler, and what its network expects
+        assert (c.sampler, c.atol, c.rtol, c.sample_steps, c.time_scale, c.pos_order) == ("dopri5", 1e-5, 1e-5, 100,
+                                                                                           1.0, "wh")
+    assert lf.from_official(FIX / "latent_fm_class_model_5.pth", heads=2, guidance=1.5)[1].guidance == 1.5
+    m, c = lf.from_checkpoint(str(FIX / "latent_fm_uncond_content.pth"), heads=2)  # --ckpt takes the official files
+    assert c == cu and all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), mu.state_dict().values()))
+    with pytest.raises(ValueError, match="head count is unknown"):
+        lf.from_official(FIX / "latent_fm_class_model_5.pth")
+    with pytest.raises(ValueError, match=r"the weights say width=16, not 32"):
+        lf.from_official(FIX / "latent_fm_class_model_5.pth", heads=2, width=32)
+
+
+class _Evil:
+    pass
+
+
+def test_official_content_file_is_read_without_unpickling_arbitrary_objects(tmp_path):
+    """content.pth pickles an argparse.Namespace: that class is allowed, nothing else beyond tensors and containers."""
+    state = torch.load(FIX / "latent_fm_uncond_content.pth", weights_only=False)
+    assert lf.load_any(FIX / "latent_fm_uncond_content.pth")["args"] == state["args"]
+    torch.save({**state, "args": _Evil()}, tmp_path / "content.pth")
+    with pytest.raises(ValueError, match="Weights only load failed"):
+        lf.load_any(tmp_path / "content.pth")
+
+
+def test_official_velocity_is_ours(official):
+    io, (mc, cc), (mu, cu) = official
+    z, t, y = io["z1"], io["t"], io["y"]
+    with torch.no_grad():
+        for got, want in ((mc(z, t, y), io["v_class"]), (mc(z, t, torch.full_like(y, 10)), io["v_null"]),
+                          (mu(z, t), io["v_uncond"])):
+            assert (got - want).abs().max() < 1e-5  # measured: 0, 0, 4.3e-6
+        # the fields that make it so: t as is, the column half of the positions first
+        for k, v in (("time_scale", 1000.0), ("pos_order", "hw")):
+            other = lf.LatentFlow(dataclasses.replace(cc, **{k: v}), 4, 8, 8)
+            other.load_state_dict(mc.state_dict())
+            assert (other(z, t, y) - io["v_class"]).abs().max() > 0.1, k
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dopri5"])
+def test_official_sampling_is_ours_with_and_without_guidance(official, sampler):
+    """sample() from the official noise equals LFM's test_flow_latent.py sampling (torchdiffeq's odeint: dopri5 at
+    atol = rtol = 1e-5, or Euler with step 0.01), with the same number of network evaluations."""
+    io, (mc, cc), (mu, cu) = official
+    for name, m, c, y, w in (("class", mc, cc, io["y"], 1.0), ("cfg", mc, cc, io["y"], 1.5),
+                             ("uncond", mu, cu, None, 1.0)):
+        x0, nfe = lf.sample(m, dataclasses.replace(c, sampler=sampler, guidance=w), io["z1"], y)
+        assert (x0 - io[f"x0_{name}_{sampler}"]).abs().max() < 1e-4, name  # measured: <= 3.1e-5 (samples ~4)
+        assert nfe == int(io[f"nfe_{name}_{sampler}"]), name
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_dopri5_is_torchdiffeqs(case):
+    """The same controller as torchdiffeq's dopri5 (the official sampler): the same points, steps and end value."""
+    torchdiffeq = need("torchdiffeq")
+    g = torch.Generator().manual_seed(case)
+    A = 0.8 * torch.randn(6, 6, generator=g, dtype=torch.float64)
+    f, x, t0, t1, tol = [  # linear, nonlinear forward, rotation backward past zero, a stiffer decay
+        (lambda t, x: x @ A.T, torch.randn(3, 6, generator=g, dtype=torch.float64), 1.0, 0.0, 1e-5),
+        (lambda t, x: torch.sin(3 * t) * x - x ** 3, torch.randn(4, 5, generator=g, dtype=torch.float64), 0.0, 2.0,
+         1e-6),
+        (lambda t, x: torch.stack([x[..., 1], -x[..., 0] * (1 + 0.1 * t)], -1),
+         torch.randn(7, 2, generator=g, dtype=torch.float64), 1.0, -3.0, 1e-7),
+        (lambda t, x: -20 * (x - torch.cos(t)), torch.randn(5, generator=g, dtype=torch.float64), 0.0, 1.5, 1e-5),
+    ][case]
+    seen = {"ref": [], "ours": []}
+
+    def rec(key):
+        def h(t, x):
+            seen[key].append(float(t))
+            return f(torch.as_tensor(t, dtype=torch.float64), x)
+        return h
+    ref = torchdiffeq.odeint(rec("ref"), x, torch.tensor([t0, t1], dtype=torch.float64), method="dopri5", atol=tol,
+                             rtol=tol, options={"dtype": torch.float64})[-1]
+    got, nfe = lf.integrate(rec("ours"), x, "dopri5", atol=tol, rtol=tol, t0=t0, t1=t1)
+    assert nfe == len(seen["ref"]) and np.allclose(seen["ours"], seen["ref"], rtol=0, atol=1e-8)
+    assert (got - ref).abs().max() < 1e-10, (got - ref).abs().max()  # measured: ~1e-14
+
+
+def test_lfm_masks_are_lamas_mixed_masks():
+    g = torch.Generator().manual_seed(0)
+    m = lf.random_masks(1000, 32, "lfm", generator=g)
+    empty = (m.flatten(1).sum(1) == 0).float().mean().item()
+    assert 0.13 < empty < 0.21, empty  # 1/2 x 1/11 + 1/2 x 1/4 = 0.17 have no polyline / box
+    assert set(m.unique().tolist()) == {0.0, 1.0} and 0.05 < m.mean() < 0.25
+    assert (lf.random_masks(1000, 32, "mixed", generator=g).flatten(1).sum(1) > 0).all()  # ours: never empty
+
+
+def test_hflip_mirrors_examples_with_their_own_latents():
+    m, cfg, vae = _model(dtype=torch.float32, condition="inpaint", hflip=True)
+    x = common.load_digits("test", 8)[0][:6]
+    data = lf.train_data(dataclasses.replace(cfg, data="digits"), vae)
+    assert len(data[np.arange(2)]) == 6  # mean, std, labels, images, and the mirrored images' mean and std
+    mean, std, y, imgs, mean_f, std_f = data[np.arange(6)]
+    torch.testing.assert_close(mean_f, lf.encode_moments(vae, common.to_float(imgs.flip(-1)))[0])
+    noise = lf.draw_noise(cfg, 6, (1, 8, 8), torch.Generator().manual_seed(0), "cpu")
+    noise[-1] = torch.tensor([0.1, 0.9, 0.2, 0.8, 0.3, 0.7])  # the flip uniforms: the even examples are mirrored
+    z0, t, eps, _, sp = lf.batch_inputs(m, [mean, std, y, imgs, mean_f, std_f] + noise, vae, hflip=True)
+    flip = torch.tensor([1, 0, 1, 0, 1, 0]).bool().view(-1, 1, 1, 1)
+    torch.testing.assert_close(z0, torch.where(flip, mean_f + std_f * noise[2], mean + std * noise[2]))
+    mirrored = torch.where(flip, imgs.flip(-1), imgs)
+    torch.testing.assert_close(sp, lf.inpaint_condition(vae, common.to_float(mirrored), noise[4]))
+    assert not torch.equal(mirrored, imgs) and x.shape == imgs.shape
+
+
+def test_lfm_loss_takes_label_dropout():
+    m, cfg, _ = _model()
+    z0, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.tensor([1, 2, 3, 4])
+    t, eps = torch.rand(4, dtype=torch.float64), torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    plain, null = (lf.lfm_loss(m, z0, yy, None, t, eps) for yy in (y, torch.full_like(y, 10)))
+    assert abs(plain - null) > 1e-4
+    assert lf.lfm_loss(m, z0, y, None, t, eps, label_drop=1.0, null_label=10) == null
+    half = lf.lfm_loss(m, z0, y, None, t, eps, label_drop=0.5, null_label=10, u=torch.tensor([0.1, 0.9, 0.2, 0.8]))
+    assert half == lf.lfm_loss(m, z0, torch.tensor([10, 2, 10, 4]), None, t, eps)
+    with pytest.raises(ValueError, match="null_label"):
+        lf.lfm_loss(m, z0, y, label_drop=0.1)
+
+
+def test_paper_presets_are_the_published_runs():
+    P = lf.PRESETS
+    assert P["celebahq256"]["steps"] == 27_000 // 32 * 500 and P["celebahq256"]["hflip"]
+    assert P["imagenet256"]["hflip"] and not P["celebahq256-inpaint"].get("hflip", False)
+    inp = P["celebahq256-inpaint"]
+    assert (inp["batch_size"], inp["steps"], inp["mask"]) == (128, 24_183 // 128 * 500, "lfm")
+    sem = P["celebahq256-semantic"]
+    assert (sem["seg_classes"], sem["batch_size"], sem["steps"]) == (19, 128, 27_000 // 128 * 175)
+
+
+def test_checkpoints_from_before_time_scale_and_pos_order_still_load(tmp_path):
+    lf.main(SMALL + ["--steps", "1", "--out_dir", str(tmp_path)])
+    state = common.load_checkpoint(tmp_path / "ckpt.pt")
+    for k in lf.Config.LEGACY:
+        del state["config"][k]
+    torch.save(state, tmp_path / "old.pt")
+    m, cfg = lf.from_checkpoint(str(tmp_path / "old.pt"))
+    assert (cfg.time_scale, cfg.pos_order) == (1000.0, "hw")
+    assert all(torch.equal(v, state["ema"][k]) for k, v in m.state_dict().items() if k in state["ema"])

@@ -126,19 +126,22 @@ SIZES = {  # (file, preset): parameters in millions as published, and the source
     ("starflow_v", "t2v-480p"): (7000, "STARFlow-V paper: a ~7B text-to-video model"),
     ("arflow", "imagenet256"): (712, "DiT-XL/2's 675M plus the gated linear attention's gate and output gate"),
     ("wcfm", "cifar10"): (35.7, "DDPM's CIFAR-10 U-Net, 35.7M (Ho et al. 2020, App. B), torchcfm's recipe"),
+    ("latent_fm", "imagenet256"): (130, "DiT paper Table 1: DiT-B, 130M (LFM's ImageNet model, DiT-B/2)"),
 }
 
 
 def _files():
     import arflow
+    import latent_fm
     import mogfn
     import starflow
     import starflow_v
     import wcfm
-    return {"starflow": starflow, "starflow_v": starflow_v, "arflow": arflow, "wcfm": wcfm, "mogfn": mogfn}
+    return {"starflow": starflow, "starflow_v": starflow_v, "arflow": arflow, "wcfm": wcfm, "mogfn": mogfn,
+            "latent_fm": latent_fm}
 
 
-@pytest.mark.parametrize("name", ["starflow", "starflow_v", "arflow", "wcfm", "mogfn"])
+@pytest.mark.parametrize("name", ["starflow", "starflow_v", "arflow", "wcfm", "mogfn", "latent_fm"])
 def test_every_preset_is_sized_on_meta_without_a_dense_mask_or_a_host_read(name):
     """--dry_run for every preset: the bf16 training step (forward and backward) on the meta device, where any host
     read of a value raises; every attention call at the preset's real token layout without a dense mask; the
@@ -198,6 +201,14 @@ def _bf16_step(name):
             x0, x1 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
             step = lambda m: (torch.manual_seed(1), mod.cfm_loss(m, fm, x0, x1)[0])[1]  # noqa: E731
             draw = lambda m: mod.generate(m, cfg, x0).x  # noqa: E731
+        elif name == "latent_fm":  # the imagenet256 preset's DiT (class labels, dropout, CFG, checkpointing), tiny
+            cfg = mod.Config(**{**mod.PRESETS["imagenet256"], "img_size": 32, "arch": "", "width": 32, "depth": 2,
+                                "heads": 2, "num_classes": 10, "sampler": "euler", "sample_steps": 2})
+            m = mod.LatentFlow(cfg, 4, 4, 8)
+            z0, y = torch.randn(4, 4, 4, 4), torch.tensor([0, 3, 5, 9])
+            step = lambda m: (torch.manual_seed(1), mod.lfm_loss(m, z0, y, label_drop=cfg.label_drop,  # noqa: E731
+                                                                 null_label=cfg.num_classes))[1]
+            draw = lambda m: mod.sample(m, cfg, torch.randn(4, 4, 4, 4), y)[0]  # noqa: E731
         else:
             cfg = mod.Config(**mod.PRESETS["ngrams-2obj"])
             m = mod.build(cfg)
@@ -220,7 +231,7 @@ def _bf16_step(name):
     return losses, sampled
 
 
-@pytest.mark.parametrize("name", ["starflow", "starflow_v", "wcfm", "mogfn"])
+@pytest.mark.parametrize("name", ["starflow", "starflow_v", "wcfm", "mogfn", "latent_fm"])
 def test_bf16_parameters_run_the_training_step_and_sampling(name):
     """Parameters in bf16 with autocast off, as FSDP2's bf16 policy runs them (arflow: tests/test_arflow.py)."""
     (fp32, bf16), sampled = _bf16_step(name)
@@ -235,6 +246,8 @@ FSDP_ARGS = {  # a tiny model of each file's CLI, two steps
                    "--videos_per_digit", "1", "--eval_samples", "4"],
     "wcfm": ["--preset", "digits", "--width", "16", "--batch_size", "16", "--eval_n", "8", "--sample_steps", "2"],
     "mogfn": ["--side", "6", "--width", "32", "--batch_size", "16", "--eval_n", "8", "--n_div", "4"],
+    "latent_fm": ["--img_size", "8", "--vae_family", "none", "--width", "32", "--depth", "1", "--heads", "2",
+                  "--batch_size", "16", "--eval_n", "10", "--sampler", "euler", "--sample_steps", "2"],
 }
 
 
