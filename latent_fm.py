@@ -959,7 +959,7 @@ def eval_conditions(cfg: Config, vae, n: int, start: int = 0, device="cpu") -> d
 
 
 def evaluate(model: LatentFlow, cfg: Config, vae, n: int | None = None, seed: int = 7) -> dict:
-    """Held-out LFM loss; with --fid_ref the Inception FID (common.fid) of --fid_n samples; on the digits also:
+    """Held-out LFM loss (on data other than the digits `train_lfm_loss`, on training examples); with --fid_ref the Inception FID (common.fid) of --fid_n samples; on the digits also:
     class -> accuracy and FD of guided and conditional samples (the real-data
     floor fd_floor); inpaint -> error on the known region against the original (and against another test digit:
     chance), classifier accuracy of the inpainted digits and of the masked inputs; semantic -> agreement of the
@@ -971,9 +971,9 @@ def evaluate(model: LatentFlow, cfg: Config, vae, n: int | None = None, seed: in
         mean, std = encode_moments(vae, common.to_float(x))
         extra = {"inpaint": x, "semantic": digit_segmentation(x)}.get(cfg.condition, torch.zeros(len(x)))
         held = common.ArrayDataset(mean, std, y, extra)
-    else:  # no test split: the first examples of the training data
+    else:  # no test split: the first examples of the training data, and the loss is named for what it is
         held = train_data(cfg, vae)
-    out = {"lfm_loss": heldout_loss(model, cfg, held, vae)}
+    out = {"lfm_loss" if cfg.data == "digits" else "train_lfm_loss": heldout_loss(model, cfg, held, vae)}
     if cfg.fid_ref:  # the standard Inception FID of fid_n samples for held-out conditions, with the configured guidance
         y = torch.arange(cfg.fid_n) % cfg.num_classes if cfg.condition == "class" else None
         spatial = eval_conditions(cfg, vae, cfg.fid_n)["spatial"] if cfg.condition in ("inpaint", "semantic") else None

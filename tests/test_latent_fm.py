@@ -476,3 +476,14 @@ def test_checkpoints_from_before_time_scale_and_pos_order_still_load(tmp_path):
     m, cfg = lf.from_checkpoint(str(tmp_path / "old.pt"))
     assert (cfg.time_scale, cfg.pos_order) == (1000.0, "hw")
     assert all(torch.equal(v, state["ema"][k]) for k, v in m.state_dict().items() if k in state["ema"])
+
+
+def test_eval_on_own_data_names_its_loss_for_the_training_examples(tmp_path):
+    """Nothing of an .npz is held out: --eval reports the loss as train_lfm_loss, never as a held-out figure."""
+    x, y = common.load_digits("train", 8)
+    np.savez(tmp_path / "d.npz", images=x[:40].permute(0, 2, 3, 1).numpy(), labels=y[:40].numpy())
+    cfg = lf.Config(data=str(tmp_path / "d.npz"), img_size=8, vae_family="none", width=32, depth=1, heads=2)
+    torch.manual_seed(0)
+    vae = lf.load_vae(cfg)
+    out = lf.evaluate(lf.build(cfg, vae), cfg, vae)
+    assert "lfm_loss" not in out and 0 < out["train_lfm_loss"] < 10
