@@ -2090,6 +2090,8 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
     out = Path(cfg.out_dir)
     ckpt_path = out / "ckpt.pt"
     check_fresh(out, bool(resume), overwrite)
+    if d.distributed:  # every rank has looked before rank 0 writes the log (FSDP2's wrap is no collective to wait on)
+        torch.distributed.barrier()
     model.to(d.device)
     net = wrap_model(model, d, cfg.fsdp, shard_types, bf16=cfg.amp)
     ema = EMA(model, cfg.ema_decay)

@@ -451,3 +451,10 @@ def test_fsdp2_bf16_weights_train_on_two_gloo_ranks(tmp_path):
     loss = {r: [json.loads(s)["loss"] for s in (tmp_path / r / "log.jsonl").read_text().splitlines()]
             for r in ("single", "bf16")}
     assert loss["bf16"][-1] < 0.95 * loss["bf16"][0] and abs(loss["bf16"][-1] / loss["single"][-1] - 1) < 0.01, loss
+
+
+def test_a_late_rank_checks_the_out_dir_before_rank_0_writes_to_it(tmp_path):
+    """Every rank checks that out_dir holds no other run before any writes its log: a rank that starts late under
+    FSDP2 (whose wrap waits for no one) must not find rank 0's fresh log.jsonl and refuse the run."""
+    _run(TORCHRUN + [str(tmp_path / "run"), "--fsdp", "--steps", "2", "--late_rank", "1"])
+    assert _ckpt(tmp_path / "run")["step"] == 2

@@ -1,13 +1,14 @@
 """A tiny model trained through common.train, for the distributed / resume / SIGTERM tests.
 
     python tests/tiny_train.py OUT_DIR [--fsdp] [--steps N] [--grad_accum K] [--sigterm_at K] [--resume] [--noise]
-                                       [--groups]
+                                       [--groups] [--late_rank R]
     torchrun --nproc_per_node=2 tests/tiny_train.py OUT_DIR ...
 """
 import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -40,6 +41,8 @@ def main(argv=None):
     p.add_argument("--bf16", action="store_true", help="--amp: under --fsdp, FSDP2 with bf16 weights")
     p.add_argument("--groups", action="store_true",
                    help="the output layer in its own optimizer group (lr, betas), value clipping, a cosine floor")
+    p.add_argument("--late_rank", type=int, default=-1,
+                   help="this rank starts training 2 s after the others, into a fresh out_dir (no --overwrite)")
     p.add_argument("--count_gathers", action="store_true",
                    help="after training, count FSDP all-gathers of an 8-step decode -> OUT_DIR/gathers.json")
     a = p.parse_args(argv)
@@ -65,7 +68,9 @@ def main(argv=None):
 
     resume = str(Path(a.out_dir) / "ckpt.pt") if a.resume else None
     groups = {"out.": {"lr": 5e-2, "betas": (0.5, 0.9)}} if a.groups else None
-    common.train(cfg, model, loss_fn, data, d, resume=resume, overwrite=True,
+    if d.rank == a.late_rank:
+        time.sleep(2)
+    common.train(cfg, model, loss_fn, data, d, resume=resume, overwrite=a.late_rank < 0,
                  optimizer=lambda m: common.make_optimizer(m, cfg, groups))
     if a.count_gathers:
         count_gathers(model, d, Path(a.out_dir))
