@@ -1451,9 +1451,6 @@ def parse_config(cls, presets: dict[str, dict], argv=None, extra: Callable | Non
             if state["step"] >= cfg.steps:
                 raise ValueError(f"{path} is at step {state['step']}, the end of its --steps {cfg.steps}: pass a "
                                  f"larger --steps to train on")
-    if not (args.sample or args.eval or args.plot or args.dry_run) and cfg.warmup >= cfg.steps:
-        print0(f"warning: --warmup {cfg.warmup} is not shorter than --steps {cfg.steps}: the learning rate never "
-               f"reaches --lr {cfg.lr:g}", file=sys.stderr)
     for name in ("n", "gpus"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -2092,6 +2089,9 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
     check_fresh(out, bool(resume), overwrite)
     if d.distributed:  # every rank has looked before rank 0 writes the log (FSDP2's wrap is no collective to wait on)
         torch.distributed.barrier()
+    if cfg.warmup >= cfg.steps:
+        print0(f"warning: --warmup {cfg.warmup} is not shorter than --steps {cfg.steps}: the learning rate never "
+               f"reaches --lr {cfg.lr:g}", file=sys.stderr)
     model.to(d.device)
     net = wrap_model(model, d, cfg.fsdp, shard_types, bf16=cfg.amp)
     ema = EMA(model, cfg.ema_decay)
