@@ -750,7 +750,7 @@ def bench_wanvae(device):
 
 
 # ======================================================================================================================
-# --gpu (issue 25): the paper-size figures of one GPU as one JSON line. Every entry is measured on its own: peak memory
+# --gpu: the paper-size figures of one GPU as one JSON line. Every entry is measured on its own: peak memory
 # reset, one warmup call (compilation and allocator growth happen there), then timed calls with CUDA synchronised; an
 # exception (an OOM, a compile error) becomes that entry's {"error": ...} and the rest still run; an entry whose kind
 # took longer last time than the budget has left is {"skipped": "budget"}. Models have random weights: nothing
