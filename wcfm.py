@@ -137,6 +137,8 @@ class Config(common.TrainConfig):
             raise ValueError("--prune prunes pixel directions: it is for image targets (digits, cifar10)")
         if self.norm_align_side != "x0" and not self.norm_align:
             raise ValueError(f"--norm_align_side {self.norm_align_side} needs --norm_align")
+        if self.data_path and self.target != "cifar10":  # never ignored: the toys and the digits are built in
+            raise ValueError(f"--data_path is read for --target cifar10 (your own images), not --target {self.target}")
 
 
 def runs(spec: str) -> list[tuple[str, str, float | None]]:
