@@ -1753,7 +1753,8 @@ def load_arrays(path: str | Path, keys: tuple[str, ...]) -> dict[str, np.ndarray
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """root/<class>/*.{png,jpg,...} -> (uint8 (C, size, size) center-cropped and resized, class index). Needs Pillow."""
+    """root/<class>/*.{png,jpg,...} (one subfolder per class), or a flat root/*.png (one class) -> (uint8 (C, size,
+    size) center-cropped and resized, class index). Needs Pillow."""
     EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
     def __init__(self, root: str | Path, size: int):
@@ -1763,10 +1764,15 @@ class ImageFolder(torch.utils.data.Dataset):
         self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         self.items = [(f, c) for c, name in enumerate(self.classes)
                       for f in sorted((root / name).rglob("*")) if f.suffix.lower() in self.EXTS]
+        if not self.items:  # a flat folder: its images are one class
+            self.classes, self.items = [root.name], [(f, 0) for f in sorted(root.iterdir())
+                                                     if f.suffix.lower() in self.EXTS]
         if not self.items:
-            raise ValueError(f"no images in class subfolders of {root}")
+            raise ValueError(f"no images in {root} or its class subfolders ({', '.join(sorted(self.EXTS))})")
         self.size = size
         _need("PIL", "reading an image folder")
+        print0(f"{root}: {len(self.items)} images in {len(self.classes)} class(es), center-cropped and resized to "
+               f"{size}x{size}")
 
     def __len__(self):
         return len(self.items)

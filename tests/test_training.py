@@ -360,6 +360,11 @@ def test_image_folder_and_npz_data(tmp_path):
     assert int(x.min()) == int(x.max()) == 81  # the crop removed the black borders
     with pytest.raises(FileNotFoundError, match="no image folder"):
         common.ImageFolder(tmp_path / "nope", 10)
+    flat = common.ImageFolder(tmp_path / "imgs" / "dog", size=10)  # no subfolders: one class
+    assert flat.classes == ["dog"] and len(flat) == 2 and flat[1][1] == 0 and torch.equal(flat[1][0], x)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images in"):
+        common.ImageFolder(tmp_path / "empty", 10)
     np.savez(tmp_path / "d.npz", images=np.zeros((5, 4, 4, 3), np.uint8), labels=np.arange(5))
     arrays = common.load_arrays(tmp_path / "d.npz", ("images", "labels"))
     assert arrays["images"].shape == (5, 4, 4, 3) and arrays["labels"].tolist() == list(range(5))
