@@ -1712,6 +1712,16 @@ def load_digits(split: str = "train", size: int = 8) -> tuple[torch.Tensor, torc
     return (x * 255).round().clamp(0, 255).to(torch.uint8), torch.tensor(y[keep], dtype=torch.int64)
 
 
+def mean_se(tot: torch.Tensor) -> tuple[float, float, int]:
+    """(sum, sum of squares, count) of per-example values, summed over the ranks here -> (mean, its standard error,
+    count)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tot)
+    s1, s2, n = tot.tolist()
+    var = max(s2 / n - (s1 / n) ** 2, 0.0) * n / max(n - 1, 1)
+    return s1 / n, math.sqrt(var / n), int(n)
+
+
 def check_heldout(n: int, se: float, metric: str, remedy: str, tol: float = 0.01):
     """One warning line when a held-out metric is too noisy to compare models: its standard error above `tol`."""
     if se > tol:

@@ -992,11 +992,8 @@ def heldout_bpd(model: STARFlow, cfg: Config, data, vae, d: common.Dist, dequant
         cond = batch_cond(model, batch, padded=padded)
         nll = -model.log_prob(x, cond) / x[0].numel() + extra  # nats/dim, per sample
         tot += torch.stack([nll.sum(), nll.square().sum(), torch.tensor(float(len(nll)), device=d.device)])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tot)
-    s1, s2, n = tot.tolist()
-    mean, var = s1 / n, max(s2 / n - (s1 / n) ** 2, 0.0) * n / max(n - 1, 1)
-    return mean / math.log(2), math.sqrt(var / n) / math.log(2), int(n)  # bits/dim
+    mean, se, n = common.mean_se(tot)  # nats/dim over every rank's examples
+    return mean / math.log(2), se / math.log(2), n  # bits/dim
 
 
 def sample_batch(model: STARFlow, cfg: Config, device) -> int:

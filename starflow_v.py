@@ -954,11 +954,8 @@ def heldout_bpd(model: STARFlowV, cfg: Config, data, vae, d: common.Dist, n_max:
         x = x + cfg.noise_std * torch.randn(x.shape, generator=g).to(d.device)
         nll = -model.log_prob(x, batch_cond(model, batch)) / x[0].numel() + (math.log(127.5) if vae is None else 0.0)
         tot += torch.stack([nll.sum(), nll.square().sum(), torch.tensor(float(len(nll)), device=d.device)])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tot)
-    s1, s2, n = tot.tolist()
-    mean, var = s1 / n, max(s2 / n - (s1 / n) ** 2, 0.0) * n / max(n - 1, 1)
-    return mean / math.log(2), math.sqrt(var / n) / math.log(2), int(n)
+    mean, se, n = common.mean_se(tot)  # nats/dim over every rank's examples
+    return mean / math.log(2), se / math.log(2), n  # bits/dim
 
 
 @torch.no_grad()
