@@ -7,7 +7,10 @@ flowzoo/common.py -- the plumbing every model file shares, and nothing model-spe
        diffusers, legacy-diffusers or original LDM key names), a dependency-free safetensors reader/writer; the
        Wan2.1 / Wan2.2 video VAE (`AutoencoderKLWan`, `load_video_vae`), chunked and causal; `train_vae` /
        `digits_vae`, a one-minute VAE on the digits so latent models have a real latent space on CPU.
-    3. Distributed + training: torchrun setup (NCCL/gloo), DDP or FSDP2, EMA; the config CLI (`TrainConfig`, `opt`
+    3. ODE integration: `odeint` (euler, heun, rk4 from one Butcher-tableau routine; dopri5, adaptive Dormand-Prince
+       5(4) with torchdiffeq's step-size controller, so torchdiffeq-sampled models reproduce), forwards or backwards
+       in time, returning an `ODEResult` (final state, evaluations, path energy, optionally the path).
+    4. Distributed + training: torchrun setup (NCCL/gloo), DDP or FSDP2, EMA; the config CLI (`TrainConfig`, `opt`
        for validated fields, `parse_config`, checkpoint configs checked against the model file); atomic rank-0
        checkpoints; the training loop (`train`: gradient accumulation, non-finite guards, SIGTERM, resume, no
        clobbering); data helpers; PNG grids and JSONL logs; `run`, the one-line-error entry point; a digits
@@ -1078,7 +1081,162 @@ def digits_vae(size: int = 16) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 3. Distributed and training plumbing
+# 3. ODE integration
+#
+# One solver for every flow that samples by integrating dx/dt = f(t, x): fixed-step explicit Runge-Kutta (Euler, Heun,
+# RK4) from one Butcher-tableau routine, and adaptive Dormand-Prince 5(4) with torchdiffeq's step-size controller, so
+# that models trained and sampled with torchdiffeq's dopri5 (LFM) give the same numbers here. Time may run either way
+# (t0 < t1 or t0 > t1). One step size serves the whole batch, as in torchdiffeq.
+
+ODE_METHODS = ("euler", "heun", "rk4", "dopri5")
+
+# (c, A, b) of the fixed-step methods: stage i is f(t + c_i h, x + h sum_j A_ij k_j), the step is x + h sum_i b_i k_i
+TABLEAUS = {
+    "euler": ((0.0,), ((),), (1.0,)),
+    "heun": ((0.0, 1.0), ((), (1.0,)), (0.5, 0.5)),  # the trapezoid of the slopes at both ends, the end by Euler
+    "rk4": ((0.0, 0.5, 0.5, 1.0), ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6)),
+}
+
+# Dormand-Prince 5(4) (Dormand & Prince 1980): nodes, stage coefficients and 5th-order weights. The embedded 4th-order
+# weights and the dense-output midpoint weights are Shampine's (1986, "Some practical Runge-Kutta formulas"), the pair
+# torchdiffeq's dopri5 uses: the error estimate, hence every step the controller takes, depends on them.
+DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+DP_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+        (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+        (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+        (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
+DP_B5 = DP_A[6] + (0.0,)  # stage 7 is evaluated at the 5th-order solution: the next step's first stage (FSAL)
+DP_B4 = (1951 / 21600, 0.0, 22642 / 50085, 451 / 720, -12231 / 42400, 649 / 6300, 1 / 60)
+DP_E = tuple(b5 - b4 for b5, b4 in zip(DP_B5, DP_B4))  # 5th minus 4th order: the local error estimate
+DP_MID = (6025192743 / 30085553152 / 2, 0.0, 51252292925 / 65400821598 / 2, -2691868925 / 45128329728 / 2,
+          187940372067 / 1594534317056 / 2, -1776094331 / 19743644256 / 2, 11237099 / 235043384 / 2)  # x(t + h/2)
+
+
+@dataclass
+class ODEResult:
+    x: torch.Tensor  # (B, ...) the state at t1
+    nfe: int  # evaluations of f (a guided model's batched cond + null forward is one)
+    energy: torch.Tensor  # (B,) the sum over steps of |dx|^2 / |dt|: the path energy of the polyline the solver took
+    x0: torch.Tensor  # (B, ...) the state at t0, the start
+    path: torch.Tensor | None = None  # (steps + 1, B, ...): x0, then the state after each step, when keep_path
+
+
+def _combine(x, h, coefs, ks):
+    """x + sum_j (h coefs_j) k_j, zero coefficients skipped (x itself when none is left)."""
+    terms = [(h * c) * k for c, k in zip(coefs, ks) if c]
+    return x + sum(terms) if terms else x
+
+
+def odeint(f: Callable, x: torch.Tensor, method: str = "euler", steps: int = 100, atol: float = 1e-5,
+           rtol: float = 1e-5, t0: float = 0.0, t1: float = 1.0, keep_path: bool = False,
+           max_steps: int = 10_000) -> ODEResult:
+    """Solve dx/dt = f(t, x) from t0 to t1 for a batch x (B, ...); f gets t as a Python float.
+
+    euler / heun / rk4 take `steps` equal steps on a float64 grid (so t1 is hit exactly); dopri5 ignores `steps` and
+    adapts one step size to keep the RMS over all elements of err / (atol + rtol max(|x|, |x_new|)) <= 1, exactly as
+    torchdiffeq's dopri5 does (see _dopri5), giving up after `max_steps` tried steps. t0 > t1 integrates backwards
+    (LFM samples from t = 1 to t = 0). t0 == t1 returns x without evaluating f."""
+    if method not in ODE_METHODS:
+        raise ValueError(f"unknown ODE method {method!r}: one of {', '.join(ODE_METHODS)}")
+    if method != "dopri5" and (int(steps) != steps or steps < 1):
+        raise ValueError(f"{method} needs a positive whole number of steps, got {steps!r}")
+    t0, t1 = float(t0), float(t1)
+    res = ODEResult(x, 0, x.new_zeros(x.shape[0]), x, [x] if keep_path else None)
+
+    def fc(t, xt):  # counts the evaluations
+        res.nfe += 1
+        return f(t, xt)
+
+    def advance(x_new, dt):  # an accepted step from res.x over |dt| of time: its |dx|^2 / |dt| joins the energy
+        res.energy = res.energy + (x_new - res.x).reshape(x.shape[0], -1).square().sum(1) / abs(dt)
+        res.x = x_new
+        if keep_path:
+            res.path.append(x_new)
+
+    if t0 != t1:
+        if method == "dopri5":
+            _dopri5(fc, x, t0, t1, atol, rtol, max_steps, advance)
+        else:
+            _fixed_steps(fc, x, TABLEAUS[method], int(steps), t0, t1, advance)
+    if keep_path:
+        res.path = torch.stack(res.path)
+    return res
+
+
+def _fixed_steps(f, x, tableau, steps, t0, t1, advance):
+    """`steps` explicit Runge-Kutta steps of the tableau (c, A, b) on the grid linspace(t0, t1); h < 0: backwards."""
+    c, A, b = tableau
+    ts = torch.linspace(t0, t1, steps + 1, dtype=torch.float64).tolist()
+    for ta, tb in zip(ts[:-1], ts[1:]):
+        h = tb - ta
+        ks = []  # the stage slopes, each like x
+        for ci, row in zip(c, A):
+            ks.append(f(tb if ci == 1.0 else ta + ci * h, _combine(x, h, row, ks)))  # c = 1: the grid point itself
+        x = _combine(x, h, b, ks)
+        advance(x, h)
+
+
+def _dopri5(f, x, t0, t1, atol, rtol, max_steps, advance):
+    """Adaptive Dormand-Prince 5(4) with torchdiffeq's controller (its solution is itself ~1e-3 from the exact one at
+    atol = rtol = 1e-5, so only the same controller reproduces a torchdiffeq-sampled model's numbers):
+      - time runs forward in s = +-t (the sign of t1 - t0), and f becomes -f for a decreasing t;
+      - the first step is Hairer's estimate (Solving ODEs I, II.4) with the order-4 exponent 1/5 (two evaluations);
+      - a step is kept when the RMS over all elements of err / (atol + rtol max(|x|, |x_new|)) is <= 1, err from
+        Shampine's embedded 4th-order solution; local extrapolation (x moves on the 5th-order one) and FSAL, so a step
+        costs 6 evaluations;
+      - the next step is h min(10, max(0.9 ratio^-1/5, 0.2)) after a rejection, but never smaller than h after an
+        accepted one (ratio 0: 10 h); steps are not cut at the end point, so f may be evaluated a little past t1;
+      - x(t1) comes from the last step's quartic dense output (x, x_new, the midpoint from DP_MID, both slopes).
+    Norms are taken in x's dtype, as torchdiffeq does, so float32 states give its float32 decisions."""
+    sign = 1.0 if t1 >= t0 else -1.0
+    s, s_end = sign * t0, sign * t1
+
+    def g(si, xi):  # dx/ds
+        v = f(sign * si, xi)
+        return v if sign > 0 else -v
+
+    def rms(v):
+        return float(v.abs().square().mean().sqrt())
+    k1 = g(s, x)  # like x
+    # the first step (Hairer, Norsett & Wanner, Sec. II.4): small enough that an Euler step changes x by ~1% of its
+    # scale, then refined by the change of slope over that trial step
+    scale = atol + rtol * x.abs()
+    d0, d1 = rms(x / scale), rms(k1 / scale)
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    d2 = rms((g(s + h0, x + h0 * k1) - k1) / scale) / h0
+    h1 = max(1e-6, h0 * 1e-3) if d1 <= 1e-15 and d2 <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
+    h = min(100 * h0, h1)
+    for _ in range(max_steps):
+        k = [k1]  # the 7 stage slopes, each like x
+        for i in range(1, 7):
+            xi = _combine(x, h, DP_A[i], k)
+            k.append(g(s + (h if DP_C[i] == 1.0 else DP_C[i] * h), xi))
+        x_new = xi  # stage 7 was evaluated at the 5th-order solution
+        err = _combine(torch.zeros_like(x), h, DP_E, k)
+        ratio = rms(err / (atol + rtol * torch.maximum(x.abs(), x_new.abs())))
+        if math.isnan(ratio):  # torchdiffeq stops here too (its step size becomes NaN)
+            raise RuntimeError(f"dopri5: non-finite values at t = {sign * s:.6g} (step {h:.3g}); f or x is not finite")
+        if ratio <= 1:
+            if s + h < s_end:
+                advance(x_new, h)
+                s, x, k1 = s + h, x_new, k[6]
+            else:  # the step reaches or passes s_end: x(t1) from its dense output p(r), r in [0, 1] across the step
+                mid = _combine(x, h, DP_MID, k)
+                # p(r) = x + r h k1 + c r^2 + b r^3 + a r^4 with p(1) = x_new, p'(1) = h k7, p(1/2) = mid
+                a = 16 * mid - 8 * (x + x_new) + 2 * h * (k[6] - k[0])
+                b = 14 * x_new + 18 * x - 32 * mid + h * (5 * k[0] - 3 * k[6])
+                c = 16 * mid - 11 * x - 5 * x_new + h * (k[6] - 4 * k[0])
+                r = (s_end - s) / ((s + h) - s)
+                advance(sum(cf * r ** i for i, cf in enumerate((x, h * k[0], c, b, a))), s_end - s)
+                return
+        floor = 1.0 if ratio < 1 else 0.2  # an accepted step never shrinks the next one
+        h *= 10.0 if ratio == 0 else min(10.0, max(0.9 / ratio ** 0.2, floor))
+    raise RuntimeError(f"dopri5 did not reach t = {t1} in {max_steps} steps (stuck at t = {sign * s:.6g} with step "
+                       f"{h:.3g}): the field is stiff or not finite")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Distributed and training plumbing
 
 # --- torchrun ---------------------------------------------------------------------------------------------------------
 

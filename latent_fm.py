@@ -517,111 +517,15 @@ def velocity(model: LatentFlow, cfg: Config, y=None, spatial=None):
     return f
 
 
-def integrate(f, x: torch.Tensor, method: str, steps: int = 16, atol: float = 1e-5, rtol: float = 1e-5,
-              t0: float = 1.0, t1: float = 0.0) -> tuple[torch.Tensor, int]:
-    """Solve dx/dt = f(t, x) from t0 to t1 (by default noise -> data); returns (x(t1), number of evaluations of f)."""
-    nfe = 0
-
-    def g(t, x):
-        nonlocal nfe
-        nfe += 1
-        return f(t, x)
-    if method == "dopri5":
-        return dopri5(g, x, t0, t1, atol, rtol), nfe
-    ts = torch.linspace(t0, t1, steps + 1, dtype=torch.float64).tolist()
-    for ta, tb in zip(ts[:-1], ts[1:]):
-        h, k1 = tb - ta, g(ta, x)
-        if method == "euler":
-            x = x + h * k1
-        else:  # Heun: the trapezoid of the slopes at both ends, the end predicted by an Euler step
-            x = x + 0.5 * h * (k1 + g(tb, x + h * k1))
-    return x, nfe
-
-
-# Dormand-Prince 5(4) (Dormand & Prince 1980): nodes, stage coefficients and 5th-order weights; the embedded 4th-order
-# weights and the dense-output midpoint weights are Shampine's (1986, "Some practical Runge-Kutta formulas"), the
-# pair torchdiffeq's dopri5 uses -- the error estimate, hence every step the controller takes, depends on them.
-DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-DP_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
-        (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-        (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-        (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
-DP_B5 = DP_A[6] + (0.0,)
-DP_B4 = (1951 / 21600, 0.0, 22642 / 50085, 451 / 720, -12231 / 42400, 649 / 6300, 1 / 60)
-DP_MID = (6025192743 / 30085553152 / 2, 0.0, 51252292925 / 65400821598 / 2, -2691868925 / 45128329728 / 2,
-          187940372067 / 1594534317056 / 2, -1776094331 / 19743644256 / 2, 11237099 / 235043384 / 2)  # x(t + h/2)
-
-
-def _combine(x, h, coefs, ks):
-    """x + sum_j (h coefs_j) k_j (zero coefficients skipped)."""
-    return x + sum((h * c) * k for c, k in zip(coefs, ks) if c)
-
-
-def dopri5(f, x: torch.Tensor, t0: float, t1: float, atol: float, rtol: float, max_steps: int = 100_000):
-    """Adaptive Dormand-Prince 5(4) with torchdiffeq's controller, so it lands on the numbers of LFM's sampler
-    (torchdiffeq's odeint, method dopri5; its solution is itself ~1e-3 from the exact one at atol = rtol = 1e-5, so only
-    the same controller reproduces it):
-      - time runs forward in s = +-t (the sign of t1 - t0), f becomes -f for a decreasing t; one step size a batch;
-      - the first step is Hairer's estimate (Solving ODEs I, II.4) with the order-4 exponent 1/5;
-      - a step is kept when the RMS over all elements of err / (atol + rtol max(|x|, |x_new|)) is <= 1, with err from
-        Shampine's embedded 4th-order solution; local extrapolation and FSAL (6 evaluations a step);
-      - the next step is h min(10, max(0.9 ratio^-1/5, 0.2)) after a rejection, but never smaller than h after an
-        accepted one (ratio 0: 10 h); steps are not cut at the end point:
-      - x(t1) comes from the last step's quartic dense output (x, x_new, the midpoint from DP_MID, both slopes).
-    Norms are taken in x's dtype, as torchdiffeq does, so float32 states give its float32 decisions."""
-    sign = 1.0 if t1 >= t0 else -1.0
-    s, s_end = sign * t0, sign * t1
-
-    def g(si, xi):  # dx/ds
-        v = f(sign * si, xi)
-        return v if sign > 0 else -v
-
-    def rms(v):
-        return float(v.abs().square().mean().sqrt())
-    k1 = g(s, x)
-    # initial step (Hairer, Norsett & Wanner, Sec. II.4)
-    scale = atol + rtol * x.abs()
-    d0, d1 = rms(x / scale), rms(k1 / scale)
-    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-    d2 = rms((g(s + h0, x + h0 * k1) - k1) / scale) / h0
-    h1 = max(1e-6, h0 * 1e-3) if d1 <= 1e-15 and d2 <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
-    h = min(100 * h0, h1)
-    prev = None  # (s at the start of the last accepted step, its quartic's coefficients)
-    for _ in range(max_steps):
-        if s >= s_end:
-            break
-        k = [k1]
-        for i in range(1, 7):
-            xi = _combine(x, h, DP_A[i], k)
-            k.append(g(s + (h if DP_C[i] == 1.0 else DP_C[i] * h), xi))
-        x_new = xi  # stage 7 is evaluated at the 5th-order solution (FSAL)
-        err = _combine(torch.zeros_like(x), h, [b5 - b4 for b5, b4 in zip(DP_B5, DP_B4)], k)
-        ratio = rms(err / (atol + rtol * torch.maximum(x.abs(), x_new.abs())))
-        if ratio <= 1:
-            mid = _combine(x, h, DP_MID, k)
-            # p(r) = x + r h k1 + c r^2 + b r^3 + a r^4 on r in [0, 1]: p(1) = x_new, p'(1) = h k7, p(1/2) = mid
-            a = 16 * mid - 8 * (x + x_new) + 2 * h * (k[6] - k[0])
-            b = 14 * x_new + 18 * x - 32 * mid + h * (5 * k[0] - 3 * k[6])
-            c = 16 * mid - 11 * x - 5 * x_new + h * (k[6] - 4 * k[0])
-            prev = (s, s + h, (x, h * k[0], c, b, a))
-            s, x, k1 = s + h, x_new, k[6]
-        floor = 1.0 if ratio < 1 else 0.2
-        h *= 10.0 if ratio == 0 else min(10.0, max(0.9 / ratio ** 0.2, floor))
-    else:
-        raise RuntimeError(f"dopri5 did not reach t = {t1} in {max_steps} steps")
-    if prev is None:
-        return x
-    sa, sb, coefs = prev
-    r = (s_end - sa) / (sb - sa)
-    return sum(cf * r ** i for i, cf in enumerate(coefs))
-
-
 @torch.no_grad()
 def sample(model: LatentFlow, cfg: Config, z1: torch.Tensor, y=None, spatial=None) -> tuple[torch.Tensor, int]:
     """Integrate from z1 ~ N(0, I) at t = 1 to the latent at t = 0; returns (z0, NFE of one batched forward each)."""
     if cfg.condition == "class":
         model.check_labels(y)
-    return integrate(velocity(model, cfg, y, spatial), z1, cfg.sampler, cfg.sample_steps, cfg.atol, cfg.rtol)
+    # LFM's convention: noise at t = 1, data at t = 0; dopri5 is torchdiffeq's controller (the official sampler)
+    res = common.odeint(velocity(model, cfg, y, spatial), z1, cfg.sampler, cfg.sample_steps, cfg.atol, cfg.rtol,
+                        t0=1.0, t1=0.0)
+    return res.x, res.nfe
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ COUPLINGS = ("icfm", "otcfm", "wcfm")
 LABELS = {"icfm": "I-CFM", "otcfm": "OT-CFM", "wcfm": "W-CFM"}
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
 TOYS = ("gaussian", "8gaussians", "moons", "mog", "5gaussians")  # gaussian: the image source, and torchcfm's CFM one
-SAMPLERS = ("euler", "heun", "rk4", "dopri5")
+SAMPLERS = common.ODE_METHODS  # euler, heun, rk4, dopri5
 KAPPA_GRID = np.logspace(-2, 3, 26)  # 5 per decade
 FEW_STEPS = (1, 2, 4, 8)  # the Euler step counts --eval reports W2 at
 
@@ -467,83 +467,8 @@ class Flow(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Samplers: explicit Runge-Kutta with an NFE counter, guidance, and SourceFM's pruned source
-
-TABLEAUS = {  # (c, A, b) of explicit Runge-Kutta methods
-    "euler": ([0], [[]], [1]),
-    "heun": ([0, 1], [[], [1]], [1 / 2, 1 / 2]),
-    "rk4": ([0, 1 / 2, 1 / 2, 1], [[], [1 / 2], [0, 1 / 2], [0, 0, 1]], [1 / 6, 1 / 3, 1 / 3, 1 / 6]),
-}
-DOPRI5_C = [0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1, 1]
-DOPRI5_A = [[], [1 / 5], [3 / 40, 9 / 40], [44 / 45, -56 / 15, 32 / 9],
-            [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729],
-            [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656],
-            [35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84]]
-DOPRI5_B = DOPRI5_A[-1] + [0]  # 5th order; the 7th stage sits at the new point, so it is the next step's first (FSAL)
-DOPRI5_E = [b - b4 for b, b4 in zip(DOPRI5_B, [5179 / 57600, 0, 7571 / 16695, 393 / 640, -92097 / 339200,
-                                               187 / 2100, 1 / 40])]  # 5th minus 4th order: the error estimate
-
-
-@dataclass
-class ODEResult:
-    x: torch.Tensor  # the state at t = 1
-    nfe: int  # evaluations of the velocity field
-    energy: torch.Tensor  # per-sample sum over steps of |dx|^2 / dt, (B,)
-    x0: torch.Tensor  # the state at t = 0
-    path: torch.Tensor | None = None  # (steps + 1, B, ...) when asked for
-
-
-def _stages(f, t, x, h, c, A, k1):
-    ks = [k1]
-    for ci, row in zip(c[1:], A[1:]):
-        ks.append(f(t + ci * h, x + h * sum(a * k for a, k in zip(row, ks) if a)))
-    return ks
-
-
-def odeint(f, x, method="euler", steps=100, atol=1e-4, rtol=1e-4, keep_path=False) -> ODEResult:
-    """Integrate dx/dt = f(t, x) over t in [0, 1] for a whole batch. Fixed-step methods take `steps` equal steps;
-    dopri5 adapts one step size for the batch to keep the RMS of err / (atol + rtol |x|) below 1."""
-    res, t = ODEResult(x, 0, x.new_zeros(len(x)), x, [x] if keep_path else None), 0.0
-
-    def fc(t, x):
-        res.nfe += 1
-        return f(t, x)
-
-    def advance(x_new, h):  # an accepted step: its |dx|^2 / dt joins the path energy
-        res.energy = res.energy + (x_new - res.x).flatten(1).square().sum(1) / h
-        res.x = x_new
-        if keep_path:
-            res.path.append(x_new)
-        return x_new
-
-    if method in TABLEAUS:
-        c, A, b = TABLEAUS[method]
-        h = 1.0 / steps
-        for i in range(steps):
-            t = i * h
-            ks = _stages(fc, t, x, h, c, A, fc(t, x))
-            x = advance(x + h * sum(bi * k for bi, k in zip(b, ks) if bi), h)
-    elif method == "dopri5":
-        k1 = fc(0.0, x)
-        scale = atol + rtol * x.abs()
-        rms = lambda v: float((v / scale).square().mean().sqrt())  # noqa: E731
-        h = min(1.0, 0.01 * rms(x) / max(rms(k1), 1e-12))  # a cautious first step; the controller grows it fast
-        while t < 1.0:
-            h = min(h, 1.0 - t)
-            ks = _stages(fc, t, x, h, DOPRI5_C, DOPRI5_A, k1)
-            x_new = x + h * sum(bi * k for bi, k in zip(DOPRI5_B, ks) if bi)
-            err = h * sum(e * k for e, k in zip(DOPRI5_E, ks) if e)
-            r = float((err / (atol + rtol * torch.maximum(x.abs(), x_new.abs()))).square().mean().sqrt())
-            if r <= 1.0:
-                t = 1.0 if h >= 1.0 - t else t + h
-                x, k1 = advance(x_new, h), ks[-1]
-            h *= min(10.0, max(0.2, 0.9 * r ** -0.2)) if r > 0 else 10.0
-            if res.nfe > 60000:  # 10k steps: the field is stiff or not finite; stop instead of crawling
-                raise RuntimeError(f"dopri5 took over 10000 steps, stuck at t = {t:.4g} with h = {h:.2g}")
-    else:
-        raise ValueError(f"unknown sampler {method!r}: one of {', '.join(SAMPLERS)}")
-    res.path = torch.stack(res.path) if keep_path else None
-    return res
+# Samplers: common.odeint (Euler / Heun / RK4 / dopri5 with an NFE counter and the path energy), guidance, and
+# SourceFM's pruned source
 
 
 def velocity(model: Flow, y: torch.Tensor | None = None, guidance: float = 1.0):
@@ -607,13 +532,13 @@ def draw_source(cfg: Config, shape: tuple, n: int, seed: int, device, pruner: So
 
 
 @torch.no_grad()
-def generate(model: Flow, cfg: Config, x0, y=None, method=None, steps=None, keep_path=False) -> ODEResult:
+def generate(model: Flow, cfg: Config, x0, y=None, method=None, steps=None, keep_path=False) -> common.ODEResult:
     """Integrate from source draws x0 (scaled by model.x0_scale here). The result lives in the model's space: divide
     .x by model.x1_scale for data."""
     was_training = model.training
     model.eval()
-    res = odeint(velocity(model, y, cfg.guidance), x0 * model.x0_scale, method or cfg.sampler,
-                 steps or cfg.sample_steps, cfg.atol, cfg.rtol, keep_path)
+    res = common.odeint(velocity(model, y, cfg.guidance), x0 * model.x0_scale, method or cfg.sampler,
+                        steps or cfg.sample_steps, cfg.atol, cfg.rtol, t0=0.0, t1=1.0, keep_path=keep_path)
     model.train(was_training)
     return res
 
@@ -731,12 +656,12 @@ def w2(a: torch.Tensor, b: torch.Tensor, exact_max: int = 4096) -> tuple[float, 
     return float((sinkhorn(c, reg) * c).sum().sqrt()), f"sinkhorn(eps={reg:.4g})"
 
 
-def straightness(res: ODEResult) -> float:
+def straightness(res: common.ODEResult) -> float:
     """E[sum |dx|^2 / dt] / E|x(1) - x(0)|^2 - 1: 0 for straight constant-speed paths, whatever they connect."""
     return float(res.energy.mean() / (res.x - res.x0).flatten(1).square().sum(1).mean() - 1)
 
 
-def npe(res: ODEResult, w2_sq: float) -> float:
+def npe(res: common.ODEResult, w2_sq: float) -> float:
     """Tong et al.'s normalised path energy |E[sum |dx|^2 / dt] - W2^2(x0, x1)| / W2^2(x0, x1) (torchcfm's NPE): 0
     for the OT map's paths; w2_sq is W2^2 between the source and target samples in the model's space."""
     return abs(float(res.energy.mean()) - w2_sq) / w2_sq

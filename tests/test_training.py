@@ -1,4 +1,4 @@
-"""common.py section 3: torchrun, DDP/FSDP2, resume, SIGTERM, crash-safe checkpoints, config CLI, data, PNG, metrics."""
+"""common.py section 4: torchrun, DDP/FSDP2, resume, SIGTERM, crash-safe checkpoints, config CLI, data, PNG, metrics."""
 import dataclasses
 import json
 import os
