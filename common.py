@@ -1118,7 +1118,7 @@ class ODEResult:
     nfe: int  # evaluations of f (a guided model's batched cond + null forward is one)
     energy: torch.Tensor  # (B,) the sum over steps of |dx|^2 / |dt|: the path energy of the polyline the solver took
     x0: torch.Tensor  # (B, ...) the state at t0, the start
-    path: torch.Tensor | None = None  # (steps + 1, B, ...): x0, then the state after each step, when keep_path
+    path: torch.Tensor | None = None  # (n + 1, B, ...): x0, then the state after each of the n steps, when keep_path
 
 
 def _combine(x, h, coefs, ks):
