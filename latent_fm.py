@@ -771,7 +771,7 @@ def load_images(cfg: Config, split: str = "train"):
     if path.is_dir():
         if cfg.condition == "semantic":
             raise ValueError(f"--condition semantic reads `segmentation` from an .npz, not the folder {path}")
-        return common.ImageFolder(path, cfg.img_size)
+        return common.ImageFolder(path, cfg.img_size, cfg.channels)
     a = common.load_arrays(path, ("images", "labels", "segmentation"))
     images = a["images"]
     if images.ndim != 4 or images.shape[1:] != (cfg.img_size, cfg.img_size, cfg.channels):
@@ -1065,7 +1065,7 @@ def precompute(cfg: Config, src: str, d: common.Dist):
     labels.npy [, segmentation.npy] [, mean_flip.npy, std_flip.npy: the mirrored images', with --hflip]; train then
     reads them memory-mapped and draws z0 = mean + std eps."""
     vae = load_vae(cfg, d.device)
-    loaded = load_images(dataclasses.replace(cfg, data=src))
+    loaded = load_images(dataclasses.replace(cfg, data=src, channels=vae.in_channels))
     data = loaded if isinstance(loaded, common.ImageFolder) else common.ArrayDataset(loaded[0], loaded[1])
     start, count = common.rank_split(len(data), d)
     part = torch.utils.data.Subset(data, range(start, start + count))

@@ -894,7 +894,7 @@ def _read(cfg: Config, src: str):
     elif path.is_dir():
         if cfg.txt_dim:
             raise ValueError(f"{path}: an image folder has no captions; a text model takes an .npz or latent folder")
-        return common.ImageFolder(path, cfg.img_size)
+        return common.ImageFolder(path, cfg.img_size, cfg.channels)
     else:
         a = common.load_arrays(path, ("images", "labels", *keys))
         images = a["images"]
@@ -1105,7 +1105,7 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
     vae = load_vae(cfg, d.device)
     if vae is None:
         raise ValueError("--precompute needs --vae and --vae_family")
-    data = load_data(Config(**{**cfg.__dict__, "data": src, "val_data": ""}), "all")
+    data = load_data(Config(**{**cfg.__dict__, "data": src, "val_data": "", "channels": vae.in_channels}), "all")
     out = Path(cfg.data)
     out.mkdir(parents=True, exist_ok=True)
     start, count = common.rank_split(len(data), d)
