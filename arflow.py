@@ -17,6 +17,8 @@ of steps (training builds the S states at once, at a cost quadratic in S, see Hy
     python arflow.py --sample --ckpt out/arflow/ckpt.pt --n 100 --out samples.npz --guidance 2 --sampler heun
     python arflow.py --preset imagenet128 --precompute /data/imagenet/train --data latents128/ --vae sd-vae-ft-ema/
     torchrun --nproc_per_node=8 arflow.py --preset imagenet128 --data latents128/ --vae sd-vae-ft-ema/
+    python arflow.py --data my_images/ --num_classes 3     # your image folder (flat or class folders), at its size
+    python arflow.py --data my_images/ --vae sd-vae-ft-ema/ --vae_family sd  # ... in latent space, encoded as it trains
     python arflow.py --arch B/4 --attention softmax        # any SiT size; the full-softmax baseline
     python arflow.py --sample --ckpt ARFlow-XL-2.pt --vae sd-vae-ft-ema/ --vae_family sd --n 8 --out s.npz  # released
 
@@ -63,9 +65,9 @@ ARCHS = {f"{name}/{p}": dict(depth=depth, width=width, heads=heads if (name, p) 
 @dataclass
 class Config(common.TrainConfig):
     # data
-    data: str = "digits"  # digits | .npz (images (N,H,W,C) uint8 [labels]) | image folder | --precompute'd latent folder
-    img_size: int = common.opt(8, min=1)  # image side in pixels
-    channels: int = common.opt(1, min=1)  # image channels
+    data: str = "digits"  # digits | image folder (flat or class subfolders) | .npz: images (N,H,W,C) uint8 [labels] | --precompute'd latent folder
+    img_size: int = common.opt(8, min=1)  # image side in pixels (read from --data unless given)
+    channels: int = common.opt(1, min=1)  # image channels (read from --data unless given)
     num_classes: int = common.opt(10, min=1)  # classes; label num_classes is the null label of guidance
     vae: str = ""  # VAE weights for latent space (diffusers folder or single file); empty = pixel space
     vae_family: str = common.opt("none", choices=("none", "sd", "sdxl", "flux"))  # latent scaling (none = pixels)

@@ -76,9 +76,9 @@ ARCHS = tuple(f"{s}/{p}" for s in DIT_SIZES for p in (2, 4, 8))  # DiT-S/2 ... D
 @dataclass
 class Config(common.TrainConfig):
     # data
-    data: str = "digits"  # digits | .npz (images, [labels, segmentation]) | image folder | --precompute'd folder
-    img_size: int = common.opt(16, min=1)  # image side in pixels
-    channels: int = common.opt(1, min=1)  # image channels
+    data: str = "digits"  # digits | image folder (flat or class subfolders) | .npz: images (N,H,W,C) uint8 [labels segmentation] | --precompute'd latent folder
+    img_size: int = common.opt(16, min=1)  # image side in pixels (read from --data unless given)
+    channels: int = common.opt(1, min=1)  # image channels (read from --data unless given)
     vae: str = ""  # VAE weights (diffusers folder or single file); empty on the digits = common.digits_vae
     vae_family: str = common.opt("sd", choices=tuple(common.VAE_FAMILIES))  # latent scaling; none = pixel space
     # condition

@@ -59,11 +59,11 @@ INV_SOFTPLUS_1 = math.log(math.e - 1)  # softplus(a + 0.5413) = 1 at a = 0: ever
 @dataclass
 class Config(common.TrainConfig):
     # data
-    data: str = "digits"  # digits | .npz: images (N,H,W,C) uint8 [labels, text, text_mask] | image or latent folder
+    data: str = "digits"  # digits | image folder (flat or class subfolders) | .npz: images (N,H,W,C) uint8 [labels text text_mask] | --precompute'd latent folder
     val_data: str = ""  # held-out data in the same format ("" = carve --val_frac out of --data; digits: its test split)
     val_frac: float = common.opt(0.02, gt=0, max=0.5)  # fraction of --data held out (a fixed seeded choice of rows)
-    img_size: int = common.opt(8, min=1)  # image side in pixels
-    channels: int = common.opt(1, min=1)  # image channels
+    img_size: int = common.opt(8, min=1)  # image side in pixels (read from --data unless given)
+    channels: int = common.opt(1, min=1)  # image channels (read from --data unless given)
     num_classes: int = 10  # class labels (0 = none); label num_classes is the null label of guidance
     txt_dim: int = 0  # width of precomputed text embeddings (0 = no text conditioning)
     txt_len: int = 0  # text tokens per caption

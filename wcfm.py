@@ -96,8 +96,8 @@ FEW_STEPS = (1, 2, 4, 8)  # the Euler step counts --eval reports W2 at
 class Config(common.TrainConfig):
     source: str = common.opt("8gaussians", choices=TOYS)  # 2D source toy; images always start from N(0, I)
     target: str = common.opt("moons", choices=TOYS + ("digits", "cifar10"))  # a 2D toy | digits | cifar10
-    data: str = ""  # cifar10 target: .npz (images (N,H,W,3) uint8 [labels]) | image folder (flat or class subfolders)
-    image_size: int = common.opt(32, min=1)  # image side (default: --data's; folders are resized, digits upsampled)
+    data: str = ""  # --target cifar10: image folder (flat or class subfolders) | .npz: images (N,H,W,3) uint8 [labels]
+    image_size: int = common.opt(32, min=1)  # image side (read from --data unless given; folders are resized, digits upsampled)
     hflip: bool = False  # random horizontal flips of the images (training, and the pruning PCA)
     coupling: str = "wcfm"  # icfm | otcfm | wcfm | wcfm:KAPPA; a comma-separated list trains each side by side
     sigma: float = 0.1  # std of the Gaussian around the straight conditional path
