@@ -17,6 +17,8 @@ of steps (training builds the S states at once, at a cost quadratic in S, see Hy
     python arflow.py --sample --ckpt out/arflow/ckpt.pt --n 100 --out samples.npz --guidance 2 --sampler heun
     python arflow.py --preset imagenet128 --precompute /data/imagenet/train --data latents128/ --vae sd-vae-ft-ema/
     torchrun --nproc_per_node=8 arflow.py --preset imagenet128 --data latents128/ --vae sd-vae-ft-ema/
+    python arflow.py --data my_images/ --num_classes 3     # your image folder (flat or class folders), at its size
+    python arflow.py --data my_images/ --vae sd-vae-ft-ema/ --vae_family sd  # ... in latent space, encoded as it trains
     python arflow.py --arch B/4 --attention softmax        # any SiT size; the full-softmax baseline
     python arflow.py --sample --ckpt ARFlow-XL-2.pt --vae sd-vae-ft-ema/ --vae_family sd --n 8 --out s.npz  # released
 
@@ -63,9 +65,9 @@ ARCHS = {f"{name}/{p}": dict(depth=depth, width=width, heads=heads if (name, p) 
 @dataclass
 class Config(common.TrainConfig):
     # data
-    data: str = "digits"  # digits | .npz with images (N,H,W,C) uint8 + labels | folder of latents.npy + labels.npy
-    img_size: int = common.opt(8, min=1)  # image side in pixels
-    channels: int = common.opt(1, min=1)  # image channels
+    data: str = "digits"  # digits | image folder (flat or class subfolders) | .npz: images (N,H,W,C) uint8 [labels] | --precompute'd latent folder
+    img_size: int = common.opt(8, min=1)  # image side in pixels (read from --data unless given)
+    channels: int = common.opt(1, min=1)  # image channels (read from --data unless given)
     num_classes: int = common.opt(10, min=1)  # classes; label num_classes is the null label of guidance
     vae: str = ""  # VAE weights for latent space (diffusers folder or single file); empty = pixel space
     vae_family: str = common.opt("none", choices=("none", "sd", "sdxl", "flux"))  # latent scaling (none = pixels)
@@ -375,32 +377,61 @@ class ARFlow(nn.Module):
 
 
 def load_data(cfg: Config, split: str = "train") -> tuple:
-    """(x, x_flip, labels, logvar) as numpy arrays: uint8 images (N, C, H, W) or float latents (N, c, h, w) (memory-
-    mapped from a latent folder), the latents of the mirrored images (or None: flip x itself), int64 labels (N,), and
-    for latents the posterior log-variances (logvar, logvar of the mirrors or None), or None (posterior means only,
-    or images)."""
+    """(x, x_flip, labels, logvar) as numpy arrays: uint8 images (N, C, H, W) (an image folder's are read and resized
+    as the batches ask for them) or float latents (N, c, h, w) (memory-mapped from a latent folder), the latents of
+    the mirrored images (or None: flip x itself), int64 labels (N,), and for latents the posterior log-variances
+    (logvar, logvar of the mirrors or None), or None (posterior means only, or images). A latent model encodes images
+    through its VAE at every step (to_model_space); --precompute encodes them once instead."""
     if cfg.data == "digits":
         x, y = common.load_digits(split, cfg.img_size)
-        return x.numpy(), None, y.numpy(), None
+        return _images(cfg, cfg.data, x.numpy()), None, y.numpy(), None
     path = Path(cfg.data)
-    if path.is_dir():
-        if not (path / "latents.npy").exists():
-            raise ValueError(f"--data {path}: a data folder holds latents.npy + labels.npy (write them with "
-                             f"--precompute IMAGES)")
+    if path.is_dir() and (path / "latents.npy").exists():  # --precompute's latent folder
         a = common.load_arrays(path, ("latents", "labels", "latents_flip", "latents_logvar", "latents_flip_logvar"))
-        x, x_flip = a["latents"], a.get("latents_flip")
+        x, x_flip, y = a["latents"], a.get("latents_flip"), a.get("labels")
         logvar = (a["latents_logvar"], a.get("latents_flip_logvar")) if "latents_logvar" in a else None
+    elif path.is_dir():  # an image folder: flat (one class) or one subfolder per class
+        folder = common.ImageFolder(path, cfg.img_size, cfg.channels)
+        x, x_flip, y, logvar = _images(cfg, path, FolderImages(folder, cfg.channels)), None, folder.labels(), None
     else:
         a = common.load_arrays(path, ("images", "labels"))
         if a["images"].ndim != 4 or a["images"].shape[1:] != (cfg.img_size, cfg.img_size, cfg.channels):
             raise ValueError(f"{path}: images must be (N, {cfg.img_size}, {cfg.img_size}, {cfg.channels}) uint8, got "
                              f"{a['images'].shape}")
-        x, x_flip, logvar = np.ascontiguousarray(a["images"].transpose(0, 3, 1, 2)), None, None
-    y = np.asarray(a.get("labels", np.zeros(len(x), np.int64))).astype(np.int64)
+        x, x_flip, y, logvar = np.ascontiguousarray(a["images"].transpose(0, 3, 1, 2)), None, a.get("labels"), None
+        x = _images(cfg, path, x)
+    y = np.asarray(np.zeros(len(x), np.int64) if y is None else y).astype(np.int64)
     if len(y) != len(x) or y.min() < 0 or y.max() >= cfg.num_classes:
         raise ValueError(f"{path}: needs one label in [0, {cfg.num_classes}) per image (--num_classes), got "
                          f"{len(y)} labels in [{y.min()}, {y.max()}] for {len(x)} images")
     return x, x_flip, y, logvar
+
+
+def _images(cfg: Config, path, x):
+    """Images for the config: a latent model needs the VAE that encodes them."""
+    if cfg.vae_family != "none" and not cfg.vae:
+        raise ValueError(f"--data {path}: a latent model (--vae_family {cfg.vae_family}) encodes images through --vae "
+                         f"PATH: give it (or train on a --precompute'd latent folder)")
+    return x
+
+
+class FolderImages:
+    """An image folder as a uint8 (N, C, H, W) array for SequenceSampler: indexing by rows reads (and resizes) those
+    images only, so a folder larger than memory trains too."""
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, folder: common.ImageFolder, channels: int):
+        self.folder, self.shape = folder, (len(folder), channels, folder.size, folder.size)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        rows = np.asarray(rows)
+        out = np.empty((rows.size, *self.shape[1:]), np.uint8)
+        for k, i in enumerate(rows.reshape(-1)):
+            out[k] = self.folder[int(i)][0].numpy()
+        return out.reshape(*rows.shape, *self.shape[1:])
 
 
 class SequenceSampler:
@@ -766,9 +797,9 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
     if vae is None:
         raise ValueError("--precompute needs --vae PATH and --vae_family")
     if Path(src).is_dir():
-        data = common.ImageFolder(src, cfg.img_size)
+        data = common.ImageFolder(src, cfg.img_size, vae.in_channels)
     else:
-        x, _, y, _ = load_data(dataclasses.replace(cfg, data=src, vae="", vae_family="none"))
+        x, _, y, _ = load_data(dataclasses.replace(cfg, data=src, channels=vae.in_channels, vae="", vae_family="none"))
         data = common.ArrayDataset(torch.from_numpy(x), torch.from_numpy(y))
     start, count = common.rank_split(len(data), d)
     part = torch.utils.data.Subset(data, range(start, start + count))

@@ -1490,6 +1490,8 @@ class TrainConfig:
     NAME: ClassVar[str] = "model"  # the model file: default out_dir, and what its checkpoints are checked against
     # fields of a model config that may differ from a checkpoint's (sampler settings and the like)
     RUNTIME: ClassVar[tuple[str, ...]] = ()
+    # fields renamed since older checkpoints were written: {old name: new name} (read under the new name)
+    RENAMED: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self):
         for f in fields(self):
@@ -1550,7 +1552,9 @@ def parse_config(cls, presets: dict[str, dict], argv=None, extra: Callable | Non
     """A dataclass config -> argparse: every field is an option, `--preset NAME` picks a preset (the first is the
     default) and explicit options override it. Also the run modes every model file has (--resume, --overwrite,
     --sample, --eval). Values are checked as the config is built (see `opt`); the default out_dir is out/<NAME>, or
-    out/<NAME>-<preset>. Returns (config, args, overrides), `overrides` being the fields given on the command line."""
+    out/<NAME>-<preset>. A training run takes the image size and channels of its --data unless an option or a preset
+    named with --preset gives them (fit_to_data). Returns (config, args, overrides), `overrides` being the fields given
+    on the command line."""
     p = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     default = next(iter(presets))
     p.add_argument("--preset", choices=list(presets), default=default, help="config preset (default: %(default)s)")
@@ -1596,6 +1600,8 @@ def parse_config(cls, presets: dict[str, dict], argv=None, extra: Callable | Non
     if unknown:
         raise ValueError(f"preset {args.preset} sets unknown fields {sorted(unknown)}")
     cfg = cls(**{**presets[args.preset], **overrides})
+    if not (args.resume or args.sample or args.eval or args.plot):  # training: image size and channels of --data
+        cfg = fit_to_data(cfg, set(overrides) | (set(presets[args.preset]) if args.preset != default else set()))
     if not cfg.out_dir:
         cfg.out_dir = f"out/{cls.NAME}" + ("" if args.preset == default else f"-{args.preset}")
     if sum((args.resume, args.sample, args.eval, bool(args.plot), args.dry_run)) > 1 or (args.overwrite and args.resume):
@@ -1629,9 +1635,16 @@ def model_fields(cfg) -> list[str]:
     return [f.name for f in fields(cfg) if f.name not in base and f.name not in cfg.RUNTIME]
 
 
+def saved_config(state: dict, cls) -> dict:
+    """A checkpoint's config, with the fields renamed since it was written under their new names (the config class's
+    RENAMED: {old name: new name}, e.g. wcfm's data_path -> data)."""
+    renamed = getattr(cls, "RENAMED", {})
+    return {renamed.get(k, k): v for k, v in state.get("config", {}).items()}
+
+
 def check_config(state: dict, cfg, what: str = "checkpoint"):
     """Refuse a checkpoint of another model file, or of another config of this one (naming the fields that differ)."""
-    saved, kind = state.get("config", {}), state.get("kind")
+    saved, kind = saved_config(state, cfg), state.get("kind")
     if kind != cfg.NAME and (kind is not None or not set(model_fields(cfg)) <= set(saved)):
         raise ValueError(f"{what} is {f'a {kind}' if kind else 'not a'} checkpoint{', not' if kind else ' of'} "
                          f"{cfg.NAME}")
@@ -1650,7 +1663,7 @@ def config_from_checkpoint(cls, state: dict, overrides: dict | None = None, what
     if state.get("kind", cls.NAME) != cls.NAME:  # before the saved values meet this file's checks
         raise ValueError(f"{what} is a {state['kind']} checkpoint, not {cls.NAME}")
     names = {f.name for f in fields(cls)}
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items() if k in names}
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved_config(state, cls).items() if k in names}
     cfg = cls(**{**saved, **(overrides or {})})
     check_config(state, cfg, what)
     return cfg
@@ -1920,27 +1933,38 @@ def load_arrays(path: str | Path, keys: tuple[str, ...]) -> dict[str, np.ndarray
     return out
 
 
-class ImageFolder(torch.utils.data.Dataset):
-    """root/<class>/*.{png,jpg,...} (one subfolder per class), or a flat root/*.png (one class) -> (uint8 (C, size,
-    size) center-cropped and resized, class index). Needs Pillow."""
-    EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}  # PIL modes read as one channel (anything else: RGB)
+BUILTIN_DATA = ("digits", "moving-digits")  # --data names that are no path
 
-    def __init__(self, root: str | Path, size: int):
+
+def _images_in(folder: Path, recursive: bool) -> list[Path]:
+    files = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(f for f in files if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """root/<class>/*.{png,jpg,...} (one subfolder per class), or a flat root/*.png (one class) -> (uint8 (channels,
+    size, size) center-cropped and resized, class index); channels 1 reads the images as grey, 3 as RGB. Needs
+    Pillow."""
+    EXTS = IMAGE_EXTS
+
+    def __init__(self, root: str | Path, size: int, channels: int = 3):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"no image folder at {root}")
+        if channels not in (1, 3):
+            raise ValueError(f"an image folder reads 1 (grey) or 3 (RGB) channels, not --channels {channels} ({root})")
         self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        self.items = [(f, c) for c, name in enumerate(self.classes)
-                      for f in sorted((root / name).rglob("*")) if f.suffix.lower() in self.EXTS]
+        self.items = [(f, c) for c, name in enumerate(self.classes) for f in _images_in(root / name, True)]
         if not self.items:  # a flat folder: its images are one class
-            self.classes, self.items = [root.name], [(f, 0) for f in sorted(root.iterdir())
-                                                     if f.suffix.lower() in self.EXTS]
+            self.classes, self.items = [root.name], [(f, 0) for f in _images_in(root, False)]
         if not self.items:
             raise ValueError(f"no images in {root} or its class subfolders ({', '.join(sorted(self.EXTS))})")
-        self.size = size
+        self.size, self.mode = size, "L" if channels == 1 else "RGB"
         _need("PIL", "reading an image folder")
         print0(f"{root}: {len(self.items)} images in {len(self.classes)} class(es), center-cropped and resized to "
-               f"{size}x{size}")
+               f"{size}x{size}" + (" (grey)" if channels == 1 else ""))
 
     def __len__(self):
         return len(self.items)
@@ -1948,11 +1972,83 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image
         f, c = self.items[i]
-        img = Image.open(f).convert("RGB")
+        img = Image.open(f).convert(self.mode)
         s = min(img.size)
         left, top = (img.width - s) // 2, (img.height - s) // 2
         img = img.crop((left, top, left + s, top + s)).resize((self.size, self.size), Image.BICUBIC)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), c
+        a = np.asarray(img).copy()
+        return torch.from_numpy(a[..., None] if a.ndim == 2 else a).permute(2, 0, 1), c
+
+    def labels(self) -> np.ndarray:
+        """The class index of every image (int64 (N,)), read from the layout, no image opened."""
+        return np.array([c for _, c in self.items], dtype=np.int64)
+
+
+def _npy_shape(f) -> tuple:
+    """The shape in an open .npy stream's header (the array itself is not read)."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(f)[0]
+
+
+def image_shape(path: str | Path) -> tuple[int, int, int] | None:
+    """(H, W, C) of the images of --data, peeked without loading them: an .npz's `images` array (its header only;
+    (N, H, W, C), or (N, F, H, W, C) videos), a folder's images.npy (memory-mapped), or the first image of an image
+    folder (flat or class subfolders; grey modes are 1 channel, the rest RGB, as ImageFolder reads them). None for a
+    built-in name, a missing path or a latent folder (latents.npy, mean.npy, ...: --precompute's)."""
+    import zipfile
+    path = Path(path)
+    if str(path) in BUILTIN_DATA or not path.exists():
+        return None
+    if path.is_dir():
+        if (path / "images.npy").exists():
+            shape = np.load(path / "images.npy", mmap_mode="r").shape
+        elif any(path.glob("*.npy")):
+            return None  # precomputed latents
+        else:
+            first = next((f for sub in sorted(p for p in path.iterdir() if p.is_dir())
+                          for f in _images_in(sub, True)[:1]), None) or next(iter(_images_in(path, False)), None)
+            if first is None:
+                return None
+            Image = _need("PIL.Image", "reading an image folder")
+            with Image.open(first) as img:
+                return img.height, img.width, 1 if img.mode in GREY_MODES else 3
+    else:
+        try:
+            with zipfile.ZipFile(path) as z, z.open("images.npy") as f:
+                shape = _npy_shape(f)
+        except (zipfile.BadZipFile, KeyError, OSError, ValueError):
+            return None  # not an .npz of images: its loader says what is wrong
+    return tuple(int(v) for v in shape[-3:]) if len(shape) >= 4 else None
+
+
+def fit_to_data(cfg, given=()):
+    """The config with its image size and channels read from --data (image_shape), except the fields in `given`
+    (the options given on the command line and those of a preset asked for by name): `--data my_folder` trains at
+    the folder's size and channels, `--img_size 64` still resizes it. Only a config with a `data` field and an
+    `img_size` (or wcfm's `image_size`) field changes; the built-in data, latent folders and anything image_shape
+    cannot read are left alone (their loaders check them). A non-square image gives its shorter side (the center
+    crop an image folder takes); a tuple img_size (video frames) gets (H, W)."""
+    names = {f.name for f in fields(cfg)}
+    size_field = next((n for n in ("img_size", "image_size") if n in names), None)
+    if "data" not in names or size_field is None or not cfg.data:
+        return cfg
+    shape = image_shape(cfg.data)
+    if shape is None:
+        return cfg
+    h, w, c = shape
+    change = {}
+    if size_field not in given:
+        change[size_field] = (h, w) if isinstance(getattr(cfg, size_field), tuple) else min(h, w)
+    if "channels" in names and "channels" not in given:
+        change["channels"] = c
+    change = {k: v for k, v in change.items() if getattr(cfg, k) != v}
+    if not change:
+        return cfg
+    print0(f"--data {cfg.data}: {h}x{w} images with {c} channel(s): " +
+           " ".join(f"--{k} {','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in change.items()) +
+           " from the data (give the option to override)")
+    return dataclasses.replace(cfg, **change)
 
 
 def save_npz(path: str | Path, d: Dist, **arrays: np.ndarray):

@@ -76,9 +76,9 @@ ARCHS = tuple(f"{s}/{p}" for s in DIT_SIZES for p in (2, 4, 8))  # DiT-S/2 ... D
 @dataclass
 class Config(common.TrainConfig):
     # data
-    data: str = "digits"  # digits | .npz (images, [labels, segmentation]) | image folder | --precompute'd folder
-    img_size: int = common.opt(16, min=1)  # image side in pixels
-    channels: int = common.opt(1, min=1)  # image channels
+    data: str = "digits"  # digits | image folder (flat or class subfolders) | .npz: images (N,H,W,C) uint8 [labels segmentation] | --precompute'd latent folder
+    img_size: int = common.opt(16, min=1)  # image side in pixels (read from --data unless given)
+    channels: int = common.opt(1, min=1)  # image channels (read from --data unless given)
     vae: str = ""  # VAE weights (diffusers folder or single file); empty on the digits = common.digits_vae
     vae_family: str = common.opt("sd", choices=tuple(common.VAE_FAMILIES))  # latent scaling; none = pixel space
     # condition
@@ -675,7 +675,7 @@ def load_images(cfg: Config, split: str = "train"):
     if path.is_dir():
         if cfg.condition == "semantic":
             raise ValueError(f"--condition semantic reads `segmentation` from an .npz, not the folder {path}")
-        return common.ImageFolder(path, cfg.img_size)
+        return common.ImageFolder(path, cfg.img_size, cfg.channels)
     a = common.load_arrays(path, ("images", "labels", "segmentation"))
     images = a["images"]
     if images.ndim != 4 or images.shape[1:] != (cfg.img_size, cfg.img_size, cfg.channels):
@@ -969,7 +969,7 @@ def precompute(cfg: Config, src: str, d: common.Dist):
     labels.npy [, segmentation.npy] [, mean_flip.npy, std_flip.npy: the mirrored images', with --hflip]; train then
     reads them memory-mapped and draws z0 = mean + std eps."""
     vae = load_vae(cfg, d.device)
-    loaded = load_images(dataclasses.replace(cfg, data=src))
+    loaded = load_images(dataclasses.replace(cfg, data=src, channels=vae.in_channels))
     data = loaded if isinstance(loaded, common.ImageFolder) else common.ArrayDataset(loaded[0], loaded[1])
     start, count = common.rank_split(len(data), d)
     part = torch.utils.data.Subset(data, range(start, start + count))

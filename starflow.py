@@ -59,11 +59,11 @@ INV_SOFTPLUS_1 = math.log(math.e - 1)  # softplus(a + 0.5413) = 1 at a = 0: ever
 @dataclass
 class Config(common.TrainConfig):
     # data
-    data: str = "digits"  # digits | .npz: images (N,H,W,C) uint8 [labels, text, text_mask] | image or latent folder
+    data: str = "digits"  # digits | image folder (flat or class subfolders) | .npz: images (N,H,W,C) uint8 [labels text text_mask] | --precompute'd latent folder
     val_data: str = ""  # held-out data in the same format ("" = carve --val_frac out of --data; digits: its test split)
     val_frac: float = common.opt(0.02, gt=0, max=0.5)  # fraction of --data held out (a fixed seeded choice of rows)
-    img_size: int = common.opt(8, min=1)  # image side in pixels
-    channels: int = common.opt(1, min=1)  # image channels
+    img_size: int = common.opt(8, min=1)  # image side in pixels (read from --data unless given)
+    channels: int = common.opt(1, min=1)  # image channels (read from --data unless given)
     num_classes: int = 10  # class labels (0 = none); label num_classes is the null label of guidance
     txt_dim: int = 0  # width of precomputed text embeddings (0 = no text conditioning)
     txt_len: int = 0  # text tokens per caption
@@ -894,7 +894,7 @@ def _read(cfg: Config, src: str):
     elif path.is_dir():
         if cfg.txt_dim:
             raise ValueError(f"{path}: an image folder has no captions; a text model takes an .npz or latent folder")
-        return common.ImageFolder(path, cfg.img_size)
+        return common.ImageFolder(path, cfg.img_size, cfg.channels)
     else:
         a = common.load_arrays(path, ("images", "labels", *keys))
         images = a["images"]
@@ -1105,7 +1105,7 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
     vae = load_vae(cfg, d.device)
     if vae is None:
         raise ValueError("--precompute needs --vae and --vae_family")
-    data = load_data(Config(**{**cfg.__dict__, "data": src, "val_data": ""}), "all")
+    data = load_data(Config(**{**cfg.__dict__, "data": src, "val_data": "", "channels": vae.in_channels}), "all")
     out = Path(cfg.data)
     out.mkdir(parents=True, exist_ok=True)
     start, count = common.rank_split(len(data), d)

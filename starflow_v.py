@@ -64,10 +64,10 @@ WAN = ("wan2.1", "wan2.2")
 @dataclass
 class Config(common.TrainConfig):
     # data
-    data: str = "moving-digits"  # moving-digits | .npz: images (N,F,H,W,C) uint8 [labels text text_mask task] | folder
-    img_size: tuple = common.opt((12, 12), min=1)  # frame height,width in pixels (one value: square)
+    data: str = "moving-digits"  # moving-digits | .npz: images (N,F,H,W,C) uint8 [labels text text_mask task] | --precompute'd latent folder
+    img_size: tuple = common.opt((12, 12), min=1)  # frame height,width in pixels (one value: square; read from --data unless given)
     frames: int = common.opt(4, min=1)  # frames per video (a Wan VAE needs 1 + 4k, giving 1 + k latent frames)
-    channels: int = common.opt(1, min=1)  # image channels
+    channels: int = common.opt(1, min=1)  # image channels (read from --data unless given)
     digit_size: int = common.opt(8, min=1)  # moving-digits: side of the digit on the canvas
     videos_per_digit: int = common.opt(8, min=1)  # moving-digits: random trajectories per training digit
     speeds: tuple = common.opt((1, 2), min=0)  # moving-digits: speeds per axis (pixels a frame), random signs

@@ -42,13 +42,16 @@ Ambiguities, and the choices made here
   * The U-Net embeds t in [0, 1] with sinusoids as torchcfm's UNetModel does (no x1000 diffusion-step scaling).
 
 Data: 2D toys generated here (8gaussians and moons as in torchcfm's examples, moon arcs drawn uniformly); images: the
-scikit-learn digits (CPU demo), or a CIFAR-10-style `.npz` (`images` uint8 (N, H, W, C), optional `labels`) or folder.
+scikit-learn digits (CPU demo), or your own images with `--target cifar10 --data`: a CIFAR-10-style `.npz` (`images`
+uint8 (N, H, W, 3), optional `labels`) or an image folder (flat, or one subfolder per class), at the size of the
+images unless `--image_size` (or `--preset cifar10`: 32) says otherwise.
 
 Run
     python wcfm.py                                   # 8 Gaussians -> moons: I-CFM, OT-CFM, W-CFM at two kappa (CPU)
     python wcfm.py --preset mog-5gaussians           # mixture of Gaussians -> 5 Gaussians, the same comparison
     python wcfm.py --preset digits                   # class-conditional W-CFM U-Net on 8x8 digits (CPU, minutes)
-    torchrun --nproc_per_node=8 wcfm.py --preset cifar10 --data_path cifar10_train.npz   # torchcfm's recipe, GPUs
+    torchrun --nproc_per_node=8 wcfm.py --preset cifar10 --data cifar10_train.npz   # torchcfm's recipe, GPUs
+    python wcfm.py --target cifar10 --data my_images/  # your images (flat or class folders), at their own size
     python wcfm.py --select-kappa [--preset ...]     # the tilt curve, the budget and the elbow choice of kappa
     python wcfm.py --eval [--ckpt out/wcfm/wcfm/ckpt.pt]  # W2 at 1-8 Euler steps / 100 / dopri5, straightness, NPE
     python wcfm.py --sample --ckpt out/wcfm/wcfm/ckpt.pt --n 2000 --out s.npz [--sampler dopri5] [--prune]
@@ -93,8 +96,8 @@ FEW_STEPS = (1, 2, 4, 8)  # the Euler step counts --eval reports W2 at
 class Config(common.TrainConfig):
     source: str = common.opt("8gaussians", choices=TOYS)  # 2D source toy; images always start from N(0, I)
     target: str = common.opt("moons", choices=TOYS + ("digits", "cifar10"))  # a 2D toy | digits | cifar10
-    data_path: str = ""  # cifar10: an .npz with images uint8 (N, H, W, C) [+ labels], or a folder of class folders
-    image_size: int = common.opt(32, min=1)  # image side (folders are resized, digits upsampled)
+    data: str = ""  # --target cifar10: image folder (flat or class subfolders) | .npz: images (N,H,W,3) uint8 [labels]
+    image_size: int = common.opt(32, min=1)  # image side (read from --data unless given; folders are resized, digits upsampled)
     hflip: bool = False  # random horizontal flips of the images (training, and the pruning PCA)
     coupling: str = "wcfm"  # icfm | otcfm | wcfm | wcfm:KAPPA; a comma-separated list trains each side by side
     sigma: float = 0.1  # std of the Gaussian around the straight conditional path
@@ -124,6 +127,7 @@ class Config(common.TrainConfig):
     eval_n: int = common.opt(2000, min=2)  # samples for --eval (and the side-by-side table)
 
     NAME = "wcfm"
+    RENAMED = {"data_path": "data"}  # checkpoints from before --data_path became --data
     RUNTIME = ("sampler", "sample_steps", "atol", "rtol", "guidance", "prune", "prune_tau", "prune_tau_r", "eval_n")
 
     def __post_init__(self):
@@ -137,8 +141,8 @@ class Config(common.TrainConfig):
             raise ValueError("--prune prunes pixel directions: it is for image targets (digits, cifar10)")
         if self.norm_align_side != "x0" and not self.norm_align:
             raise ValueError(f"--norm_align_side {self.norm_align_side} needs --norm_align")
-        if self.data_path and self.target != "cifar10":  # never ignored: the toys and the digits are built in
-            raise ValueError(f"--data_path is read for --target cifar10 (your own images), not --target {self.target}")
+        if self.data and self.target != "cifar10":  # never ignored: the toys and the digits are built in
+            raise ValueError(f"--data is read for --target cifar10 (your own images), not --target {self.target}")
 
 
 def runs(spec: str) -> list[tuple[str, str, float | None]]:
@@ -592,16 +596,19 @@ def load_images(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.
     """uint8 (N, C, H, W) images and int64 labels (zeros when the data have none)."""
     if cfg.target == "digits":
         return common.load_digits(split, size=cfg.image_size)
-    if not cfg.data_path:
-        raise ValueError("--target cifar10 needs --data_path: an .npz with images (N, 32, 32, 3) uint8, or a folder")
-    if Path(cfg.data_path).is_dir() and not list(Path(cfg.data_path).glob("*.npy")):
-        folder = common.ImageFolder(cfg.data_path, cfg.image_size)
+    if not cfg.data:
+        raise ValueError("--target cifar10 needs --data: an .npz with images (N, H, W, 3) uint8, or an image folder")
+    if Path(cfg.data).is_dir() and not list(Path(cfg.data).glob("*.npy")):
+        folder = common.ImageFolder(cfg.data, cfg.image_size)
         x, y = zip(*(folder[i] for i in range(len(folder))))
         return torch.stack(x), torch.tensor(y)
-    arrays = common.load_arrays(cfg.data_path, ("images", "labels"))
+    arrays = common.load_arrays(cfg.data, ("images", "labels"))
     x = torch.from_numpy(np.ascontiguousarray(arrays["images"])).permute(0, 3, 1, 2).contiguous()
     if x.dtype != torch.uint8 or x.ndim != 4:
-        raise ValueError(f"{cfg.data_path}: images must be uint8 (N, H, W, C), got {x.dtype} {tuple(x.shape)}")
+        raise ValueError(f"{cfg.data}: images must be uint8 (N, H, W, C), got {x.dtype} {tuple(x.shape)}")
+    if x.shape[1:] != data_shape(cfg):  # an .npz is not resized
+        raise ValueError(f"{cfg.data}: images must be (N, {cfg.image_size}, {cfg.image_size}, 3) uint8 (--image_size), "
+                         f"got {tuple(arrays['images'].shape)}")
     y = torch.from_numpy(np.asarray(arrays["labels"])).long() if "labels" in arrays else torch.zeros(len(x)).long()
     return x, y
 

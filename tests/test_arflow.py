@@ -15,7 +15,7 @@ import torch
 
 import arflow as af
 import common
-from conftest import ROOT
+from conftest import ROOT, need
 
 TINY = dict(data="synthetic.npz", width=32, heads=4, depth=2, img_size=4, channels=2, patch_size=2, num_classes=5)
 MODES = ["hybrid", "softmax"]
@@ -288,6 +288,41 @@ def test_latents_precompute_flip_and_decode(tmp_path):
     assert out.shape == (3, 1, 16, 16) and out.dtype == torch.uint8
 
 
+def test_image_folders_train_pixel_and_latent_models(tmp_path, capsys, monkeypatch):
+    """--data an image folder (class subfolders or flat): a pixel model at the images' size and channels; a latent
+    model (a tiny random VAE) encodes the images through --vae at every step instead of refusing them."""
+    need("PIL")
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        for i in range(4):
+            common.save_png(tmp_path / "rgb" / f"class{c}" / f"{i}.png", rng.integers(0, 256, (12, 12, 3), np.uint8))
+    x, y = common.load_digits("test", 16)
+    for i in range(6):
+        common.save_png(tmp_path / "digits" / f"{i}.png", x[i, 0].numpy())  # flat: one class, grey
+    tiny = ["--width", 16, "--heads", 2, "--depth", 1, "--seq_len", 2, "--steps", 2, "--batch_size", 4,
+            "--sample_steps", 2, "--ckpt_every", 0]
+    _run(tiny + ["--data", tmp_path / "rgb", "--patch_size", 4, "--out_dir", tmp_path / "px"], capsys)
+    m, cfg = af.from_checkpoint(tmp_path / "px" / "ckpt.pt")
+    assert (cfg.img_size, cfg.channels, m.C, m.side) == (12, 3, 3, 12)
+    assert (tmp_path / "px" / "samples.png").exists()
+    x_, _, y_, _ = af.load_data(cfg)
+    assert x_.shape == (8, 3, 12, 12) and y_.tolist() == [0] * 4 + [1] * 4  # images read as batches ask for them
+    assert np.array_equal(x_[np.array([5, 1])], np.stack([x_[np.array([5])][0], x_[np.array([1])][0]]))
+    vae = common.train_vae(tmp_path, steps=0)  # 1-channel 16x16 -> 4x8x8
+    capsys.readouterr()
+    latent = tiny + ["--data", tmp_path / "digits", "--vae_family", "sd", "--patch_size", 2]
+    assert "encodes images through --vae PATH" in _error(latent + ["--out_dir", tmp_path / "no"], capsys)
+    encoded = []
+    encode = common.VAE.encode
+    monkeypatch.setattr(common.VAE, "encode", lambda self, x, **kw: encoded.append(x.shape) or encode(self, x, **kw))
+    _run(latent + ["--vae", vae, "--out_dir", tmp_path / "lat"], capsys)
+    m, cfg = af.from_checkpoint(tmp_path / "lat" / "ckpt.pt")
+    assert (cfg.img_size, cfg.channels, m.C, m.side) == (16, 1, 4, 8)  # trained on latents of the folder's images
+    assert (4 * 2, 1, 16, 16) in encoded  # a training batch: 4 sequences of 2 images, encoded on the fly
+    state = common.load_checkpoint(tmp_path / "lat" / "ckpt.pt")
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
 def _error(argv, capsys) -> str:
     with pytest.raises(SystemExit) as e:
         common.run(lambda: af.main([str(a) for a in argv]))
@@ -308,7 +343,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys):
     assert _error(["--sample", "--ckpt", tmp_path / "missing.pt"], capsys) == \
         f"error: no checkpoint at {tmp_path / 'missing.pt'}"
     np.savez(tmp_path / "bad.npz", images=np.zeros((4, 8, 8, 3), np.uint8), labels=np.zeros(4, np.int64))
-    assert _error(["--data", tmp_path / "bad.npz", "--steps", 1] + out, capsys) == \
+    assert _error(["--data", tmp_path / "bad.npz", "--channels", 1, "--steps", 1] + out, capsys) == \
         f"error: {tmp_path / 'bad.npz'}: images must be (N, 8, 8, 1) uint8, got (4, 8, 8, 3)"
     np.savez(tmp_path / "lab.npz", images=np.zeros((4, 8, 8, 1), np.uint8), labels=np.array([0, 1, 2, 12]))
     assert "needs one label in [0, 10)" in _error(["--data", tmp_path / "lab.npz", "--steps", 1] + out, capsys)

@@ -84,10 +84,10 @@ BAD = {
     "wcfm": [
         (["--coupling", "icfm,wcmf"], "--coupling 'wcmf'"), (["--kappa", "0"], "--kappa must be > 0"),
         (["--sampler", "rk5"], "--sampler 'rk5'"), (["--target", "moon"], "--target 'moon'"),
-        (["--data_path", "{floats}"], "--data_path is read for --target cifar10 (your own images), not --target moons"),
+        (["--data", "{floats}"], "--data is read for --target cifar10 (your own images), not --target moons"),
         (["--sample_steps", "0"], "--sample_steps"), (["--guidance", "2"], "--guidance needs a class-conditional"),
         (["--ch_mult", "1,x"], "argument --ch_mult"), (["--p_uncond", "2"], "--p_uncond"),
-        (["--target", "cifar10", "--data_path", "{text}", "--width", "8", "--ch_mult", "1", "--attn_res", "2"],
+        (["--target", "cifar10", "--data", "{text}", "--width", "8", "--ch_mult", "1", "--attn_res", "2"],
          "{text}"),
         (["--sample", "--ckpt", "{starflow_ckpt}"], "is a starflow checkpoint, not wcfm"),
     ],

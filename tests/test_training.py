@@ -372,6 +372,56 @@ def test_image_folder_and_npz_data(tmp_path):
         common.load_arrays(tmp_path / "d.npz", ("latents",))
 
 
+def test_image_size_and_channels_come_from_the_data_unless_given(tmp_path, capsys):
+    """--data my_folder without --img_size/--channels trains at the data's size and channels (every image model's
+    parse_config); an option or a preset named with --preset still wins; the digits and latent folders are left
+    alone; --sample/--eval/--resume read the checkpoint's config instead."""
+    need("PIL")
+    import arflow
+    import latent_fm
+    import starflow
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):  # class subfolders
+        for i in range(3):
+            common.save_png(tmp_path / "rgb" / c / f"{i}.png", rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))
+    for i in range(3):  # flat, grey, landscape: the center crop's side
+        common.save_png(tmp_path / "grey" / f"{i}.png", rng.integers(0, 256, (10, 14), dtype=np.uint8))
+    np.savez(tmp_path / "v.npz", images=np.zeros((2, 5, 6, 6, 3), np.uint8))  # videos: (H, W, C) of a frame
+    np.savez(tmp_path / "d.npz", images=np.zeros((4, 20, 20, 1), np.uint8), labels=np.zeros(4, np.int64))
+    lat = tmp_path / "lat"
+    lat.mkdir()
+    np.save(lat / "latents.npy", np.zeros((4, 4, 2, 2), np.float16))
+    assert common.image_shape(tmp_path / "rgb") == (12, 12, 3) and common.image_shape(tmp_path / "grey") == (10, 14, 1)
+    assert common.image_shape(tmp_path / "d.npz") == (20, 20, 1) and common.image_shape(tmp_path / "v.npz") == (6, 6, 3)
+    assert common.image_shape(lat) is None and common.image_shape("digits") is None
+    assert common.image_shape(tmp_path / "missing") is None
+    for mod in (starflow, latent_fm, arflow):
+        def cfg(*argv):
+            return common.parse_config(mod.Config, mod.PRESETS, [str(a) for a in argv] + ["--vae_family", "none",
+                                       "--patch_size", "2", "--out_dir", str(tmp_path / "o")])[0]
+        c = cfg("--data", tmp_path / "rgb")
+        assert (c.img_size, c.channels) == (12, 3), mod.__name__
+        assert "--img_size 12 --channels 3 from the data" in capsys.readouterr().out
+        c = cfg("--data", tmp_path / "rgb", "--img_size", 8)  # the option wins (the folder is resized)
+        assert (c.img_size, c.channels) == (8, 3), mod.__name__
+        c = cfg("--data", tmp_path / "grey", "--channels", 3)
+        assert (c.img_size, c.channels) == (10, 3), mod.__name__
+        c = cfg("--data", tmp_path / "d.npz")
+        assert (c.img_size, c.channels) == (20, 1), mod.__name__
+        default = mod.Config(**next(iter(mod.PRESETS.values())))
+        c = cfg("--data", lat)  # latents: nothing to read the image size from
+        assert (c.img_size, c.channels) == (default.img_size, default.channels), mod.__name__
+    c = cfg("--data", "digits")
+    assert (c.img_size, c.channels) == (8, 1)  # arflow's digits: the preset's defaults
+    imagenet = common.parse_config(arflow.Config, arflow.PRESETS, ["--preset", "imagenet128", "--data",
+                                   str(tmp_path / "rgb"), "--out_dir", str(tmp_path / "o")])[0]
+    assert (imagenet.img_size, imagenet.channels) == (128, 3)  # a named preset's size is given
+    grey = common.parse_config(starflow.Config, starflow.PRESETS, ["--data", str(tmp_path / "grey"), "--out_dir",
+                               str(tmp_path / "o")])[0]
+    assert starflow.load_data(grey, "all")[0][0].shape == (1, 10, 10)  # read as grey, at the data's size
+    assert starflow.load_data(dataclasses.replace(grey, channels=3), "all")[0][0].shape == (3, 10, 10)
+
+
 def _logged_run(tmp_path, logger, resume=False, steps=4):
     """A tiny common.train run whose evaluation writes a PNG grid, as the model files' evaluations do."""
     cfg = common.TrainConfig(out_dir=str(tmp_path), steps=steps, batch_size=4, warmup=0, log_every=2, eval_every=2,

@@ -382,6 +382,41 @@ def test_torchrun_two_processes_train_and_split_sampling_with_released_norm_alig
         assert abs(np.linalg.norm(s, axis=1).mean() - 4.0) < 0.4
 
 
+def test_own_images_through_data_at_their_size_and_old_data_path_checkpoints_load(tmp_path, capsys):
+    """--target cifar10 --data: an .npz or an image folder, at the images' size unless --image_size says otherwise;
+    a checkpoint written when the field was --data_path samples, evaluates and resumes."""
+    need("PIL")
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, images=rng.integers(0, 256, (16, 4, 4, 3), dtype=np.uint8))
+    for i in range(16):
+        common.save_png(tmp_path / "imgs" / f"{i}.png", rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+    tiny = ["--target", "cifar10", "--coupling", "wcfm", "--width", "8", "--ch_mult", "1", "--attn_res", "2",
+            "--num_res_blocks", "1", "--steps", "2", "--batch_size", "8", "--eval_every", "0", "--ckpt_every", "0",
+            "--sample_steps", "2", "--eval_n", "8"]
+    wcfm.main(tiny + ["--data", str(npz), "--out_dir", str(tmp_path / "a")])
+    state = _ckpt(tmp_path / "a" / "ckpt.pt")
+    assert (state["config"]["data"], state["config"]["image_size"]) == (str(npz), 4) and "data_path" not in \
+        state["config"]
+    wcfm.main(tiny + ["--data", str(tmp_path / "imgs"), "--out_dir", str(tmp_path / "b")])
+    model, cfg = wcfm.from_checkpoint(tmp_path / "b" / "ckpt.pt")
+    assert cfg.image_size == 6 and model.shape == (3, 6, 6)
+    capsys.readouterr()
+    assert "d.npz: images must be (N, 8, 8, 3) uint8 (--image_size), got (16, 4, 4, 3)" in \
+        _fails(tiny + ["--data", str(npz), "--image_size", "8", "--out_dir", str(tmp_path / "c")], capsys)
+    assert "--data is read for --target cifar10" in _fails(["--target", "digits", "--data", str(npz)], capsys)
+    # a checkpoint from before the rename: its config says data_path
+    old = tmp_path / "old" / "ckpt.pt"
+    old.parent.mkdir()
+    torch.save({**state, "config": {("data_path" if k == "data" else k): v for k, v in state["config"].items()}}, old)
+    model, cfg = wcfm.from_checkpoint(old, sample_steps=3)
+    assert (cfg.data, cfg.image_size, cfg.sample_steps) == (str(npz), 4, 3) and model.shape == (3, 4, 4)
+    wcfm.main(["--sample", "--ckpt", str(old), "--n", "4", "--out", str(tmp_path / "s.npz")])
+    assert np.load(tmp_path / "s.npz")["images"].shape == (4, 4, 4, 3)
+    wcfm.main(["--resume", "--out_dir", str(old.parent), "--steps", "3"])
+    assert _ckpt(old)["step"] == 3 and _ckpt(old)["config"]["data"] == str(npz)
+
+
 def test_digits_unet_trains_samples_with_released_pruning_and_evaluates(tmp_path):
     need("sklearn")
     fast = ["--preset", "digits", "--out_dir", str(tmp_path), "--sample_steps", "10"]
