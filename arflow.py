@@ -884,7 +884,7 @@ def main(argv=None):
     common.print0(f"ARFlow ({cfg.attention} attention) with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                   f"parameters: sequences of {cfg.seq_len} images of {model.N} tokens, {len(x)} training images")
 
-    def loss_fn(net, batch):
+    def loss_fn(net, batch, at):
         return batch_loss(net, batch, cfg.num_classes, vae), {}
 
     def on_eval(step, model, ema):

@@ -330,11 +330,11 @@ def bench_mogfn(device):
         common.load_weights(m, common.load_checkpoint("out/mogfn/ckpt.pt"), ema=False)
         note = "trained weights (out/mogfn)"
     trained = copy.deepcopy(m)  # the sampling rows below time the checkpoint's weights, not a few more steps
-    loss_fn, data = mg.train_step_fn(trained, cfg, common.Dist(device=device))
-    opt, it = mg.optimizer(trained, cfg), data(0)
+    loss_fn, opt = mg.train_loss_fn(trained, cfg, common.Dist(device=device)), mg.optimizer(trained, cfg)
+    at = common.At(0, slice(0, cfg.batch_size))
 
     def step():
-        loss, _ = loss_fn(trained, next(it))
+        loss, _ = loss_fn(trained, [], at)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -887,9 +887,8 @@ def _spec_mogfn(tiny: bool, device) -> TrainSpec:
 
     def make_loss(m, cfg):
         dev = next(m.parameters()).device
-        loss_fn, data = mg.train_step_fn(m, cfg, common.Dist(device=dev))
-        it = data(0)
-        return lambda: loss_fn(m, next(it))[0]
+        loss_fn = mg.train_loss_fn(m, cfg, common.Dist(device=dev))
+        return lambda: loss_fn(m, [], common.At(0, slice(0, cfg.batch_size)))[0]
     return TrainSpec("ngrams-3obj", cfg, lambda c: mg.build(c, device), make_loss, cfg.batch_size, 0, "trajectories",
                      "one step: the policy's rollouts (no grad) and the trajectory-balance loss; a 127k-parameter "
                      "model, so its MFU is tiny by nature", meta_flops=False)

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -1822,28 +1823,35 @@ def _writable_tensor(x) -> torch.Tensor:
 
 
 def batches(data: torch.utils.data.Dataset, batch_size: int, d: Dist, seed: int = 0, start_step: int = 0,
-            num_workers: int = 0):
+            num_workers: int = 0, noise: Callable | None = None):
     """Endless per-rank batches. The GLOBAL batch at step s is the same whatever the world size -- a seeded
     permutation per epoch cut into global batches, each rank taking its slice -- so a torchrun run matches a single
     process with the same global batch, and resuming at step s only skips indices, not data.
-    (DistributedSampler interleaves ranks instead, which ties the batches to the world size.)"""
+    (DistributedSampler interleaves ranks instead, which ties the batches to the world size.)
+    noise(g, n) -> [tensors of n rows]: per-example noise appended to each batch, drawn for the whole global batch
+    from a generator on the training device seeded by (seed, s); each example keeps its own rows wherever it lands,
+    so the loss, not only the data, is the same for any number of processes."""
     if batch_size % d.world_size:
         raise ValueError(f"batch_size {batch_size} is not divisible by {d.world_size} ranks")
     if batch_size > len(data):
         raise ValueError(f"batch_size {batch_size} exceeds the {len(data)} examples in the data")
     per_rank, per_epoch = batch_size // d.world_size, len(data) // batch_size
+    mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
     step = start_step
     while True:
         epoch, first = divmod(step, per_epoch)
         perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        idx = [perm[i * batch_size + d.rank * per_rank:][:per_rank] for i in range(first, per_epoch)]
-        if isinstance(data, ArrayDataset):
-            for i in idx:
-                yield data[i.sort().values.numpy()]  # sorted indices: faster for memory-mapped arrays
-        else:
-            yield from torch.utils.data.DataLoader(data, batch_sampler=[i.tolist() for i in idx],
-                                                   num_workers=num_workers, pin_memory=d.device.type == "cuda")
-        step = (epoch + 1) * per_epoch
+        # sorted indices (faster for memory-mapped arrays) and their positions in this rank's slice
+        parts = [perm[i * batch_size:(i + 1) * batch_size][mine].sort() for i in range(first, per_epoch)]
+        loader = (data[p.values.numpy()] for p in parts) if isinstance(data, ArrayDataset) else \
+            torch.utils.data.DataLoader(data, batch_sampler=[p.values.tolist() for p in parts],
+                                        num_workers=num_workers, pin_memory=d.device.type == "cuda")
+        for batch, p in zip(loader, parts):
+            if noise is not None:
+                g = torch.Generator(d.device).manual_seed(seed * 1_000_003 + step)
+                batch = list(batch) + [v[mine][p.indices.to(d.device)] for v in noise(g, batch_size)]
+            yield batch
+            step += 1
 
 
 def _need(module: str, why: str):
@@ -2325,8 +2333,8 @@ def existing(*paths) -> str:
 
 def _micro_batches(batch, k: int) -> list:
     """Split each tensor of a batch into k micro-batches along dim 0 (others are repeated)."""
-    if k == 1:
-        return [batch]
+    if k == 1 or not batch:  # (an empty batch: data=None)
+        return [batch] * k
     parts = [t.tensor_split(k) if isinstance(t, torch.Tensor) and t.ndim else [t] * k for t in batch]
     return [list(p) for p in zip(*parts)]
 
@@ -2340,19 +2348,30 @@ def _params_finite(model: nn.Module, d: Dist) -> bool:
     return not bad.item()
 
 
+@dataclass(frozen=True)
+class At:
+    """Where a loss_fn call sits: the optimizer step (0-based) and the rows of the GLOBAL batch (ranks in order, each
+    split into --grad_accum micro-batches) that its micro-batch holds. A model file that makes its own data inside the
+    loss (e.g. on-policy rollouts) draws it from these, so any world size and --resume reproduce one process."""
+    step: int
+    rows: slice
+
+
 def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, *, resume: str | None = None,
           overwrite: bool = False, evaluate: Callable | None = None, shard_types: tuple[type, ...] = (Block,),
           optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None, max_bad_steps: int = 20):
     """The loop every model file shares.
 
-    loss_fn(net, batch) -> (loss, {name: value}) is called with the wrapped network (DDP / FSDP2 / compiled) on each
-    of cfg.grad_accum micro-batches (every tensor of the batch split along dim 0; the loss must be a mean over the
-    examples, so the weighted micro-losses add up to the full batch's); data is a Dataset, or a function
-    start_step -> iterator of this rank's batches; evaluate(step, model, ema) -> {name: value} runs on every rank every
-    cfg.eval_every steps and at the end. `shard_types` are the modules FSDP2 shards one by one. optimizer(model)
-    builds the optimizer (default: make_optimizer) after DDP / FSDP2 wrapping, since FSDP2 replaces the parameters.
-    Steps with a non-finite gradient are skipped and never reach a checkpoint, non-finite weights stop the run;
-    SIGTERM/SIGINT save and exit with 128 + the signal. Returns (model, ema); `model` is the unwrapped module.
+    loss_fn(net, batch, at) -> (loss, {name: value}) is called with the wrapped network (DDP / FSDP2 / compiled) on
+    each of cfg.grad_accum micro-batches (every tensor of the batch split along dim 0; the loss must be a mean over the
+    examples, so the weighted micro-losses add up to the full batch's) and `at` (`At`: the step, the rows). data is a
+    Dataset, a function start_step -> iterator of this rank's batches, or None (the loss makes its own examples: each
+    batch is empty and `at.rows` says which of cfg.batch_size it stands for). evaluate(step, model, ema) ->
+    {name: value} runs on every rank every cfg.eval_every steps and at the end. `shard_types` are the modules FSDP2
+    shards one by one. optimizer(model) builds the optimizer (default: make_optimizer) after DDP / FSDP2 wrapping,
+    since FSDP2 replaces the parameters. Steps with a non-finite gradient are skipped and never reach a checkpoint,
+    non-finite weights stop the run; SIGTERM/SIGINT save and exit with 128 + the signal. Returns (model, ema);
+    `model` is the unwrapped module.
     """
     out = Path(cfg.out_dir)
     ckpt_path = out / "ckpt.pt"
@@ -2380,6 +2399,9 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
         data = batches(data, cfg.batch_size, d, cfg.seed, step, cfg.num_workers)
     elif callable(data):  # a batch generator that knows how to start at a step (e.g. synthetic data)
         data = data(step)
+    elif data is None:
+        data = itertools.repeat([])
+    first_row, n_rows = rank_split(cfg.batch_size, d)
     log = JsonlLog(out / "log.jsonl", resume=bool(resume), logger=cfg.logger, config=cfg)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and d.device.type == "cuda" and not cfg.fsdp)
 
@@ -2397,11 +2419,14 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
         for step in bar:
             batch = [t.to(d.device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in next(data)]
             micro = _micro_batches(batch, cfg.grad_accum)
-            n_total, loss, logs = sum(_batch_len(m) for m in micro), 0.0, {}
+            sizes = [_batch_len(m) for m in micro] if batch else \
+                [len(r) for r in torch.arange(n_rows).tensor_split(cfg.grad_accum)]
+            loss, logs, row = 0.0, {}, first_row
             for k, mb in enumerate(micro):
-                weight = _batch_len(mb) / n_total  # mean over the batch = weighted mean of the micro-batch means
+                weight = sizes[k] / sum(sizes)  # mean over the batch = weighted mean of the micro-batch means
+                at, row = At(step, slice(row, row + sizes[k])), row + sizes[k]
                 with (no_sync() if k < len(micro) - 1 else contextlib.nullcontext()), amp:
-                    micro_loss, micro_logs = loss_fn(net, mb)
+                    micro_loss, micro_logs = loss_fn(net, mb, at)
                 (micro_loss * weight).backward()
                 loss = loss + micro_loss.detach() * weight
                 logs = {n: logs.get(n, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach() * weight

@@ -739,34 +739,6 @@ def draw_noise(cfg: Config, n: int, shape, generator, device) -> list[torch.Tens
     return out + ([torch.rand(n, **g)] if cfg.hflip else [])
 
 
-def training_batches(cfg: Config, data, shape, d: common.Dist):
-    """start_step -> this rank's batches, each example with its noise (`draw_noise`) appended. As common.batches, the
-    GLOBAL batch of step s is a slice of a seeded per-epoch permutation and each rank takes its part; its noise comes
-    from a generator seeded by (seed, s) on the training device and travels with its example (common.batches sorts
-    each rank's part, which would pair noise and examples differently for each world size). So the loss, not only
-    the data, is the same for any number of processes, and --resume is exact."""
-    B, N = cfg.batch_size, len(data)
-    if B % d.world_size or B > N:
-        raise ValueError(f"--batch_size {B} must be divisible by the {d.world_size} ranks and at most the {N} examples")
-    per, per_epoch = B // d.world_size, N // B
-    mine = slice(d.rank * per, (d.rank + 1) * per)
-
-    def it(step: int):
-        while True:
-            epoch, first = divmod(step, per_epoch)
-            perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-            parts = [perm[i * B:(i + 1) * B][mine].sort() for i in range(first, per_epoch)]  # (indices, positions)
-            loader = (data[p.values.numpy()] for p in parts) if isinstance(data, common.ArrayDataset) else \
-                torch.utils.data.DataLoader(data, batch_sampler=[p.values.tolist() for p in parts],
-                                            num_workers=cfg.num_workers, pin_memory=d.device.type == "cuda")
-            for batch, p in zip(loader, parts):
-                g = torch.Generator(d.device).manual_seed(cfg.seed * 1_000_003 + step)
-                noise = [v[mine][p.indices.to(d.device)] for v in draw_noise(cfg, B, shape, g, d.device)]
-                yield list(batch) + noise
-                step += 1
-    return it
-
-
 def batch_inputs(model: LatentFlow, batch, vae, drop: float = 0.0, hflip: bool = False):
     """A batch + its noise -> (z0 a posterior sample, t, eps, labels or None, spatial condition or None). Batches are
     (mean, std, labels, extra [, mean and std of the mirrored images under hflip]) or, from an image folder, (images
@@ -1082,7 +1054,7 @@ def main(argv=None):
                   f"tokens of {model.C}x{cfg.patch_size}x{cfg.patch_size} latents, "
                   f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters -> {cfg.out_dir}")
 
-    def loss_fn(net, batch):
+    def loss_fn(net, batch, at):
         z0, t, eps, y, spatial = batch_inputs(model, batch, vae, cfg.label_drop, cfg.hflip)
         return lfm_loss(net, z0, y, spatial, t, eps), {}
 
@@ -1108,7 +1080,9 @@ def main(argv=None):
         common.print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
         return res
 
-    data = training_batches(cfg, data, (model.C, model.S, model.S), d)
+    shape, examples = (model.C, model.S, model.S), data  # each example with its noise, drawn per global batch
+    data = lambda step: common.batches(examples, cfg.batch_size, d, cfg.seed, step, cfg.num_workers,  # noqa: E731
+                                       noise=lambda g, n: draw_noise(cfg, n, shape, g, d.device))
     common.train(cfg, model, loss_fn, data, d, resume=ckpt if args.resume else None, overwrite=args.overwrite,
                  evaluate=on_eval, shard_types=(DiTBlock,))
     out = Path(cfg.out_dir)

@@ -972,23 +972,23 @@ def update_archive(model: MOGFN, x: torch.Tensor, cfg: Config, d: common.Dist):
     model.archive_n.fill_(len(kept))
 
 
-def train_step_fn(model: MOGFN, cfg: Config, d: common.Dist):
-    """Trajectories are a pure function of (seed, step): every rank draws the global batch's randomness and keeps its
-    slice, so --resume and any number of ranks reproduce one process. A batch is (rows of the global batch, step), so
-    --grad_accum splits the rows (with --replay the archive then grows after each micro-batch, not once per step)."""
+def train_loss_fn(model: MOGFN, cfg: Config, d: common.Dist):
+    """The loss of common.train with no data (data=None): each call rolls out its own trajectories. They are a pure
+    function of (seed, step): every rank draws the global batch's randomness and keeps its rows (`at.rows`), so
+    --resume and any number of ranks reproduce one process (with --grad_accum and --replay the archive grows after
+    each micro-batch, not once per step)."""
     B = cfg.batch_size
 
-    def loss_fn(net, batch):
-        rows, step = batch[0], int(batch[1][0])
-        start, count = int(rows[0]), len(rows)  # this (micro-)batch's slice of the global batch
-        rng = np.random.default_rng([cfg.seed, step])
+    def loss_fn(net, batch, at: common.At):
+        start, count = at.rows.start, at.rows.stop - at.rows.start  # this (micro-)batch's slice of the global batch
+        rng = np.random.default_rng([cfg.seed, at.step])
         w, beta = sample_conditions(cfg, model.task.n_obj, B, rng)
         w, beta = w[start:start + count].to(d.device), beta[start:start + count].to(d.device)
         with common.full_params(model):  # the rollout calls the policy itself: FSDP2 gathers its weights once
             cond = model.encode(w, beta)
             xs, acts, x = rollout(model, cond, rank_slice(rng, B, start, count), cfg.eps)
         if cfg.replay > 0:
-            xs, acts, x = replay(xs, acts, x, np.random.default_rng([cfg.seed, step, 1]), start, count)
+            xs, acts, x = replay(xs, acts, x, np.random.default_rng([cfg.seed, at.step, 1]), start, count)
         loss, log_z, log_r = tb_loss(net, model, xs, acts, x, w, beta, cond)
         return loss, {"log_z": log_z.mean(), "log_r": log_r.mean(), "traj_len": (acts >= 0).sum(0).float().mean()}
 
@@ -1008,12 +1008,7 @@ def train_step_fn(model: MOGFN, cfg: Config, d: common.Dist):
             x = xs[-1]
         update_archive(model, sampled, cfg, d)
         return xs, acts, x
-
-    def data(step0):
-        start, count = common.rank_split(B, d)
-        for step in itertools.count(step0):
-            yield [torch.arange(start, start + count), torch.full((count,), step)]
-    return loss_fn, data
+    return loss_fn
 
 
 def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[MOGFN, Config]:
@@ -1073,7 +1068,7 @@ def main(argv=None):
     model = build(cfg, d.device)
     n_params = sum(p.numel() for p in model.parameters())
     common.print0(f"MOGFN-PC on {cfg.task} with {model.task.n_obj} objectives, {n_params / 1e3:.0f}k parameters")
-    loss_fn, data = train_step_fn(model, cfg, d)
+    loss_fn = train_loss_fn(model, cfg, d)
 
     def on_eval(step, model, ema):
         model.eval()
@@ -1087,7 +1082,7 @@ def main(argv=None):
         return res
 
     t0 = time.time()
-    common.train(cfg, model, loss_fn, data, d, resume=ckpt if args.resume else None, overwrite=args.overwrite,
+    common.train(cfg, model, loss_fn, None, d, resume=ckpt if args.resume else None, overwrite=args.overwrite,
                  evaluate=on_eval, optimizer=lambda m: optimizer(m, cfg))
     out = Path(cfg.out_dir)
     common.print0(f"done in {time.time() - t0:.0f}s: "

@@ -1249,7 +1249,7 @@ def main(argv=None):
                   f"blocks {cfg.layers}; {len(data)} training / {len(held_out)} held-out examples")
     uniform = cfg.dequant == "uniform"
 
-    def loss_fn(net, batch):
+    def loss_fn(net, batch, at):
         if uniform and batch[0].dtype != torch.uint8:
             raise ValueError("--dequant uniform needs 8-bit images")
         x = dequantize_pixels(batch[0]) if uniform else to_model_space(batch[0], vae)

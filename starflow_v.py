@@ -1334,7 +1334,7 @@ def main(argv=None):
                   f"{model.D} dims, blocks {cfg.layers}, denoiser {cfg.denoiser_layers} layers")
     denoiser = model.denoiser is not None
 
-    def loss_fn(net, batch):
+    def loss_fn(net, batch, at):
         return train_loss(net, training_inputs(cfg, vae, batch, getattr(data, "logvar", False)),
                           batch_cond(model, batch, cfg.label_drop), cfg.noise_std, denoiser, loss_weight(cfg))
 

@@ -782,7 +782,7 @@ def train_one(cfg: Config, d: common.Dist, resume: str | None, overwrite: bool =
     common.print0(f"{cfg.coupling}: {fm.describe()}; {sum(p.numel() for p in model.parameters()):,} parameters "
                   f"-> {cfg.out_dir}")
 
-    def loss_fn(net, batch):
+    def loss_fn(net, batch, at):
         if is_image(cfg):
             x1, y = common.to_float(batch[0]), (batch[1] if cfg.num_classes else None)
             if cfg.hflip:

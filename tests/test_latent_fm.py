@@ -132,11 +132,12 @@ def tiny_inpainter(tmp_path_factory):
     test = common.ArrayDataset(*lf.encode_moments(vae, common.to_float(x)), y, x)
     before = lf.heldout_loss(model, cfg, test, vae)
 
-    def loss_fn(net, batch):
+    def loss_fn(net, batch, at):
         z0, t, eps, yy, sp = lf.batch_inputs(model, batch, vae)
         return lf.lfm_loss(net, z0, yy, sp, t, eps), {}
     d = common.Dist()
-    data = lf.training_batches(cfg, lf.train_data(cfg, vae), (1, 8, 8), d)
+    data = lambda step: common.batches(lf.train_data(cfg, vae), cfg.batch_size, d, cfg.seed, step,  # noqa: E731
+                                       noise=lambda g, n: lf.draw_noise(cfg, n, (1, 8, 8), g, d.device))
     model, ema = common.train(cfg, model, loss_fn, data, d)
     common.load_weights(model, {"model": model.state_dict(), "ema": ema.state_dict()})
     return model.eval(), cfg, vae, before, lf.heldout_loss(model, cfg, test, vae)

@@ -156,7 +156,7 @@ def undertrained(tmp_path_factory):
     test = sf.load_data(cfg, "val")
     before = sf.heldout_bpd(model, cfg, test, vae, d, dequantize=True)[0]
 
-    def loss_fn(net, batch):
+    def loss_fn(net, batch, at):
         x = sf.to_model_space(batch[0], vae)
         return sf.nll_loss(net, x, sf.batch_cond(model, batch, cfg.label_drop), cfg.noise_std), {}
 

@@ -250,7 +250,7 @@ def test_denoiser_learns_the_flow_score_in_a_short_run(tmp_path):
     data = sv.load_data(cfg)
 
     def loss_fn(denoiser):
-        return lambda net, batch: sv.train_loss(net, common.to_float(batch[0]), sv.batch_cond(m, batch),
+        return lambda net, batch, at: sv.train_loss(net, common.to_float(batch[0]), sv.batch_cond(m, batch),
                                                 cfg.noise_std, denoiser)
 
     common.train(dataclasses.replace(cfg, steps=60), m, loss_fn(False), data, common.Dist())

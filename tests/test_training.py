@@ -73,8 +73,8 @@ def test_grad_clip_value_clamps_each_element_after_the_norm(tmp_path):
     lin = torch.nn.Linear(3, 2)
     w0 = lin.weight.detach().clone()
     x, y = torch.randn(8, 3), 10 * torch.randn(8, 2)
-    loss_fn = lambda net, b: ((net(b[0]) - b[1]).square().mean(), {})  # noqa: E731
-    (loss_fn(lin, (x, y))[0]).backward()
+    loss_fn = lambda net, b, at: ((net(b[0]) - b[1]).square().mean(), {})  # noqa: E731
+    (loss_fn(lin, (x, y), None)[0]).backward()
     g = lin.weight.grad.clone()
     lin.zero_grad()
     v = g.abs().median().item()  # some elements clamped, some not
@@ -150,7 +150,7 @@ def test_grad_accum_equals_one_step_on_the_full_batch(tmp_path):
                    lr=0.05, ema_decay=0.0)
         calls = [0]
 
-        def loss_fn(net, batch):
+        def loss_fn(net, batch, at):
             calls[0] += 1
             return (net(batch[0]) - batch[1]).square().mean(), {}
         common.train(cfg, model, loss_fn, data, common.Dist())
@@ -222,7 +222,7 @@ def test_nonfinite_steps_are_skipped_and_never_saved(tmp_path):
     cfg = _Cfg(out_dir=str(tmp_path), steps=10, batch_size=8, log_every=5, ckpt_every=5, eval_every=100, warmup=1)
     calls = [0]
 
-    def loss_fn(net, batch):
+    def loss_fn(net, batch, at):
         calls[0] += 1
         loss = (net(batch[0]) - batch[1]).square().mean()
         return (loss * float("nan") if calls[0] in (3, 4) else loss), {}
@@ -233,13 +233,13 @@ def test_nonfinite_steps_are_skipped_and_never_saved(tmp_path):
     assert state["optimizer"]["state"]["weight"]["step"] == 8  # two steps skipped
     with pytest.raises(common.Diverged, match="non-finite gradients.*no checkpoint was written"):
         common.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "diverged")), model,
-                     lambda net, b: (net(b[0]).sum() * float("inf"), {}), data, d, max_bad_steps=3)
+                     lambda net, b, at: (net(b[0]).sum() * float("inf"), {}), data, d, max_bad_steps=3)
     assert not (tmp_path / "diverged" / "ckpt.pt").exists()
     # finite gradients that make the weights infinite (a huge learning rate) stop the run at once
     big = dataclasses.replace(cfg, out_dir=str(tmp_path / "huge_lr"), lr=1e38, warmup=0, grad_clip=0.0)
     lin = torch.nn.Linear(3, 1)
     with pytest.raises(common.Diverged, match="weights became non-finite at step 1;.*no checkpoint"):
-        common.train(big, lin, lambda net, b: ((net(b[0]) - b[1]).square().mean() * 1e10, {}), data, d,
+        common.train(big, lin, lambda net, b, at: ((net(b[0]) - b[1]).square().mean() * 1e10, {}), data, d,
                      optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=1e38))
     model.weight.data[0, 0] = float("nan")
     with pytest.raises(RuntimeError, match="non-finite weights"):
@@ -433,7 +433,7 @@ def _logged_run(tmp_path, logger, resume=False, steps=4):
         common.save_png(tmp_path / "samples.png", np.full((4, 6, 3), 40 * step, np.uint8))
         return {"score": float(step) / 10}
 
-    common.train(cfg, lin, lambda net, b: ((net(b[0]) - b[1]).square().mean(), {}), data, common.Dist(),
+    common.train(cfg, lin, lambda net, b, at: ((net(b[0]) - b[1]).square().mean(), {}), data, common.Dist(),
                  resume=str(tmp_path / "ckpt.pt") if resume else None, overwrite=not resume, evaluate=evaluate)
     return [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
 
