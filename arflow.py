@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -653,17 +652,18 @@ def _read(path) -> dict:
         return common.load_checkpoint(path)
 
 
-def from_checkpoint(path, **overrides) -> tuple[ARFlow, Config]:
-    """The EMA model of a checkpoint (on the CPU, in eval mode) and its config; overrides may change run-time fields.
+def from_checkpoint(path, device="cpu", **overrides) -> tuple[ARFlow, Config]:
+    """The EMA model of a checkpoint (in eval mode) and its config; overrides may change run-time fields.
     Reads this file's checkpoints and the official ones (see from_official)."""
     state = _read(path)
     if "kind" not in state and ("ema" in state or "pos_embed" in state):
-        return _official(state, path, overrides)
-    cfg = common.config_from_checkpoint(Config, state, overrides)
-    model, _ = build(cfg, "cpu")
-    state["model"].setdefault("pos", model.pos)  # files from before the table was saved
-    common.load_weights(model, state)
-    return model.eval(), cfg
+        model, cfg = _official(state, path, overrides)
+    else:
+        cfg = common.config_from_checkpoint(Config, state, overrides)
+        model, _ = build(cfg, "cpu")
+        state["model"].setdefault("pos", model.pos)  # files from before the table was saved
+        common.load_weights(model, state)
+    return model.to(device).eval(), cfg
 
 
 # the official sampler's defaults: sample.py:92-93 (guidance 4.5, 250 steps) and train_utils.py:24-31 (Euler-Maruyama,
@@ -833,39 +833,21 @@ def add_args(p: argparse.ArgumentParser):
                    help="encode IMAGES (image folder or .npz) through --vae into the latent folder --data")
 
 
-def main(argv=None):
-    cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=add_args, doc=__doc__)
-    if args.plot:
-        return common.print0(f"wrote {common.plot_log(args.plot)}")
-    if args.arch:
+def configure(cfg: Config, args, overrides: dict):
+    if args.arch:  # a size, below the explicit options
         overrides = {**ARCHS[args.arch], **overrides}
         cfg = dataclasses.replace(cfg, **overrides)
-    if args.dry_run:
-        return common.print0(json.dumps(dry_run(cfg, args.gpus)))
-    d = common.setup_distributed(cfg.device)
-    ckpt = args.ckpt or str(Path(cfg.out_dir) / "ckpt.pt")
-    if args.precompute:
-        return precompute_latents(cfg, args.precompute, d)
+    return cfg, overrides
 
-    if args.sample or args.eval:
-        model, cfg = from_checkpoint(ckpt, **overrides)
-        model, vae = model.to(d.device), load_vae(cfg, d.device)
-        if args.eval:
-            res = evaluate(model, cfg, vae, d)
-            common.print0(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
-            return
-        start, count = common.rank_split(args.n, d)
-        labels = torch.arange(start, start + count) % cfg.num_classes
-        imgs = generate(model, cfg, labels, vae, seed=cfg.seed + 1000 + d.rank)
-        common.save_npz(args.out, d, images=imgs.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
-        grid = Path(args.out).with_suffix(".png")
-        if d.is_main:
-            common.save_png(grid, common.image_grid(imgs[:100], nrow=10))
-        common.print0(f"wrote {args.n} samples to {args.out} and a grid to {grid} ({cfg.sampler}, {cfg.sample_steps} "
-                      f"steps, guidance {cfg.guidance:g})")
-        return
 
-    common.seed_all(cfg.seed)  # the same initial weights on every rank
+def cli_sample(model: ARFlow, cfg: Config, args, d: common.Dist, start: int, count: int):
+    labels = torch.arange(start, start + count) % cfg.num_classes
+    imgs = generate(model, cfg, labels, load_vae(cfg, d.device), seed=cfg.seed + 1000 + d.rank)
+    return ({"images": imgs.permute(0, 2, 3, 1).numpy(), "labels": labels.numpy()},
+            f"{cfg.sampler}, {cfg.sample_steps} steps, guidance {cfg.guidance:g}")
+
+
+def cli_train(cfg: Config, args, overrides: dict, d: common.Dist) -> common.Job:
     model, vae = build(cfg, d.device)
     if args.init_from:
         src, src_cfg = from_checkpoint(args.init_from)
@@ -884,9 +866,6 @@ def main(argv=None):
     common.print0(f"ARFlow ({cfg.attention} attention) with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                   f"parameters: sequences of {cfg.seq_len} images of {model.N} tokens, {len(x)} training images")
 
-    def loss_fn(net, batch, at):
-        return batch_loss(net, batch, cfg.num_classes, vae), {}
-
     def on_eval(step, model, ema):
         with ema.swap(model), common.full_params(model):
             res = evaluate(model, cfg, vae, d)
@@ -896,16 +875,19 @@ def main(argv=None):
                 grid = generate(model, cfg, torch.arange(100) % cfg.num_classes, vae, seed=0)
                 model.train()
         if d.is_main and grid is not None:
-            zoom = max(1, 64 // grid.shape[-1])  # tiny images: enlarge the grid so it can be looked at
-            grid = grid.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
-            common.save_png(Path(cfg.out_dir) / "samples.png", common.image_grid(grid, nrow=10, pad=2))
+            common.save_grid(Path(cfg.out_dir) / "samples.png", grid)
         common.print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
         return res
+    return common.Job(cfg, model, lambda net, batch, at: (batch_loss(net, batch, cfg.num_classes, vae), {}), data,
+                      on_eval, shard_types=(ARFlowBlock,))
 
-    common.train(cfg, model, loss_fn, data, d, resume=ckpt if args.resume else None, overwrite=args.overwrite,
-                 evaluate=on_eval, shard_types=(ARFlowBlock,))
-    out = Path(cfg.out_dir)
-    common.print0("done: " + common.existing(out / "ckpt.pt", out / "samples.png", out / "log.jsonl"))
+
+def main(argv=None):
+    common.cli(argv, Config, PRESETS, __doc__, options=add_args, configure=configure, dry_run=dry_run,
+               load=lambda ckpt, overrides, args, d: from_checkpoint(ckpt, d.device, **overrides), sample=cli_sample,
+               evaluate=lambda model, cfg, args, d: evaluate(model, cfg, load_vae(cfg, d.device), d),
+               prepare=cli_train,
+               modes={"precompute": lambda cfg, args, _, d: precompute_latents(cfg, args.precompute, d)})
 
 
 if __name__ == "__main__":

@@ -2133,6 +2133,13 @@ def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
     return grid.permute(1, 2, 0).numpy()
 
 
+def save_grid(path: str | Path, images: torch.Tensor, nrow: int = 10):
+    """A PNG grid of (N, C, H, W) images, enlarged (to about 64 pixels) so that tiny digits can be looked at."""
+    zoom = max(1, 64 // images.shape[-1])
+    images = images.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
+    save_png(path, image_grid(images, nrow=nrow, pad=2))
+
+
 def pyplot():
     """matplotlib.pyplot (headless) when it is installed; else None and a one-line note, and the caller writes its
     bare PNG instead (matplotlib is optional: `pip install matplotlib` or the `demo` extra)."""
@@ -2497,6 +2504,69 @@ def _fsdp_no_sync(model: nn.Module):
     finally:
         if setter is not None:
             setter(True)
+
+
+@dataclass
+class Job:
+    """A training run as a model file's `prepare` hook describes it to `cli`, which hands it to `train`."""
+    cfg: TrainConfig  # the run's config (e.g. with the architecture of --init_from's weights)
+    model: nn.Module
+    loss_fn: Callable
+    data: object
+    evaluate: Callable | None = None
+    optimizer: Callable | None = None
+    shard_types: tuple[type, ...] = (Block,)
+    outputs: tuple[str, ...] = ("samples.png",)  # the figures it writes to out_dir, named in the "done" line
+
+
+def cli(argv, cls, presets: dict, doc: str, *, dry_run: Callable, load: Callable, sample: Callable,
+        evaluate: Callable | None, prepare: Callable, options: Callable | None = None, modes: dict | None = None,
+        configure: Callable | None = None, digits: int = 4):
+    """The run modes of every model file, dispatched once: --plot, --dry_run, the file's own `modes`
+    ({option: fn(cfg, args, overrides, d)}, e.g. --precompute; checked first, so a file may take over --eval),
+    --sample / --eval of --ckpt, else training. What is the file's:
+        load(ckpt, overrides, args, d) -> (model, cfg)        a checkpoint (ours or an official one) ready to use
+        sample(model, cfg, args, d, start, count) -> (arrays, note)   this rank's samples start .. start + count - 1;
+            `images` (N, H, W, C) uint8 also go to a PNG grid beside --out
+        evaluate(model, cfg, args, d) -> {metric: value}     printed as one JSON line
+        prepare(cfg, args, overrides, d) -> Job, or None when the file ran its training itself
+    options(parser) adds the file's own options; configure(cfg, args, overrides) -> (cfg, overrides) applies them."""
+    cfg, args, overrides = parse_config(cls, presets, argv, extra=options, doc=doc)
+    if configure is not None:
+        cfg, overrides = configure(cfg, args, overrides)
+    if args.plot:
+        return print0(f"wrote {plot_log(args.plot)}")
+    if args.dry_run:
+        return print0(json.dumps(dry_run(cfg, args.gpus)))
+    d = setup_distributed(cfg.device)
+    for name, fn in (modes or {}).items():
+        if getattr(args, name):
+            return fn(cfg, args, overrides, d)
+    ckpt = args.ckpt or str(Path(cfg.out_dir) / "ckpt.pt")
+    if args.sample or args.eval:
+        model, cfg = load(ckpt, overrides, args, d)
+        if args.eval:
+            res = evaluate(model, cfg, args, d)
+            return print0(json.dumps({k: round(v, digits) if isinstance(v, float) else v for k, v in res.items()}))
+        start, count = rank_split(args.n, d)
+        arrays, note = sample(model, cfg, args, d, start, count)
+        save_npz(args.out, d, **arrays)
+        wrote, images = f"wrote {args.n} samples to {args.out}", arrays.get("images")
+        if images is not None and images.ndim == 4:  # and a look at the first ones
+            grid = Path(args.out).with_suffix(".png")
+            if d.is_main:
+                save_grid(grid, torch.from_numpy(images[:100]).permute(0, 3, 1, 2))
+            wrote += f" and a grid to {grid}"
+        return print0(wrote + (f" ({note})" if note else ""))
+    seed_all(cfg.seed)  # the same initial weights on every rank
+    t0, job = time.time(), prepare(cfg, args, overrides, d)
+    if job is not None:
+        cfg = job.cfg
+        train(cfg, job.model, job.loss_fn, job.data, d, resume=ckpt if args.resume else None,
+              overwrite=args.overwrite, evaluate=job.evaluate, shard_types=job.shard_types, optimizer=job.optimizer)
+        out = Path(cfg.out_dir)
+        print0(f"done in {time.time() - t0:.0f}s: " + existing(out / "ckpt.pt", *(out / f for f in job.outputs),
+                                                               out / "log.jsonl"))
 
 
 def run(main: Callable):

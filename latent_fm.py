@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -983,14 +982,6 @@ def conditions_from_npz(cfg: Config, path: str, vae, start: int, count: int, dev
                                                                  m.to(device)).cpu()}
 
 
-def save_grid(path: Path, rows: list[torch.Tensor]):
-    """Rows of uint8 images (N, C, H, W) side by side, enlarged so tiny digits can be looked at."""
-    imgs = torch.cat(rows)
-    zoom = max(1, 64 // imgs.shape[-1])
-    imgs = imgs.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
-    common.save_png(path, common.image_grid(imgs, nrow=len(rows[0]), pad=2))
-
-
 def add_args(p: argparse.ArgumentParser):
     p.add_argument("--precompute", metavar="IMAGES", default=None,
                    help="encode IMAGES (an .npz or a folder) through --vae into the latent folder --data")
@@ -1001,45 +992,29 @@ def add_args(p: argparse.ArgumentParser):
                         "are theirs")
 
 
-def main(argv=None):
-    cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=add_args, doc=__doc__)
-    if args.plot:
-        return common.print0(f"wrote {common.plot_log(args.plot)}")
-    if args.dry_run:
-        return common.print0(json.dumps(dry_run(cfg, args.gpus)))
-    d = common.setup_distributed(cfg.device)
-    ckpt = args.ckpt or str(Path(cfg.out_dir) / "ckpt.pt")
-    if args.precompute:
-        return precompute(cfg, args.precompute, d)
+def cli_load(ckpt: str, overrides: dict, args, d: common.Dist) -> tuple[LatentFlow, Config]:
+    model, cfg = from_checkpoint(ckpt, d.device, **overrides)
+    if model.vae is None:
+        raise ValueError(f"{ckpt} is an official LFM model: pass --vae PATH (sd-vae-ft-mse) to decode its samples")
+    return model, cfg
 
-    if args.sample or args.eval:
-        model, cfg = from_checkpoint(ckpt, d.device, **overrides)
-        vae = model.vae
-        if vae is None:
-            raise ValueError(f"{ckpt} is an official LFM model: pass --vae PATH (sd-vae-ft-mse) to decode its samples")
-        if args.eval:
-            res = evaluate(model, cfg, vae)
-            common.print0(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in res.items()}))
-            return
-        start, count = common.rank_split(args.n, d)
-        arrays, y, spatial = {}, None, None
-        if cfg.condition == "class":
-            y = torch.arange(start, start + count) % cfg.num_classes
-            arrays["labels"] = y.numpy()
-        elif cfg.condition != "none":
-            c = conditions_from_npz(cfg, args.cond, vae, start, count, d.device) if args.cond else \
-                eval_conditions(cfg, vae, count, start, d.device)
-            spatial = c.pop("spatial")
-            arrays.update({k: (v[:, 0].to(torch.uint8) if k == "masks" else v).numpy() for k, v in c.items()
-                           if k != "images"})
-        imgs, nfe = generate(model, cfg, vae, count, y, spatial, seed=cfg.seed + 1000 + d.rank)
-        common.save_npz(args.out, d, images=imgs.permute(0, 2, 3, 1).numpy(), **arrays)
-        if d.is_main:
-            save_grid(Path(args.out).with_suffix(".png"), [imgs[:100]])
-        common.print0(f"wrote {args.n} samples to {args.out} ({cfg.sampler}, {nfe} network evaluations per batch)")
-        return
 
-    common.seed_all(cfg.seed)  # the same initial weights on every rank
+def cli_sample(model: LatentFlow, cfg: Config, args, d: common.Dist, start: int, count: int):
+    vae, arrays, y, spatial = model.vae, {}, None, None
+    if cfg.condition == "class":
+        y = torch.arange(start, start + count) % cfg.num_classes
+        arrays["labels"] = y.numpy()
+    elif cfg.condition != "none":
+        c = conditions_from_npz(cfg, args.cond, vae, start, count, d.device) if args.cond else \
+            eval_conditions(cfg, vae, count, start, d.device)
+        spatial = c.pop("spatial")
+        arrays.update({k: (v[:, 0].to(torch.uint8) if k == "masks" else v).numpy() for k, v in c.items()
+                       if k != "images"})
+    imgs, nfe = generate(model, cfg, vae, count, y, spatial, seed=cfg.seed + 1000 + d.rank)
+    return {"images": imgs.permute(0, 2, 3, 1).numpy(), **arrays}, f"{cfg.sampler}, {nfe} network evaluations per batch"
+
+
+def cli_train(cfg: Config, args, overrides: dict, d: common.Dist) -> common.Job:
     if args.init_from:  # fine-tuning: the architecture is the weights' (an official file's as `from_official` reads it)
         src, scfg = from_checkpoint(args.init_from, "cpu", **{k: v for k, v in overrides.items()
                                                               if k in common.model_fields(cfg) and k != "arch"})
@@ -1049,10 +1024,14 @@ def main(argv=None):
     model = build(cfg, vae)
     if args.init_from:
         model.load_state_dict(src.state_dict())
-    data = train_data(cfg, vae)
+    examples, shape = train_data(cfg, vae), (model.C, model.S, model.S)
     common.print0(f"LFM ({cfg.condition}): DiT width {cfg.width} x {cfg.depth} blocks, {model.S // cfg.patch_size}^2 "
                   f"tokens of {model.C}x{cfg.patch_size}x{cfg.patch_size} latents, "
                   f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters -> {cfg.out_dir}")
+
+    def data(step):  # each example with its noise, drawn per global batch (any world size, --resume: the same loss)
+        return common.batches(examples, cfg.batch_size, d, cfg.seed, step, cfg.num_workers,
+                              noise=lambda g, n: draw_noise(cfg, n, shape, g, d.device))
 
     def loss_fn(net, batch, at):
         z0, t, eps, y, spatial = batch_inputs(model, batch, vae, cfg.label_drop, cfg.hflip)
@@ -1063,8 +1042,7 @@ def main(argv=None):
             res = evaluate(model, cfg, vae, n=min(cfg.eval_n, 500))
             if cfg.condition in ("class", "none"):
                 y = torch.arange(100) % cfg.num_classes if cfg.condition == "class" else None
-                imgs, _ = generate(model, cfg, vae, 100, y, seed=0)
-                rows = list(imgs.split(10))
+                grid, _ = generate(model, cfg, vae, 100, y, seed=0)
             else:  # condition, sample [, original] for 10 held-out items
                 c = eval_conditions(cfg, vae, 10, 0, d.device)
                 imgs, _ = generate(model, cfg, vae, 10, spatial=c["spatial"], seed=0)
@@ -1073,20 +1051,19 @@ def main(argv=None):
                 else:  # the map as grey levels, in the images' channels
                     shown = (c["segmentation"][:, None] * 255 // (cfg.seg_classes - 1)).to(torch.uint8)
                     shown = shown.expand(-1, imgs.shape[1], -1, -1)
-                rows = [shown, imgs] + ([c["images"]] if "images" in c else [])
+                grid = torch.cat([shown, imgs] + ([c["images"]] if "images" in c else []))
         model.train()
         if d.is_main:
-            save_grid(Path(cfg.out_dir) / "samples.png", rows)
+            common.save_grid(Path(cfg.out_dir) / "samples.png", grid)
         common.print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
         return res
+    return common.Job(cfg, model, loss_fn, data, on_eval, shard_types=(DiTBlock,))
 
-    shape, examples = (model.C, model.S, model.S), data  # each example with its noise, drawn per global batch
-    data = lambda step: common.batches(examples, cfg.batch_size, d, cfg.seed, step, cfg.num_workers,  # noqa: E731
-                                       noise=lambda g, n: draw_noise(cfg, n, shape, g, d.device))
-    common.train(cfg, model, loss_fn, data, d, resume=ckpt if args.resume else None, overwrite=args.overwrite,
-                 evaluate=on_eval, shard_types=(DiTBlock,))
-    out = Path(cfg.out_dir)
-    common.print0("done: " + common.existing(out / "ckpt.pt", out / "samples.png", out / "log.jsonl"))
+
+def main(argv=None):
+    common.cli(argv, Config, PRESETS, __doc__, options=add_args, dry_run=dry_run, load=cli_load, sample=cli_sample,
+               evaluate=lambda model, cfg, args, d: evaluate(model, cfg, model.vae), prepare=cli_train, digits=5,
+               modes={"precompute": lambda cfg, args, _, d: precompute(cfg, args.precompute, d)})
 
 
 if __name__ == "__main__":

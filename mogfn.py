@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import textwrap
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1029,46 +1027,30 @@ def _preference(s: str) -> torch.Tensor:
 _preference.__name__ = "preference"  # argparse's "invalid preference value"
 
 
-def main(argv=None):
-    def extra(p):
-        p.add_argument("--pref", type=_preference, default=None, help="--sample: one preference, e.g. 0.3,0.7 "
-                       "(default: the evaluation grid, cycled)")
-        p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
-                       help="--eval: also report uniform random sampling, a preference-ignoring sampler and "
-                            "evolutionary search at the same reward calls")
-    cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=extra, doc=__doc__)
-    if args.plot:
-        return common.print0(f"wrote {common.plot_log(args.plot)}")
-    if args.dry_run:
-        return common.print0(json.dumps(dry_run(cfg, args.gpus)))
-    d = common.setup_distributed(cfg.device)
-    ckpt = args.ckpt or str(Path(cfg.out_dir) / "ckpt.pt")
+def options(p):
+    p.add_argument("--pref", type=_preference, default=None, help="--sample: one preference, e.g. 0.3,0.7 "
+                   "(default: the evaluation grid, cycled)")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="--eval: also report uniform random sampling, a preference-ignoring sampler and "
+                        "evolutionary search at the same reward calls")
 
-    if args.sample or args.eval:
-        model, cfg = from_checkpoint(ckpt, d.device, **overrides)
-        if args.eval:
-            res = evaluate(model, cfg, cfg.seed, args.baselines) if d.is_main else {}
-            common.print0(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in res.items()}))
-            return
-        start, count = common.rank_split(args.n, d)
-        if args.pref is not None:
-            w = check_pref(args.pref, model.task.n_obj).expand(count, -1)  # checked once, not per sample
-        else:
-            grid = simplex_grid(model.task.n_obj, cfg.n_div)
-            w = grid[torch.arange(start, start + count) % len(grid)]
-        beta = eval_betas(cfg)[-1]
-        x, f = sample(model, w, beta, seed=cfg.seed + 1000 + d.rank)
-        r = scalarise(f, w, cfg.scalar)
-        common.save_npz(args.out, d, x=x.numpy(), objectives=f.numpy(), rewards=r.numpy(), preferences=w.numpy(),
-                        beta=np.full(count, beta, np.float32))
-        common.print0(f"wrote {args.n} samples to {args.out}")
-        return
 
-    common.seed_all(cfg.seed)
+def cli_sample(model: MOGFN, cfg: Config, args, d: common.Dist, start: int, count: int):
+    if args.pref is not None:
+        w = check_pref(args.pref, model.task.n_obj).expand(count, -1)  # checked once, not per sample
+    else:
+        grid = simplex_grid(model.task.n_obj, cfg.n_div)
+        w = grid[torch.arange(start, start + count) % len(grid)]
+    beta = eval_betas(cfg)[-1]
+    x, f = sample(model, w, beta, seed=cfg.seed + 1000 + d.rank)
+    return dict(x=x.numpy(), objectives=f.numpy(), rewards=scalarise(f, w, cfg.scalar).numpy(),
+                preferences=w.numpy(), beta=np.full(count, beta, np.float32)), f"beta {beta:g}"
+
+
+def cli_train(cfg: Config, args, overrides: dict, d: common.Dist) -> common.Job:
     model = build(cfg, d.device)
     n_params = sum(p.numel() for p in model.parameters())
     common.print0(f"MOGFN-PC on {cfg.task} with {model.task.n_obj} objectives, {n_params / 1e3:.0f}k parameters")
-    loss_fn = train_loss_fn(model, cfg, d)
 
     def on_eval(step, model, ema):
         model.eval()
@@ -1080,13 +1062,15 @@ def main(argv=None):
             common.print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
         model.train()
         return res
+    return common.Job(cfg, model, train_loss_fn(model, cfg, d), None, on_eval, lambda m: optimizer(m, cfg),
+                      outputs=("front.png",))
 
-    t0 = time.time()
-    common.train(cfg, model, loss_fn, None, d, resume=ckpt if args.resume else None, overwrite=args.overwrite,
-                 evaluate=on_eval, optimizer=lambda m: optimizer(m, cfg))
-    out = Path(cfg.out_dir)
-    common.print0(f"done in {time.time() - t0:.0f}s: "
-                  + common.existing(out / "ckpt.pt", out / "front.png", out / "log.jsonl"))
+
+def main(argv=None):
+    common.cli(argv, Config, PRESETS, __doc__, options=options, dry_run=dry_run,
+               load=lambda ckpt, overrides, args, d: from_checkpoint(ckpt, d.device, **overrides), sample=cli_sample,
+               evaluate=lambda model, cfg, args, d: evaluate(model, cfg, cfg.seed, args.baselines) if d.is_main else {},
+               prepare=cli_train, digits=5)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -1178,60 +1177,43 @@ def from_checkpoint(path: str, device="cpu", null_text=None, **overrides) -> tup
     return common.load_weights(model, state).eval(), cfg
 
 
-def main(argv=None):
-    def extra(p):
-        p.add_argument("--precompute", metavar="IMAGES", default=None,
-                       help="encode IMAGES (folder or .npz) through --vae into the latent folder --data")
-        p.add_argument("--captions", metavar="NPZ", default=None,
-                       help="text embeddings (`text`, `text_mask`) to --sample a text-conditional model from")
-        p.add_argument("--finetune_decoder", metavar="STEPS", type=int, default=0,
-                       help="fine-tune the VAE decoder on noisy latents for STEPS steps -> <out_dir>/decoder.pt")
-        p.add_argument("--init_from", metavar="CKPT", default=None,
-                       help="train from these weights (ours or an official .pth): the model fields are theirs")
-        p.add_argument("--null_text", metavar="NPY", default=None,
-                       help="official ml-starflow weights: the (txt_len, txt_dim) embedding of the empty caption")
-    cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=extra, doc=__doc__)
-    if args.plot:
-        return common.print0(f"wrote {common.plot_log(args.plot)}")
-    if args.dry_run:
-        return common.print0(json.dumps(dry_run(cfg, args.gpus)))
-    d = common.setup_distributed(cfg.device)
-    ckpt = args.ckpt or str(Path(cfg.out_dir) / "ckpt.pt")
+def options(p):
+    p.add_argument("--precompute", metavar="IMAGES", default=None,
+                   help="encode IMAGES (folder or .npz) through --vae into the latent folder --data")
+    p.add_argument("--captions", metavar="NPZ", default=None,
+                   help="text embeddings (`text`, `text_mask`) to --sample a text-conditional model from")
+    p.add_argument("--finetune_decoder", metavar="STEPS", type=int, default=0,
+                   help="fine-tune the VAE decoder on noisy latents for STEPS steps -> <out_dir>/decoder.pt")
+    p.add_argument("--init_from", metavar="CKPT", default=None,
+                   help="train from these weights (ours or an official .pth): the model fields are theirs")
+    p.add_argument("--null_text", metavar="NPY", default=None,
+                   help="official ml-starflow weights: the (txt_len, txt_dim) embedding of the empty caption")
 
-    if args.precompute:
-        return precompute_latents(cfg, args.precompute, d)
-    if args.finetune_decoder:
-        return finetune_decoder(cfg, args.finetune_decoder, d)
 
-    if args.sample or args.eval:
-        model, cfg = from_checkpoint(ckpt, d.device, args.null_text, **overrides)
-        vae = model.vae
-        if vae is None and cfg.vae_family != "none":
-            raise ValueError(f"a latent model ({cfg.vae_family}) needs --vae PATH to decode its samples")
-        if args.eval:
-            res = evaluate(model, cfg, vae, d)
-            common.print0(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
-            return
-        start, count = common.rank_split(args.n, d)
-        labels = torch.arange(start, start + count) % max(cfg.num_classes, 1)
-        text = mask = None
-        if cfg.txt_dim:
-            if not args.captions:
-                raise ValueError("a text-conditional model samples from --captions NPZ (text, text_mask)")
-            cap = common.load_arrays(args.captions, ("text", "text_mask"))
-            idx = torch.arange(start, start + count) % len(cap["text"])  # captions repeat when n exceeds them
-            text = torch.as_tensor(cap["text"][idx.numpy()]).float()
-            if "text_mask" in cap:
-                mask = torch.as_tensor(cap["text_mask"][idx.numpy()]).bool()
-        imgs, nfe = generate(model, cfg, labels, vae, seed=cfg.seed + 1000 + d.rank, text=text, text_mask=mask)
-        common.save_npz(args.out, d, images=imgs.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
-        if d.is_main:  # and a look at the first ones
-            common.save_png(Path(args.out).with_suffix(".png"), common.image_grid(imgs[:100], nrow=10))
-        common.print0(f"wrote {args.n} samples to {args.out} and a grid to {Path(args.out).with_suffix('.png')} "
-                      f"({nfe} sequential network evaluations per batch)")
-        return
+def cli_load(ckpt: str, overrides: dict, args, d: common.Dist) -> tuple[STARFlow, Config]:
+    model, cfg = from_checkpoint(ckpt, d.device, args.null_text, **overrides)
+    if model.vae is None and cfg.vae_family != "none":
+        raise ValueError(f"a latent model ({cfg.vae_family}) needs --vae PATH to decode its samples")
+    return model, cfg
 
-    common.seed_all(cfg.seed)  # the same initial weights on every rank
+
+def cli_sample(model: STARFlow, cfg: Config, args, d: common.Dist, start: int, count: int):
+    labels = torch.arange(start, start + count) % max(cfg.num_classes, 1)
+    text = mask = None
+    if cfg.txt_dim:
+        if not args.captions:
+            raise ValueError("a text-conditional model samples from --captions NPZ (text, text_mask)")
+        cap = common.load_arrays(args.captions, ("text", "text_mask"))
+        idx = torch.arange(start, start + count) % len(cap["text"])  # captions repeat when n exceeds them
+        text = torch.as_tensor(cap["text"][idx.numpy()]).float()
+        if "text_mask" in cap:
+            mask = torch.as_tensor(cap["text_mask"][idx.numpy()]).bool()
+    imgs, nfe = generate(model, cfg, labels, model.vae, seed=cfg.seed + 1000 + d.rank, text=text, text_mask=mask)
+    return ({"images": imgs.permute(0, 2, 3, 1).numpy(), "labels": labels.numpy()},
+            f"{nfe} sequential network evaluations per batch")
+
+
+def cli_train(cfg: Config, args, overrides: dict, d: common.Dist) -> common.Job:
     if args.init_from:  # fine-tuning: the architecture is the weights' (an official file's as `from_official` reads it)
         src, scfg = from_checkpoint(args.init_from, "cpu", args.null_text, **overrides)
         if scfg.txt_null == "caption" and cfg.label_drop > 0 and args.null_text is None:
@@ -1265,16 +1247,17 @@ def main(argv=None):
             labels, text, mask = eval_conditions(cfg, held_out, 100)  # held-out captions for a text model
             imgs, _ = generate(model, cfg, labels, vae, seed=0, text=text, text_mask=mask)
         if d.is_main:
-            zoom = max(1, 64 // imgs.shape[-1])  # tiny images: enlarge the grid so it can be looked at
-            imgs = imgs.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
-            common.save_png(Path(cfg.out_dir) / "samples.png", common.image_grid(imgs, nrow=10, pad=2))
+            common.save_grid(Path(cfg.out_dir) / "samples.png", imgs)
         common.print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
         return res
+    return common.Job(cfg, model, loss_fn, data, on_eval)
 
-    common.train(cfg, model, loss_fn, data, d, resume=ckpt if args.resume else None, overwrite=args.overwrite,
-                 evaluate=on_eval)
-    out = Path(cfg.out_dir)
-    common.print0("done: " + common.existing(out / "ckpt.pt", out / "samples.png", out / "log.jsonl"))
+
+def main(argv=None):
+    common.cli(argv, Config, PRESETS, __doc__, options=options, dry_run=dry_run, load=cli_load, sample=cli_sample,
+               evaluate=lambda model, cfg, args, d: evaluate(model, cfg, model.vae, d), prepare=cli_train,
+               modes={"precompute": lambda cfg, args, _, d: precompute_latents(cfg, args.precompute, d),
+                      "finetune_decoder": lambda cfg, args, _, d: finetune_decoder(cfg, args.finetune_decoder, d)})
 
 
 if __name__ == "__main__":

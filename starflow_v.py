@@ -36,7 +36,6 @@ source, the rest the target). Samples are written the same way, so a sample file
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -1266,60 +1265,43 @@ def sampling_context(args, cfg: Config, start: int, count: int):
     return real_labels[idx], real[idx, :half]
 
 
-def main(argv=None):
-    def extra(p):
-        p.add_argument("--precompute", metavar="VIDEOS", default=None,
-                       help="encode VIDEOS (.npz) through --vae into the latent folder --data")
-        p.add_argument("--captions", metavar="NPZ", default=None,
-                       help="text embeddings (`text`, `text_mask`) to --sample a text-conditional model from")
-        p.add_argument("--task", choices=("t2v", "i2v", "v2v"), default="t2v",
-                       help="--sample task: text/class-to-video, image-to-video, video-to-video (default: %(default)s)")
-        p.add_argument("--init_from", metavar="CKPT", default=None,
-                       help="train from these weights (ours or an official .pth): the model fields are theirs")
-        p.add_argument("--null_text", metavar="NPY", default=None,
-                       help="official ml-starflow weights: the (txt_len, txt_dim) embedding of the empty caption")
-        p.add_argument("--context", metavar="NPZ", default=None,
-                       help="i2v first frames (N,H,W,C) or v2v source videos (N,F,H,W,C) as `images` (default on "
-                            "moving digits: test videos)")
-    cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=extra, doc=__doc__)
-    if args.plot:
-        return common.print0(f"wrote {common.plot_log(args.plot)}")
-    if args.dry_run:
-        return common.print0(json.dumps(dry_run(cfg, args.gpus)))
-    d = common.setup_distributed(cfg.device)
-    ckpt = args.ckpt or str(Path(cfg.out_dir) / "ckpt.pt")
+def options(p):
+    p.add_argument("--precompute", metavar="VIDEOS", default=None,
+                   help="encode VIDEOS (.npz) through --vae into the latent folder --data")
+    p.add_argument("--captions", metavar="NPZ", default=None,
+                   help="text embeddings (`text`, `text_mask`) to --sample a text-conditional model from")
+    p.add_argument("--task", choices=("t2v", "i2v", "v2v"), default="t2v",
+                   help="--sample task: text/class-to-video, image-to-video, video-to-video (default: %(default)s)")
+    p.add_argument("--init_from", metavar="CKPT", default=None,
+                   help="train from these weights (ours or an official .pth): the model fields are theirs")
+    p.add_argument("--null_text", metavar="NPY", default=None,
+                   help="official ml-starflow weights: the (txt_len, txt_dim) embedding of the empty caption")
+    p.add_argument("--context", metavar="NPZ", default=None,
+                   help="i2v first frames (N,H,W,C) or v2v source videos (N,F,H,W,C) as `images` (default on "
+                        "moving digits: test videos)")
 
-    if args.precompute:
-        return precompute_latents(cfg, args.precompute, d)
 
-    if args.sample or args.eval:
-        model, cfg = from_checkpoint(ckpt, d.device, args.null_text, **overrides)
-        if args.eval:
-            res = evaluate(model, cfg, model.vae, d)
-            common.print0(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
-            return
-        start, count = common.rank_split(args.n, d)
-        labels, context = sampling_context(args, cfg, start, count)
-        text = mask = None
-        if cfg.txt_dim:
-            if not args.captions:
-                raise ValueError("a text-conditional model samples from --captions NPZ (text, text_mask)")
-            cap = common.load_arrays(args.captions, ("text", "text_mask", "null_text"))
-            if "null_text" in cap:  # the null caption (guidance), e.g. for an official checkpoint
-                model.set_null_text(torch.as_tensor(cap["null_text"]).float())
-            idx = (torch.arange(start, start + count) % len(cap["text"])).numpy()  # captions repeat
-            text, mask = torch.as_tensor(cap["text"][idx]).float(), torch.as_tensor(cap["text_mask"][idx])
-        vids, nfe = generate(model, cfg, labels, model.vae, seed=cfg.seed + 1000 + d.rank, text=text, text_mask=mask,
-                             task=args.task, context=context)
-        common.save_npz(args.out, d, images=vids.permute(0, 1, 3, 4, 2).numpy(), labels=labels.numpy())
-        folder = Path(args.out).with_name(Path(args.out).stem + "_strips")
-        for i, v in enumerate(vids):  # every rank writes its own samples' strips
-            common.save_png(folder / f"{start + i:05d}.png", strip(v, zoom=max(1, 64 // v.shape[-1])))
-        common.print0(f"wrote {args.n} videos to {args.out} and PNG strips to {folder}/ ({nfe} network evaluations "
-                      f"per batch)")
-        return
+def cli_sample(model: STARFlowV, cfg: Config, args, d: common.Dist, start: int, count: int):
+    labels, context = sampling_context(args, cfg, start, count)
+    text = mask = None
+    if cfg.txt_dim:
+        if not args.captions:
+            raise ValueError("a text-conditional model samples from --captions NPZ (text, text_mask)")
+        cap = common.load_arrays(args.captions, ("text", "text_mask", "null_text"))
+        if "null_text" in cap:  # the null caption (guidance), e.g. for an official checkpoint
+            model.set_null_text(torch.as_tensor(cap["null_text"]).float())
+        idx = (torch.arange(start, start + count) % len(cap["text"])).numpy()  # captions repeat
+        text, mask = torch.as_tensor(cap["text"][idx]).float(), torch.as_tensor(cap["text_mask"][idx])
+    vids, nfe = generate(model, cfg, labels, model.vae, seed=cfg.seed + 1000 + d.rank, text=text, text_mask=mask,
+                         task=args.task, context=context)
+    folder = Path(args.out).with_name(Path(args.out).stem + "_strips")
+    for i, v in enumerate(vids):  # every rank writes its own samples' strips
+        common.save_png(folder / f"{start + i:05d}.png", strip(v, zoom=max(1, 64 // v.shape[-1])))
+    return ({"images": vids.permute(0, 1, 3, 4, 2).numpy(), "labels": labels.numpy()},
+            f"videos, PNG strips in {folder}/, {nfe} network evaluations per batch")
 
-    common.seed_all(cfg.seed)  # the same initial weights on every rank
+
+def cli_train(cfg: Config, args, overrides: dict, d: common.Dist) -> common.Job:
     if args.init_from:  # fine-tuning: the architecture is the weights' (an official file's as from_official reads it)
         src, scfg = from_checkpoint(args.init_from, "cpu", args.null_text, **overrides)
         cfg = dataclasses.replace(cfg, **{k: getattr(scfg, k) for k in common.model_fields(cfg)})
@@ -1355,11 +1337,15 @@ def main(argv=None):
             common.save_png(Path(cfg.out_dir) / "samples.png", np.concatenate([strip(v, zoom) for v in looks], 0))
         common.print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
         return res
+    return common.Job(cfg, model, loss_fn, data, on_eval, lambda m: make_optimizer(m, cfg))
 
-    common.train(cfg, model, loss_fn, data, d, resume=ckpt if args.resume else None, overwrite=args.overwrite,
-                 evaluate=on_eval, optimizer=lambda m: make_optimizer(m, cfg))
-    out = Path(cfg.out_dir)
-    common.print0("done: " + common.existing(out / "ckpt.pt", out / "samples.png", out / "log.jsonl"))
+
+def main(argv=None):
+    common.cli(argv, Config, PRESETS, __doc__, options=options, dry_run=dry_run,
+               load=lambda ckpt, overrides, args, d: from_checkpoint(ckpt, d.device, args.null_text, **overrides),
+               sample=cli_sample, evaluate=lambda model, cfg, args, d: evaluate(model, cfg, model.vae, d),
+               prepare=cli_train,
+               modes={"precompute": lambda cfg, args, _, d: precompute_latents(cfg, args.precompute, d)})
 
 
 if __name__ == "__main__":

@@ -850,55 +850,65 @@ def print_table(cfg: Config, table: dict, out: Path):
               + f"{m['ms_per_step'] or math.nan:9.2f}")
 
 
-def main(argv=None):
-    cfg, args, overrides = common.parse_config(Config, PRESETS, argv, extra=add_args, doc=__doc__)
-    if args.plot:
-        return common.print0(f"wrote {common.plot_log(args.plot)}")
-    if args.dry_run:
-        return common.print0(json.dumps(dry_run(cfg, args.gpus)))
+def configure(cfg: Config, args, overrides: dict):
     if cfg.kappa_rule != "fixed" and "kappa" in overrides:
         raise ValueError(f"--kappa is chosen by --kappa_rule {cfg.kappa_rule}: add --kappa_rule fixed to set it")
-    d = common.setup_distributed(cfg.device)
-    if not is_image(cfg) and d.device.type == "cpu":
-        torch.set_num_threads(1)  # a 64-wide MLP gains nothing from intra-op threads, and loses a lot on shared cores
+    if args.sample and len(runs(cfg.coupling)) > 1 and not args.ckpt:
+        raise ValueError(f"this config trains {cfg.coupling}: pick one with --ckpt")
+    return cfg, overrides
+
+
+def run_dirs(cfg: Config) -> dict[str, Path]:
+    """Each run's folder: out_dir itself, or one subfolder per run when --coupling names several."""
     out, named = Path(cfg.out_dir), runs(cfg.coupling)
-    multi = len(named) > 1
-    folder = {name: (out / name.replace(":", "_kappa") if multi else out) for name, _, _ in named}
+    return {name: out / name.replace(":", "_kappa") if len(named) > 1 else out for name, _, _ in named}
 
-    if args.select_kappa:  # the tilt's Var(tau) / E[tau]^2 on 2048 pairs, as training would scale them
-        rows = tilt_curve(cfg)
-        budget, knee = choose_kappa(rows, "budget", cfg.tilt_budget), choose_kappa(rows, "elbow", 0)
-        common.print0(f"{'N(0, I)' if is_image(cfg) else cfg.source} -> {cfg.target}, cost {cfg.cost}, norm_align "
-                      f"{cfg.norm_align and cfg.norm_align_side}\n{'kappa':>10}{'relvar_source':>15}"
-                      f"{'relvar_target':>15}")
-        for k, r0, r1 in rows:
-            common.print0(f"{k:10.4g}{r0:15.4g}{r1:15.4g}" + {budget: "  <- budget", knee: "  <- elbow"}.get(k, ""))
-        return common.print0(f"kappa = {budget:.4g} by the budget (both relvar <= {cfg.tilt_budget:g} from there on), "
-                             f"{knee:.4g} by the elbow (the later one of log(1 + relvar) against log kappa)")
 
-    if args.sample or args.eval:
-        ckpts = {"ckpt": args.ckpt} if args.ckpt else {n: str(f / "ckpt.pt") for n, f in folder.items()}
-        if args.sample:
-            if multi and not args.ckpt:
-                raise ValueError(f"this config trains {cfg.coupling}: pick one with --ckpt")
-            model, mcfg = from_checkpoint(next(iter(ckpts.values())), d.device, **overrides)
-            start, count = common.rank_split(args.n, d)
-            x0, rate = draw_source(mcfg, model.shape, count, mcfg.seed + 7919 * (d.rank + 1), d.device,
-                                   make_pruner(mcfg) if mcfg.prune else None)
-            y = (torch.arange(start, start + count, device=d.device) % mcfg.num_classes) if mcfg.num_classes else None
-            res = generate(model, mcfg, x0, y)
-            x = (res.x / model.x1_scale).cpu()
-            arrays = {"samples": x.numpy()} if len(model.shape) == 1 else \
-                {"images": common.to_uint8(x).permute(0, 2, 3, 1).numpy()}
-            common.save_npz(args.out, d, **arrays, **({"labels": y.cpu().numpy()} if y is not None else {}))
-            common.print0(f"wrote {args.n} samples to {args.out} ({mcfg.sampler}, {res.nfe} NFE"
-                          + (f", pruning rejected {rate:.1%} of Gaussian draws" if rate is not None else "") + ")")
-        else:
-            metrics = {c: evaluate(*from_checkpoint(p, d.device, **overrides), out_dir=str(Path(p).parent))
-                       for c, p in ckpts.items()}
-            common.print0(json.dumps(metrics if multi and not args.ckpt else next(iter(metrics.values()))))
-        return
+def few_threads(d: common.Dist):
+    if d.device.type == "cpu":
+        torch.set_num_threads(1)  # a 64-wide MLP gains nothing from intra-op threads, and loses a lot on shared cores
 
+
+def select_kappa(cfg: Config, args, overrides: dict, d: common.Dist):
+    """--select-kappa: the tilt's Var(tau) / E[tau]^2 on 2048 pairs, as training would scale them."""
+    rows = tilt_curve(cfg)
+    budget, knee = choose_kappa(rows, "budget", cfg.tilt_budget), choose_kappa(rows, "elbow", 0)
+    common.print0(f"{'N(0, I)' if is_image(cfg) else cfg.source} -> {cfg.target}, cost {cfg.cost}, norm_align "
+                  f"{cfg.norm_align and cfg.norm_align_side}\n{'kappa':>10}{'relvar_source':>15}{'relvar_target':>15}")
+    for k, r0, r1 in rows:
+        common.print0(f"{k:10.4g}{r0:15.4g}{r1:15.4g}" + {budget: "  <- budget", knee: "  <- elbow"}.get(k, ""))
+    common.print0(f"kappa = {budget:.4g} by the budget (both relvar <= {cfg.tilt_budget:g} from there on), "
+                  f"{knee:.4g} by the elbow (the later one of log(1 + relvar) against log kappa)")
+
+
+def eval_runs(cfg: Config, args, overrides: dict, d: common.Dist):
+    """--eval: --ckpt, or every run of the config (one JSON object per run)."""
+    if not is_image(cfg):
+        few_threads(d)
+    ckpts = {"ckpt": args.ckpt} if args.ckpt else {n: str(f / "ckpt.pt") for n, f in run_dirs(cfg).items()}
+    metrics = {c: evaluate(*from_checkpoint(p, d.device, **overrides), out_dir=str(Path(p).parent))
+               for c, p in ckpts.items()}
+    common.print0(json.dumps(metrics if len(metrics) > 1 else next(iter(metrics.values()))))
+
+
+def cli_sample(model: Flow, cfg: Config, args, d: common.Dist, start: int, count: int):
+    x0, rate = draw_source(cfg, model.shape, count, cfg.seed + 7919 * (d.rank + 1), d.device,
+                           make_pruner(cfg) if cfg.prune else None)
+    y = (torch.arange(start, start + count, device=d.device) % cfg.num_classes) if cfg.num_classes else None
+    res = generate(model, cfg, x0, y)
+    x = (res.x / model.x1_scale).cpu()
+    arrays = {"samples": x.numpy()} if len(model.shape) == 1 else \
+        {"images": common.to_uint8(x).permute(0, 2, 3, 1).numpy()}
+    return ({**arrays, **({"labels": y.cpu().numpy()} if y is not None else {})},
+            f"{cfg.sampler}, {res.nfe} NFE" + (f", pruning rejected {rate:.1%} of Gaussian draws" if rate is not None else ""))
+
+
+def train_runs(cfg: Config, args, overrides: dict, d: common.Dist):
+    """Training: one run, or several side by side (one per --coupling entry) and the comparison figure."""
+    if not is_image(cfg):
+        few_threads(d)
+    named, folder = runs(cfg.coupling), run_dirs(cfg)
+    multi, out = len(named) > 1, Path(cfg.out_dir)
     if cfg.kappa_rule != "fixed" and any(c == "wcfm" and k is None for _, c, k in named):
         cfg = dataclasses.replace(cfg, kappa=choose_kappa(tilt_curve(cfg), cfg.kappa_rule, cfg.tilt_budget))
         common.print0(f"kappa = {cfg.kappa:.4g} by --kappa_rule {cfg.kappa_rule} (see --select-kappa)")
@@ -929,6 +939,12 @@ def main(argv=None):
         print_table(cfg, table, out)
     common.print0("done: " + common.existing(*[Path(s.out_dir) / f for s in subs.values() for f in ("ckpt.pt",
                                                "log.jsonl")], out / "compare.png"))
+
+
+def main(argv=None):
+    common.cli(argv, Config, PRESETS, __doc__, options=add_args, configure=configure, dry_run=dry_run,
+               load=lambda ckpt, overrides, args, d: from_checkpoint(ckpt, d.device, **overrides), sample=cli_sample,
+               evaluate=None, prepare=train_runs, modes={"select_kappa": select_kappa, "eval": eval_runs})
 
 
 if __name__ == "__main__":

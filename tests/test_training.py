@@ -293,6 +293,50 @@ def test_global_batches_do_not_depend_on_world_size(world):
     assert torch.equal(next(resumed)[0], seen[7])
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_batch_noise_travels_with_its_example_on_any_world_size(world):
+    """noise=: each example keeps the same noise rows whatever the world size and wherever --resume starts."""
+    data = common.ArrayDataset(torch.arange(36))
+    noise = lambda g, n: [torch.randn(n, 2, generator=g), torch.rand(n, generator=g)]  # noqa: E731
+
+    def pairs(its, steps):  # step -> {example: its noise}
+        out = []
+        for _ in range(steps):
+            out.append({int(i): (e.tolist(), float(u)) for b in (next(it) for it in its) for i, e, u in zip(*b)})
+        return out
+    one = pairs([common.batches(data, 6, common.Dist(), seed=2, noise=noise)], 9)  # 6 steps an epoch: crosses one
+    ranks = pairs([common.batches(data, 6, common.Dist(rank=r, world_size=world), seed=2, noise=noise)
+                   for r in range(world)], 9)
+    assert ranks == one and len(one[0]) == 6
+    assert one[0] != one[6]  # a new epoch draws new noise for the same examples
+    assert pairs([common.batches(data, 6, common.Dist(), seed=2, start_step=4, noise=noise)], 3) == one[4:7]
+
+
+def test_a_loss_without_data_is_told_its_rows_of_the_global_batch(tmp_path):
+    """data=None: every micro-batch learns its step and rows (the global batch split over ranks and --grad_accum),
+    the rows of a step cover the batch once, and weighting by them makes the update the full batch's."""
+    target = torch.randn(12)
+    seen = []
+
+    def loss_fn(net, batch, at):
+        assert batch == []
+        seen.append((at.step, at.rows))
+        rows = torch.arange(at.rows.start, at.rows.stop)  # the examples it makes itself, from its rows
+        return (net.weight[0, 0] - target[rows]).square().mean(), {}
+    runs = {}
+    for k in (1, 3):
+        lin = torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.zeros_(lin.weight)
+        cfg = _Cfg(out_dir=str(tmp_path / f"k{k}"), steps=3, batch_size=12, grad_accum=k, warmup=0, ema_decay=0.0,
+                   lr_schedule="constant", log_every=0, eval_every=0, ckpt_every=0)
+        seen.clear()
+        common.train(cfg, lin, loss_fn, None, common.Dist(), optimizer=lambda m: torch.optim.SGD(m.parameters(), 0.1))
+        assert [s for s, _ in seen] == [s for s in range(3) for _ in range(k)]
+        assert sorted(i for _, r in seen[:k] for i in range(r.start, r.stop)) == list(range(12))
+        runs[k] = lin.weight.item()
+    assert runs[1] == pytest.approx(runs[3], abs=1e-6) and runs[1] != 0
+
+
 def test_ema_update_and_swap():
     model = torch.nn.Linear(2, 2)
     ema = common.EMA(model, decay=0.9)
