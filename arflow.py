@@ -381,37 +381,30 @@ def load_data(cfg: Config, split: str = "train") -> tuple:
     the mirrored images (or None: flip x itself), int64 labels (N,), and for latents the posterior log-variances
     (logvar, logvar of the mirrors or None), or None (posterior means only, or images). A latent model encodes images
     through its VAE at every step (to_model_space); --precompute encodes them once instead."""
+    path, x_flip, logvar = Path(cfg.data), None, None
     if cfg.data == "digits":
-        x, y = common.load_digits(split, cfg.img_size)
-        return _images(cfg, cfg.data, x.numpy()), None, y.numpy(), None
-    path = Path(cfg.data)
-    if path.is_dir() and (path / "latents.npy").exists():  # --precompute's latent folder
+        x, y = (t.numpy() for t in common.load_digits(split, cfg.img_size))
+    elif path.is_dir() and (path / "latents.npy").exists():  # --precompute's latent folder
         a = common.load_arrays(path, ("latents", "labels", "latents_flip", "latents_logvar", "latents_flip_logvar"))
         x, x_flip, y = a["latents"], a.get("latents_flip"), a.get("labels")
         logvar = (a["latents_logvar"], a.get("latents_flip_logvar")) if "latents_logvar" in a else None
     elif path.is_dir():  # an image folder: flat (one class) or one subfolder per class
         folder = common.ImageFolder(path, cfg.img_size, cfg.channels)
-        x, x_flip, y, logvar = _images(cfg, path, FolderImages(folder, cfg.channels)), None, folder.labels(), None
+        x, y = FolderImages(folder, cfg.channels), folder.labels()
     else:
         a = common.load_arrays(path, ("images", "labels"))
         if a["images"].ndim != 4 or a["images"].shape[1:] != (cfg.img_size, cfg.img_size, cfg.channels):
             raise ValueError(f"{path}: images must be (N, {cfg.img_size}, {cfg.img_size}, {cfg.channels}) uint8, got "
                              f"{a['images'].shape}")
-        x, x_flip, y, logvar = np.ascontiguousarray(a["images"].transpose(0, 3, 1, 2)), None, a.get("labels"), None
-        x = _images(cfg, path, x)
+        x, y = np.ascontiguousarray(a["images"].transpose(0, 3, 1, 2)), a.get("labels")
+    if x.dtype == np.uint8 and cfg.vae_family != "none" and not cfg.vae:
+        raise ValueError(f"--data {path}: a latent model (--vae_family {cfg.vae_family}) encodes images through --vae "
+                         f"PATH: give it (or train on a --precompute'd latent folder)")
     y = np.asarray(np.zeros(len(x), np.int64) if y is None else y).astype(np.int64)
     if len(y) != len(x) or y.min() < 0 or y.max() >= cfg.num_classes:
         raise ValueError(f"{path}: needs one label in [0, {cfg.num_classes}) per image (--num_classes), got "
                          f"{len(y)} labels in [{y.min()}, {y.max()}] for {len(x)} images")
     return x, x_flip, y, logvar
-
-
-def _images(cfg: Config, path, x):
-    """Images for the config: a latent model needs the VAE that encodes them."""
-    if cfg.vae_family != "none" and not cfg.vae:
-        raise ValueError(f"--data {path}: a latent model (--vae_family {cfg.vae_family}) encodes images through --vae "
-                         f"PATH: give it (or train on a --precompute'd latent folder)")
-    return x
 
 
 class FolderImages:

@@ -13,7 +13,9 @@ flowzoo/common.py -- the plumbing every model file shares, and nothing model-spe
     4. Distributed + training: torchrun setup (NCCL/gloo), DDP or FSDP2, EMA; the config CLI (`TrainConfig`, `opt`
        for validated fields, `parse_config`, checkpoint configs checked against the model file); atomic rank-0
        checkpoints; the training loop (`train`: gradient accumulation, non-finite guards, SIGTERM, resume, no
-       clobbering); data helpers; PNG grids and JSONL logs; `run`, the one-line-error entry point; a digits
+       clobbering; the loss told its step and rows, `At`); data helpers (`batches` with per-example noise, image
+       folders, .npz); PNG grids and JSONL logs; `cli`, which runs every model file's modes (train, sample, eval,
+       plot, dry run, the file's own) from the hooks it declares (`Job`); `run`, the one-line-error entry point; a digits
        classifier that stands in for Inception on the demos (accuracy + Frechet distance); and the standard
        Inception FID on your own images (`fid`, `fid_stats`: the FID InceptionV3 written out, with a weights file
        you have locally, reference statistics saved once in pytorch-fid's .npz layout).
@@ -1302,6 +1304,15 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
+
+
+def all_ranks(flag: torch.Tensor) -> bool:
+    """True when the flag holds on every rank (under torch.distributed; else the flag): a loop whose forwards are
+    collectives (FSDP) must stop on all ranks together."""
+    if dist.is_initialized():
+        flag = flag.float()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
 
 
 def seed_all(seed: int):

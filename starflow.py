@@ -446,9 +446,10 @@ class FlowBlock(nn.Module):
                 change = (new - x[:, t0:t1]).double().square().mean((1, 2)) / \
                     new.double().square().mean((1, 2)).clamp(min=1e-12)
                 x[:, t0:t1] = new
-                if it == n_iter - 1 or _all_ranks_done((finite & (change < threshold)).all()):
+                # all ranks stop together (ml-starflow all-reduces unconditionally: its sampler needs torch.distributed)
+                if it == n_iter - 1 or common.all_ranks((finite & (change < threshold)).all()):
                     break
-            if not _all_ranks_done(finite.all()):  # rare: finish this chunk exactly, one token at a time
+            if not common.all_ranks(finite.all()):  # rare: finish this chunk exactly, one token at a time
                 for p in range(s, e):
                     x[:, p + self.shift:p + self.shift + 1] = update(p, p + 1)
                     nfe += 1
@@ -488,15 +489,6 @@ def _compute_dtype(module: nn.Module, device) -> torch.dtype:
 def _fp32(x: torch.Tensor) -> torch.Tensor:
     """The affine maps run in (at least) fp32 even when the transformer runs in bf16."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def _all_ranks_done(done: torch.Tensor) -> bool:
-    """Jacobi's stop flag, agreed by all ranks only when distributed (FSDP needs every rank in the same forwards).
-    (ml-starflow all-reduces unconditionally, so its sampler runs only under torch.distributed.)"""
-    if torch.distributed.is_initialized():
-        done = done.float()
-        torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
-    return bool(done)
 
 
 def guide(mu_c, log_sigma_c, mu_u, log_sigma_u, w, rule: str = "starflow", what: str = "ab"):

@@ -404,11 +404,11 @@ class FlowBlock(nn.Module):
                 change = (new - x[:, s:e]).double().square().mean((1, 2)) / \
                     new.double().square().mean((1, 2)).clamp(min=1e-12)
                 x[:, s:e] = new
-                if it == n_iter - 1 or _all_ranks_done((finite & (change < threshold)).all()):
+                if it == n_iter - 1 or common.all_ranks((finite & (change < threshold)).all()):
                     break
                 for c in caches:  # forget this iteration's keys (and a prefix written with chunk 0): recompute them
                     c.rewind(e - s + (self.L if s == 0 else 0))
-            if not _all_ranks_done(finite.all()):  # rare: redo this chunk exactly, one token at a time
+            if not common.all_ranks(finite.all()):  # rare: redo this chunk exactly, one token at a time
                 for c in caches:
                     c.rewind(e - s + (self.L if s == 0 else 0))
                 for p in range(s, e):
@@ -422,14 +422,6 @@ class FlowBlock(nn.Module):
 def _fp32(x: torch.Tensor) -> torch.Tensor:
     """The affine maps run in (at least) fp32 even when the transformer runs in bf16."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def _all_ranks_done(done: torch.Tensor) -> bool:
-    """Jacobi's stop flag, agreed by all ranks when distributed (FSDP needs every rank in the same forwards)."""
-    if torch.distributed.is_initialized():
-        done = done.float()
-        torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
-    return bool(done)
 
 
 def guide(mu_c, log_sigma_c, mu_u, log_sigma_u, w):

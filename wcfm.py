@@ -851,6 +851,8 @@ def print_table(cfg: Config, table: dict, out: Path):
 
 
 def configure(cfg: Config, args, overrides: dict):
+    if not is_image(cfg):
+        torch.set_num_threads(1)  # a 64-wide MLP gains nothing from intra-op threads, and loses a lot on shared cores
     if cfg.kappa_rule != "fixed" and "kappa" in overrides:
         raise ValueError(f"--kappa is chosen by --kappa_rule {cfg.kappa_rule}: add --kappa_rule fixed to set it")
     if args.sample and len(runs(cfg.coupling)) > 1 and not args.ckpt:
@@ -862,11 +864,6 @@ def run_dirs(cfg: Config) -> dict[str, Path]:
     """Each run's folder: out_dir itself, or one subfolder per run when --coupling names several."""
     out, named = Path(cfg.out_dir), runs(cfg.coupling)
     return {name: out / name.replace(":", "_kappa") if len(named) > 1 else out for name, _, _ in named}
-
-
-def few_threads(d: common.Dist):
-    if d.device.type == "cpu":
-        torch.set_num_threads(1)  # a 64-wide MLP gains nothing from intra-op threads, and loses a lot on shared cores
 
 
 def select_kappa(cfg: Config, args, overrides: dict, d: common.Dist):
@@ -883,8 +880,6 @@ def select_kappa(cfg: Config, args, overrides: dict, d: common.Dist):
 
 def eval_runs(cfg: Config, args, overrides: dict, d: common.Dist):
     """--eval: --ckpt, or every run of the config (one JSON object per run)."""
-    if not is_image(cfg):
-        few_threads(d)
     ckpts = {"ckpt": args.ckpt} if args.ckpt else {n: str(f / "ckpt.pt") for n, f in run_dirs(cfg).items()}
     metrics = {c: evaluate(*from_checkpoint(p, d.device, **overrides), out_dir=str(Path(p).parent))
                for c, p in ckpts.items()}
@@ -905,8 +900,6 @@ def cli_sample(model: Flow, cfg: Config, args, d: common.Dist, start: int, count
 
 def train_runs(cfg: Config, args, overrides: dict, d: common.Dist):
     """Training: one run, or several side by side (one per --coupling entry) and the comparison figure."""
-    if not is_image(cfg):
-        few_threads(d)
     named, folder = runs(cfg.coupling), run_dirs(cfg)
     multi, out = len(named) > 1, Path(cfg.out_dir)
     if cfg.kappa_rule != "fixed" and any(c == "wcfm" and k is None for _, c, k in named):
