@@ -794,26 +794,20 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
     else:
         x, _, y, _ = load_data(dataclasses.replace(cfg, data=src, channels=vae.in_channels, vae="", vae_family="none"))
         data = common.ArrayDataset(torch.from_numpy(x), torch.from_numpy(y))
-    start, count = common.rank_split(len(data), d)
-    part = torch.utils.data.Subset(data, range(start, start + count))
     p = next(vae.ae.parameters())
 
-    @torch.no_grad()
     def moments(xb):  # scaled mean, and the log-variance of the scaled latent (AutoencoderKL clamps it to [-30, 20])
         mean, logvar = vae.ae.encode(xb.to(p.dtype))
-        return [((mean - vae.shift_factor) * vae.scaling_factor).half().cpu(),
-                (logvar + 2 * math.log(vae.scaling_factor)).half().cpu()]
-    parts, lab = [], []
-    for xb, yb in common.progress(torch.utils.data.DataLoader(part, 64, num_workers=cfg.num_workers), desc="encoding"):
-        xb = common.to_float(xb.to(d.device))
-        parts.append(moments(xb) + moments(xb.flip(-1)))
-        lab.append(torch.as_tensor(yb))
-    out = Path(cfg.data)
-    out.mkdir(parents=True, exist_ok=True)
-    names = ("latents", "latents_logvar", "latents_flip", "latents_flip_logvar")
-    common.save_npy_folder(out, d, labels=torch.cat(lab).numpy(),
-                           **{n: torch.cat([q[i] for q in parts]).numpy() for i, n in enumerate(names)})
-    common.print0(f"wrote {out}/{', '.join(n + '.npy' for n in names)} and labels.npy")
+        return (((mean - vae.shift_factor) * vae.scaling_factor).half(),
+                (logvar + 2 * math.log(vae.scaling_factor)).half())
+
+    def encode(b):
+        x = common.to_float(b[0].to(d.device))
+        (m, lv), (mf, lvf) = moments(x), moments(x.flip(-1))
+        return {"latents": m, "latents_logvar": lv, "latents_flip": mf, "latents_flip_logvar": lvf,
+                "labels": torch.as_tensor(b[1])}
+    names = common.encode_folder(cfg.data, data, d, encode, 64, cfg.num_workers)
+    common.print0(f"wrote {cfg.data}/{{{','.join(n + '.npy' for n in names)}}}")
 
 
 def add_args(p: argparse.ArgumentParser):

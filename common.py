@@ -2103,6 +2103,26 @@ def save_npy_folder(folder: str | Path, d: Dist, **arrays: np.ndarray):
         dist.barrier()
 
 
+def rank_loader(data, d: Dist, batch_size: int, num_workers: int = 0, n: int | None = None):
+    """Batches of this rank's share (rank_split) of the first n (default: all) items of data, in order."""
+    start, count = rank_split(len(data) if n is None else n, d)
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(data, range(start, start + count)), batch_size,
+                                       num_workers=num_workers)
+
+
+@torch.no_grad()
+def encode_folder(folder: str | Path, data, d: Dist, encode: Callable, batch_size: int = 64,
+                  num_workers: int = 0) -> list[str]:
+    """--precompute's loop: every rank encodes its share of `data`, encode(batch) -> {name: tensor}, and rank 0
+    writes <folder>/<name>.npy in row order (save_npy_folder: memory-mapped when training). Returns the names."""
+    parts = [encode(b) for b in progress(rank_loader(data, d, batch_size, num_workers), desc="encoding")]
+    if not parts:
+        raise ValueError(f"{len(data)} items cannot be shared by {d.world_size} ranks: use fewer processes")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    save_npy_folder(folder, d, **{k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]})
+    return list(parts[0])
+
+
 def gather(t: torch.Tensor, d: Dist) -> torch.Tensor:
     """Every rank's share of a (CPU) tensor, concatenated in rank order, on every rank."""
     if not d.distributed:

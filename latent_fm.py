@@ -942,29 +942,17 @@ def precompute(cfg: Config, src: str, d: common.Dist):
     vae = load_vae(cfg, d.device)
     loaded = load_images(dataclasses.replace(cfg, data=src, channels=vae.in_channels))
     data = loaded if isinstance(loaded, common.ImageFolder) else common.ArrayDataset(loaded[0], loaded[1])
-    start, count = common.rank_split(len(data), d)
-    part = torch.utils.data.Subset(data, range(start, start + count))
-    arrays = {k: [] for k in ("mean", "std", "labels") + (("mean_flip", "std_flip") if cfg.hflip else ())}
-    for xb, yb in common.progress(torch.utils.data.DataLoader(part, batch_size=64, num_workers=cfg.num_workers),
-                                  desc="encoding"):
-        xb = common.to_float(xb.to(d.device))
-        for sfx, xs in [("", xb)] + ([("_flip", xb.flip(-1))] if cfg.hflip else []):  # --hflip: the mirrors too
-            m, s = encode_moments(vae, xs)
-            arrays["mean" + sfx].append(m.half().cpu())
-            arrays["std" + sfx].append(s.half().cpu())
-        arrays["labels"].append(yb)
-    out = Path(cfg.data)
-    out.mkdir(parents=True, exist_ok=True)
-    arrays = {k: torch.cat(v).numpy() for k, v in arrays.items()}
-    common.save_npz(out / "latents.npz", d, **arrays)
-    if d.is_main:
-        with np.load(out / "latents.npz") as z:
-            for k in arrays:
-                np.save(out / f"{k}.npy", z[k])
-        if not isinstance(loaded, common.ImageFolder) and loaded[2] is not None:
-            np.save(out / "segmentation.npy", loaded[2].numpy().astype(np.int16))
-        (out / "latents.npz").unlink()
-        common.print0(f"wrote {', '.join(f'{out}/{k}.npy' for k in arrays)} ({len(data)} images)")
+
+    def encode(b):
+        x, out = common.to_float(b[0].to(d.device)), {"labels": b[1]}
+        for sfx, xs in [("", x)] + ([("_flip", x.flip(-1))] if cfg.hflip else []):  # --hflip: the mirrors too
+            out["mean" + sfx], out["std" + sfx] = (t.half() for t in encode_moments(vae, xs))
+        return out
+    names = common.encode_folder(cfg.data, data, d, encode, 64, cfg.num_workers)
+    if d.is_main and not isinstance(loaded, common.ImageFolder) and loaded[2] is not None:
+        np.save(Path(cfg.data) / "segmentation.npy", loaded[2].numpy().astype(np.int16))
+        names.append("segmentation")
+    common.print0(f"wrote {cfg.data}/{{{','.join(n + '.npy' for n in names)}}} ({len(data)} images)")
 
 
 def conditions_from_npz(cfg: Config, path: str, vae, start: int, count: int, device) -> dict:

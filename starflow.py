@@ -923,12 +923,6 @@ def check_labels(cfg: Config, data):
             raise ValueError(f"class labels must be in [0, {cfg.num_classes}), the data has {y.min()}..{y.max()}")
 
 
-def _loader(data, start: int, count: int, bs: int, workers: int = 0):
-    """Batches of data[start:start+count] in order (this rank's share of an evaluation)."""
-    part = torch.utils.data.Subset(data, range(start, start + count))
-    return torch.utils.data.DataLoader(part, batch_size=bs, num_workers=workers)
-
-
 def to_model_space(batch_x: torch.Tensor, vae) -> torch.Tensor:
     """uint8 images -> [-1, 1] (pixel space) or VAE latents; float inputs are precomputed latents already."""
     if batch_x.dtype != torch.uint8:
@@ -967,11 +961,10 @@ def heldout_bpd(model: STARFlow, cfg: Config, data, vae, d: common.Dist, dequant
     bound on the discrete likelihood (as ml-tarflow's evaluate_bpd.py), the published kind; else the density of the
     data with the training noise (Gaussian noise_std, or uniform under --dequant uniform)."""
     g = torch.Generator(device="cpu").manual_seed(1234)
-    start, count = common.rank_split(min(len(data), n_max), d)
     tot = torch.zeros(3, device=d.device)
     padded = text_padded(data)
     uniform = dequantize or (cfg.dequant == "uniform" and vae is None)
-    for batch in _loader(data, start, count, bs, cfg.num_workers):
+    for batch in common.rank_loader(data, d, bs, cfg.num_workers, n=min(len(data), n_max)):
         batch = [t.to(d.device) for t in batch]
         if uniform:
             x = dequantize_pixels(batch[0], g)
@@ -1097,21 +1090,13 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
     if vae is None:
         raise ValueError("--precompute needs --vae and --vae_family")
     data = load_data(Config(**{**cfg.__dict__, "data": src, "val_data": "", "channels": vae.in_channels}), "all")
-    out = Path(cfg.data)
-    out.mkdir(parents=True, exist_ok=True)
-    start, count = common.rank_split(len(data), d)
-    lat, lab = [], []
-    for xb, yb, *_ in common.progress(_loader(data, start, count, 64, cfg.num_workers), desc="encoding"):
-        lat.append(vae.encode(common.to_float(xb.to(d.device))).half().cpu())
-        lab.append(yb)
-    common.save_npy_folder(out, d, latents=torch.cat(lat).numpy(), labels=torch.cat(lab).numpy())
-    if d.is_main:
-        written = ["latents.npy", "labels.npy"]
-        if isinstance(data, common.ArrayDataset) and len(data.arrays) == 4:  # captions, in the same row order
-            np.save(out / "text.npy", data.arrays[2])
-            np.save(out / "text_mask.npy", np.asarray(data.arrays[3], dtype=bool))
-            written += ["text.npy", "text_mask.npy"]
-        common.print0(f"wrote {out}/{{{','.join(written)}}}")
+    written = common.encode_folder(cfg.data, data, d, lambda b: {
+        "latents": vae.encode(common.to_float(b[0].to(d.device))).half(), "labels": b[1]}, 64, cfg.num_workers)
+    if d.is_main and isinstance(data, common.ArrayDataset) and len(data.arrays) == 4:  # captions, in row order
+        np.save(Path(cfg.data) / "text.npy", data.arrays[2])
+        np.save(Path(cfg.data) / "text_mask.npy", np.asarray(data.arrays[3], dtype=bool))
+        written += ["text", "text_mask"]
+    common.print0(f"wrote {cfg.data}/{{{','.join(n + '.npy' for n in written)}}}")
 
 
 def finetune_decoder(cfg: Config, steps: int, d: common.Dist) -> Path:

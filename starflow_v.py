@@ -926,20 +926,14 @@ def batch_cond(model: STARFlowV, batch, drop: float = 0.0) -> dict:
                            null=null, task=batch[2] if cfg.v2v else None, batch=B, check=False)
 
 
-def _loader(data, start: int, count: int, bs: int, workers: int = 0):
-    part = torch.utils.data.Subset(data, range(start, start + count))
-    return torch.utils.data.DataLoader(part, batch_size=bs, num_workers=workers)
-
-
 @torch.no_grad()
 def heldout_bpd(model: STARFlowV, cfg: Config, data, vae, d: common.Dist, n_max: int = 1000,
                 bs: int = 128) -> tuple[float, float, int]:
     """Bits/dim of held-out videos with the training noise (pixels: on the 0..255 scale): (mean, its standard
     error, number of videos)."""
     g = torch.Generator().manual_seed(1234)
-    start, count = common.rank_split(min(len(data), n_max), d)
     tot = torch.zeros(3, device=d.device)
-    for batch in _loader(data, start, count, bs, cfg.num_workers):
+    for batch in common.rank_loader(data, d, bs, cfg.num_workers, n=min(len(data), n_max)):
         batch = [t.to(d.device) for t in batch]
         x = to_model_space(batch[0], vae, cfg)
         x = x + cfg.noise_std * torch.randn(x.shape, generator=g).to(d.device)
@@ -1213,26 +1207,16 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
     if vae is None:
         raise ValueError("--precompute needs --vae and --vae_family")
     data = load_data(dataclasses.replace(cfg, data=src))
-    out = Path(cfg.data)
-    out.mkdir(parents=True, exist_ok=True)
-    start, count = common.rank_split(len(data), d)
-    keys = ("latents", "labels", "task") + (("text", "text_mask") if cfg.txt_dim else ())
-    wan = isinstance(vae, common.VideoVAE)
-    parts = []  # the posterior's mean and (Wan) log-variance, unscaled: training samples and scales (to_model_space)
-    for b in common.progress(_loader(data, start, count, 4, cfg.num_workers), desc="encoding"):
+    keys = ("labels", "task") + (("text", "text_mask") if cfg.txt_dim else ())
+
+    def encode(b):  # the posterior's mean and (Wan) log-variance, unscaled: training samples and scales them
         mean, logvar = posterior(b[0].to(d.device), vae, cfg.vae_family)
-        parts.append((mean.half().cpu(), *b[1:len(keys)]) + ((logvar.half().cpu(),) if wan else ()))
-    keys += ("latents_logvar",) if wan else ()
-    arrays = {k: torch.cat(p).numpy() for k, p in zip(keys, zip(*parts, strict=True), strict=True)}
-    common.save_npz(out / "latents.npz", d, **arrays)
-    if d.is_main:
-        with np.load(out / "latents.npz") as f:
-            for k in keys:
-                np.save(out / f"{k}.npy", f[k])
-        (out / "latents.npz").unlink()
-        if data.null_text is not None:
-            np.save(out / "null_text.npy", data.null_text)
-        common.print0(f"wrote {', '.join(f'{out}/{k}.npy' for k in keys)}")
+        wan = {"latents_logvar": logvar.half()} if isinstance(vae, common.VideoVAE) else {}
+        return {"latents": mean.half(), **dict(zip(keys, b[1:1 + len(keys)], strict=True)), **wan}
+    names = common.encode_folder(cfg.data, data, d, encode, 4, cfg.num_workers)
+    if d.is_main and data.null_text is not None:
+        np.save(Path(cfg.data) / "null_text.npy", data.null_text)
+    common.print0(f"wrote {cfg.data}/{{{','.join(n + '.npy' for n in names)}}}")
 
 
 def sampling_context(args, cfg: Config, start: int, count: int):

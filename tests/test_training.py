@@ -337,6 +337,27 @@ def test_a_loss_without_data_is_told_its_rows_of_the_global_batch(tmp_path):
     assert runs[1] == pytest.approx(runs[3], abs=1e-6) and runs[1] != 0
 
 
+ENCODE = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import common
+d = common.setup_distributed("cpu")
+data = common.ArrayDataset(torch.arange(7.0)[:, None], torch.arange(7))
+common.encode_folder({out!r}, data, d, lambda b: {{"double": 2 * b[0], "labels": b[1], "rank": b[1] * 0 + d.rank}}, 2)
+"""
+
+
+def test_encode_folder_writes_every_rank_share_in_row_order(tmp_path):
+    script = tmp_path / "enc.py"
+    script.write_text(ENCODE.format(root=str(ROOT), out=str(tmp_path / "lat")))
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script)],
+         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    a = common.load_arrays(tmp_path / "lat", ("double", "labels", "rank"))
+    assert a["labels"].tolist() == list(range(7)) and a["double"][:, 0].tolist() == [2.0 * i for i in range(7)]
+    assert a["rank"].tolist() == [0] * 4 + [1] * 3  # rank_split's shares, rank 0 first
+    assert not list((tmp_path / "lat").glob(".*"))  # no parts left behind
+
+
 def test_ema_update_and_swap():
     model = torch.nn.Linear(2, 2)
     ema = common.EMA(model, decay=0.9)
