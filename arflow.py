@@ -806,7 +806,8 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
         (m, lv), (mf, lvf) = moments(x), moments(x.flip(-1))
         return {"latents": m, "latents_logvar": lv, "latents_flip": mf, "latents_flip_logvar": lvf,
                 "labels": torch.as_tensor(b[1])}
-    names = common.encode_folder(cfg.data, data, d, encode, 64, cfg.num_workers)
+    names = common.encode_folder(cfg.data, data, d, encode, (cfg.img_size, cfg.img_size, vae.in_channels), 64,
+                                  cfg.num_workers)
     common.print0(f"wrote {cfg.data}/{{{','.join(n + '.npy' for n in names)}}}")
 
 

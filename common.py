@@ -1613,7 +1613,8 @@ def parse_config(cls, presets: dict[str, dict], argv=None, extra: Callable | Non
         raise ValueError(f"preset {args.preset} sets unknown fields {sorted(unknown)}")
     cfg = cls(**{**presets[args.preset], **overrides})
     if not (args.resume or args.sample or args.eval or args.plot):  # training: image size and channels of --data
-        cfg = fit_to_data(cfg, set(overrides) | (set(presets[args.preset]) if args.preset != default else set()))
+        given = set(overrides) | (set(presets[args.preset]) if args.preset != default else set())
+        cfg = fit_to_data(cfg, given, getattr(args, "precompute", None))  # (--precompute: of the images it encodes)
     if not cfg.out_dir:
         cfg.out_dir = f"out/{cls.NAME}" + ("" if args.preset == default else f"-{args.preset}")
     if sum((args.resume, args.sample, args.eval, bool(args.plot), args.dry_run)) > 1 or (args.overwrite and args.resume):
@@ -2013,8 +2014,9 @@ def _npy_shape(f) -> tuple:
 def image_shape(path: str | Path) -> tuple[int, int, int] | None:
     """(H, W, C) of the images of --data, peeked without loading them: an .npz's `images` array (its header only;
     (N, H, W, C), or (N, F, H, W, C) videos), a folder's images.npy (memory-mapped), or the first image of an image
-    folder (flat or class subfolders; grey modes are 1 channel, the rest RGB, as ImageFolder reads them). None for a
-    built-in name, a missing path or a latent folder (latents.npy, mean.npy, ...: --precompute's)."""
+    folder (flat or class subfolders; grey modes are 1 channel, the rest RGB, as ImageFolder reads them), or the
+    images a latent folder encodes (encode_folder records them). None for a built-in name, a missing path, or a latent
+    folder without that record."""
     import zipfile
     path = Path(path)
     if str(path) in BUILTIN_DATA or not path.exists():
@@ -2022,8 +2024,9 @@ def image_shape(path: str | Path) -> tuple[int, int, int] | None:
     if path.is_dir():
         if (path / "images.npy").exists():
             shape = np.load(path / "images.npy", mmap_mode="r").shape
-        elif any(path.glob("*.npy")):
-            return None  # precomputed latents
+        elif any(path.glob("*.npy")):  # precomputed latents: the size of the images they encode, if recorded
+            meta = path / "image_shape.json"
+            return tuple(json.loads(meta.read_text())) if meta.exists() else None
         else:
             first = next((f for sub in sorted(p for p in path.iterdir() if p.is_dir())
                           for f in _images_in(sub, True)[:1]), None) or next(iter(_images_in(path, False)), None)
@@ -2041,18 +2044,19 @@ def image_shape(path: str | Path) -> tuple[int, int, int] | None:
     return tuple(int(v) for v in shape[-3:]) if len(shape) >= 4 else None
 
 
-def fit_to_data(cfg, given=()):
-    """The config with its image size and channels read from --data (image_shape), except the fields in `given`
-    (the options given on the command line and those of a preset asked for by name): `--data my_folder` trains at
-    the folder's size and channels, `--img_size 64` still resizes it. Only a config with a `data` field and an
-    `img_size` (or wcfm's `image_size`) field changes; the built-in data, latent folders and anything image_shape
-    cannot read are left alone (their loaders check them). A non-square image gives its shorter side (the center
-    crop an image folder takes); a tuple img_size (video frames) gets (H, W)."""
+def fit_to_data(cfg, given=(), source: str | None = None):
+    """The config with its image size and channels read from --data (or `source`, the images --precompute encodes) by
+    image_shape, except the fields in `given` (the options given on the command line and those of a preset asked for
+    by name): `--data my_folder` trains at the folder's size and channels, `--img_size 64` still resizes it. Only a
+    config with an `img_size` (or wcfm's `image_size`) field changes; the built-in data, latent folders and anything
+    image_shape cannot read are left alone (their loaders check them). A non-square image gives its shorter side (the
+    center crop an image folder takes); a tuple img_size (video frames) gets (H, W)."""
     names = {f.name for f in fields(cfg)}
     size_field = next((n for n in ("img_size", "image_size") if n in names), None)
-    if "data" not in names or size_field is None or not cfg.data:
+    source = source or (cfg.data if "data" in names else None)
+    if size_field is None or not source:
         return cfg
-    shape = image_shape(cfg.data)
+    shape = image_shape(source)
     if shape is None:
         return cfg
     h, w, c = shape
@@ -2064,7 +2068,7 @@ def fit_to_data(cfg, given=()):
     change = {k: v for k, v in change.items() if getattr(cfg, k) != v}
     if not change:
         return cfg
-    print0(f"--data {cfg.data}: {h}x{w} images with {c} channel(s): " +
+    print0(f"{source}: {h}x{w} images with {c} channel(s): " +
            " ".join(f"--{k} {','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in change.items()) +
            " from the data (give the option to override)")
     return dataclasses.replace(cfg, **change)
@@ -2111,14 +2115,18 @@ def rank_loader(data, d: Dist, batch_size: int, num_workers: int = 0, n: int | N
 
 
 @torch.no_grad()
-def encode_folder(folder: str | Path, data, d: Dist, encode: Callable, batch_size: int = 64,
-                  num_workers: int = 0) -> list[str]:
+def encode_folder(folder: str | Path, data, d: Dist, encode: Callable, images: tuple[int, int, int],
+                  batch_size: int = 64, num_workers: int = 0) -> list[str]:
     """--precompute's loop: every rank encodes its share of `data`, encode(batch) -> {name: tensor}, and rank 0
-    writes <folder>/<name>.npy in row order (save_npy_folder: memory-mapped when training). Returns the names."""
+    writes <folder>/<name>.npy in row order (save_npy_folder: memory-mapped when training) and the encoded images'
+    (H, W, C) to <folder>/image_shape.json, so training on the folder reads the size (image_shape). Returns the
+    names of the arrays."""
     parts = [encode(b) for b in progress(rank_loader(data, d, batch_size, num_workers), desc="encoding")]
     if not parts:
         raise ValueError(f"{len(data)} items cannot be shared by {d.world_size} ranks: use fewer processes")
     Path(folder).mkdir(parents=True, exist_ok=True)
+    if d.is_main:
+        (Path(folder) / "image_shape.json").write_text(json.dumps([int(v) for v in images]))
     save_npy_folder(folder, d, **{k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]})
     return list(parts[0])
 

@@ -948,7 +948,8 @@ def precompute(cfg: Config, src: str, d: common.Dist):
         for sfx, xs in [("", x)] + ([("_flip", x.flip(-1))] if cfg.hflip else []):  # --hflip: the mirrors too
             out["mean" + sfx], out["std" + sfx] = (t.half() for t in encode_moments(vae, xs))
         return out
-    names = common.encode_folder(cfg.data, data, d, encode, 64, cfg.num_workers)
+    names = common.encode_folder(cfg.data, data, d, encode, (cfg.img_size, cfg.img_size, vae.in_channels), 64,
+                                  cfg.num_workers)
     if d.is_main and not isinstance(loaded, common.ImageFolder) and loaded[2] is not None:
         np.save(Path(cfg.data) / "segmentation.npy", loaded[2].numpy().astype(np.int16))
         names.append("segmentation")

@@ -1090,8 +1090,9 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
     if vae is None:
         raise ValueError("--precompute needs --vae and --vae_family")
     data = load_data(Config(**{**cfg.__dict__, "data": src, "val_data": "", "channels": vae.in_channels}), "all")
-    written = common.encode_folder(cfg.data, data, d, lambda b: {
-        "latents": vae.encode(common.to_float(b[0].to(d.device))).half(), "labels": b[1]}, 64, cfg.num_workers)
+    written = common.encode_folder(
+        cfg.data, data, d, lambda b: {"latents": vae.encode(common.to_float(b[0].to(d.device))).half(), "labels": b[1]},
+        (cfg.img_size, cfg.img_size, vae.in_channels), 64, cfg.num_workers)
     if d.is_main and isinstance(data, common.ArrayDataset) and len(data.arrays) == 4:  # captions, in row order
         np.save(Path(cfg.data) / "text.npy", data.arrays[2])
         np.save(Path(cfg.data) / "text_mask.npy", np.asarray(data.arrays[3], dtype=bool))

@@ -1213,7 +1213,7 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
         mean, logvar = posterior(b[0].to(d.device), vae, cfg.vae_family)
         wan = {"latents_logvar": logvar.half()} if isinstance(vae, common.VideoVAE) else {}
         return {"latents": mean.half(), **dict(zip(keys, b[1:1 + len(keys)], strict=True)), **wan}
-    names = common.encode_folder(cfg.data, data, d, encode, 4, cfg.num_workers)
+    names = common.encode_folder(cfg.data, data, d, encode, (*cfg.img_size, cfg.channels), 4, cfg.num_workers)
     if d.is_main and data.null_text is not None:
         np.save(Path(cfg.data) / "null_text.npy", data.null_text)
     common.print0(f"wrote {cfg.data}/{{{','.join(n + '.npy' for n in names)}}}")

@@ -451,6 +451,24 @@ def test_t2i_order_and_final_norm_follow_ml_starflow():
     assert [b.flip for b in sf.STARFlow(sf.Config(), 1, 8).blocks] == [False, True, False, True]  # R2L
 
 
+def test_precompute_encodes_at_the_size_of_its_images(vae_folder, tmp_path, capsys):
+    """--precompute reads the size of the images it encodes (the default img_size 8 does not fit 16x16 digits); an
+    explicit --img_size still wins."""
+    x, y = common.load_digits("test", 16)
+    np.savez(tmp_path / "imgs.npz", images=x[:20].permute(0, 2, 3, 1).numpy(), labels=y[:20].numpy())
+    vae = ["--vae", vae_folder, "--vae_family", "sd", "--precompute", str(tmp_path / "imgs.npz")]
+    sf.main(vae + ["--data", str(tmp_path / "own")])
+    assert "16x16 images with 1 channel(s): --img_size 16" in capsys.readouterr().out
+    sf.main(vae + ["--data", str(tmp_path / "given"), "--img_size", "16"])
+    own, given = np.load(tmp_path / "own" / "latents.npy"), np.load(tmp_path / "given" / "latents.npy")
+    assert own.shape == (20, 4, 8, 8) and np.array_equal(own, given)
+    cfg, _, _ = common.parse_config(sf.Config, sf.PRESETS, ["--data", str(tmp_path / "own"), "--vae", vae_folder,
+                                                            "--vae_family", "sd", "--out_dir", str(tmp_path / "r")])
+    assert (cfg.img_size, cfg.channels) == (16, 1)  # training on the folder: the size of the images it encodes
+    with pytest.raises(ValueError, match=r"must be \(N, 8, 8, 1\) uint8, got \(20, 16, 16, 1\)"):
+        sf.main(vae + ["--data", str(tmp_path / "small"), "--img_size", "8"])  # an .npz is never resized
+
+
 def test_text_to_image_end_to_end_through_a_latent_folder(vae_folder, tmp_path, capsys):
     """--precompute (images + captions) -> latent folder -> train with a held-out evaluation that samples from held-out
     captions -> --eval -> --sample --captions, on CPU. (t2i256 once crashed at its first evaluation.)"""

@@ -343,7 +343,8 @@ sys.path.insert(0, {root!r})
 import common
 d = common.setup_distributed("cpu")
 data = common.ArrayDataset(torch.arange(7.0)[:, None], torch.arange(7))
-common.encode_folder({out!r}, data, d, lambda b: {{"double": 2 * b[0], "labels": b[1], "rank": b[1] * 0 + d.rank}}, 2)
+common.encode_folder({out!r}, data, d, lambda b: {{"double": 2 * b[0], "labels": b[1], "rank": b[1] * 0 + d.rank}},
+                     (3, 5, 1), batch_size=2)
 """
 
 
@@ -356,6 +357,7 @@ def test_encode_folder_writes_every_rank_share_in_row_order(tmp_path):
     assert a["labels"].tolist() == list(range(7)) and a["double"][:, 0].tolist() == [2.0 * i for i in range(7)]
     assert a["rank"].tolist() == [0] * 4 + [1] * 3  # rank_split's shares, rank 0 first
     assert not list((tmp_path / "lat").glob(".*"))  # no parts left behind
+    assert common.image_shape(tmp_path / "lat") == (3, 5, 1)  # the encoded images' size, for training on it
 
 
 def test_ema_update_and_swap():
