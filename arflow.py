@@ -380,7 +380,7 @@ def load_data(cfg: Config, split: str = "train") -> tuple:
     as the batches ask for them) or float latents (N, c, h, w) (memory-mapped from a latent folder), the latents of
     the mirrored images (or None: flip x itself), int64 labels (N,), and for latents the posterior log-variances
     (logvar, logvar of the mirrors or None), or None (posterior means only, or images). A latent model encodes images
-    through its VAE at every step (to_model_space); --precompute encodes them once instead."""
+    through its VAE at every step, drawing from the posterior (to_model_space); --precompute encodes them once."""
     path, x_flip, logvar = Path(cfg.data), None, None
     if cfg.data == "digits":
         x, y = (t.numpy() for t in common.load_digits(split, cfg.img_size))
@@ -431,14 +431,15 @@ class SequenceSampler:
     distinct images of one class (uniform over the classes), randomly mirrored if cfg.hflip, with noise levels
     t ~ sort(U(0,1)^S) ascending, its own noise per image, and a flag for dropping the label of the whole sequence.
     With posterior log-variances (`logvar`, see load_data) each latent is a fresh draw mean + std * z of the VAE's
-    posterior at every step, as the reference trainer does (train.py:256-259); without them, the mean.
+    posterior at every step, as the reference trainer does (train.py:256-259); without them, the mean. With `encode`
+    (images that a latent model encodes as it trains) the batch ends with those draws z, for to_model_space.
 
     Everything is drawn for the GLOBAL batch from a generator seeded by (seed, step) and each rank keeps its slice
     (only its images are read): the batches are identical for any world size, and resuming at step k replays
     nothing. Call it with a start step for an endless iterator, as common.train does."""
 
     def __init__(self, x, x_flip, y, cfg: Config, shape: tuple, rank: int = 0, world: int = 1, seed: int | None = None,
-                 label_drop: float | None = None, logvar: tuple | None = None):
+                 label_drop: float | None = None, logvar: tuple | None = None, encode: bool = False):
         if cfg.batch_size % world:
             raise ValueError(f"--batch_size {cfg.batch_size} is not divisible by {world} ranks")
         S, counts = cfg.seq_len, np.bincount(y, minlength=cfg.num_classes)
@@ -452,6 +453,7 @@ class SequenceSampler:
         table[y[order], np.arange(len(y)) - starts[y[order]]] = order
         self.table, self.counts = torch.from_numpy(table), torch.from_numpy(counts)
         self.x, self.x_flip, self.y, self.cfg, self.shape, self.logvar = x, x_flip, y, cfg, tuple(shape), logvar
+        self.encode = encode
         self.rank, self.per_rank = rank, cfg.batch_size // world
         self.seed = cfg.seed if seed is None else seed
         self.label_drop = cfg.label_drop if label_drop is None else label_drop
@@ -473,10 +475,11 @@ class SequenceSampler:
         t = torch.rand(B, S, generator=g).sort(1).values  # ascending: noisier images first
         null = torch.rand(B, generator=g) < self.label_drop
         eps = torch.randn(B, S, *self.shape, generator=g)
-        post = torch.randn(B, S, *self.shape, generator=g) if self.logvar is not None else None  # posterior draws
+        draw = self.logvar is not None or self.encode
+        post = torch.randn(B, S, *self.shape, generator=g) if draw else None  # posterior draws
         mine = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
-        x = self.gather(idx[mine], flip[mine] if cfg.hflip else None, None if post is None else post[mine])
-        return [x, cls[mine], t[mine], eps[mine], null[mine]]
+        x = self.gather(idx[mine], flip[mine] if cfg.hflip else None, None if self.logvar is None else post[mine])
+        return [x, cls[mine], t[mine], eps[mine], null[mine]] + ([post[mine]] if self.encode else [])
 
     def gather(self, idx: torch.Tensor, flip: torch.Tensor | None, post: torch.Tensor | None = None) -> torch.Tensor:
         flat = idx.flatten().numpy()
@@ -499,12 +502,26 @@ class SequenceSampler:
         return x.view(*idx.shape, *x.shape[1:])
 
 
-def to_model_space(x: torch.Tensor, vae) -> torch.Tensor:
-    """uint8 images (..., C, H, W) -> [-1, 1] pixels or VAE latents; float inputs are latents already."""
+def posterior(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images in [-1, 1] -> the VAE posterior's mean in model space (scaled) and the log-variance of that scaled latent
+    (AutoencoderKL clamps it to [-30, 20])."""
+    p = next(vae.ae.parameters())
+    mean, logvar = vae.ae.encode(x.to(p.dtype))
+    return (mean - vae.shift_factor) * vae.scaling_factor, logvar + 2 * math.log(vae.scaling_factor)
+
+
+def to_model_space(x: torch.Tensor, vae, post: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 images (..., C, H, W) -> [-1, 1] pixels or VAE latents: the posterior mean, or with draws `post` (as x)
+    mean + std * post, as a --precompute'd folder trains; float inputs are latents already."""
     if x.dtype != torch.uint8:
         return x.float()
     lead, x = x.shape[:-3], common.to_float(x.flatten(0, -4))
-    x = x if vae is None else vae.encode(x)
+    if vae is not None and post is not None:
+        with torch.no_grad():  # (in chunks, as VAE.encode: they bound a big VAE's activation memory)
+            mean, logvar = (torch.cat(m).float() for m in zip(*(posterior(vae, xb) for xb in x.split(64))))
+        x = mean + (0.5 * logvar).exp() * post.flatten(0, -4)
+    elif vae is not None:
+        x = vae.encode(x)
     return x.view(*lead, *x.shape[1:])
 
 
@@ -520,8 +537,8 @@ def flow_loss(net, x, t, eps, y) -> torch.Tensor:
 
 
 def batch_loss(net, batch, num_classes: int, vae=None) -> torch.Tensor:
-    x, y, t, eps, null = batch
-    return flow_loss(net, to_model_space(x, vae), t, eps, torch.where(null, num_classes, y))
+    x, y, t, eps, null, *post = batch  # (post: posterior draws of images encoded here, SequenceSampler(encode=True))
+    return flow_loss(net, to_model_space(x, vae, *post), t, eps, torch.where(null, num_classes, y))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -794,18 +811,12 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
     else:
         x, _, y, _ = load_data(dataclasses.replace(cfg, data=src, channels=vae.in_channels, vae="", vae_family="none"))
         data = common.ArrayDataset(torch.from_numpy(x), torch.from_numpy(y))
-    p = next(vae.ae.parameters())
-
-    def moments(xb):  # scaled mean, and the log-variance of the scaled latent (AutoencoderKL clamps it to [-30, 20])
-        mean, logvar = vae.ae.encode(xb.to(p.dtype))
-        return (((mean - vae.shift_factor) * vae.scaling_factor).half(),
-                (logvar + 2 * math.log(vae.scaling_factor)).half())
 
     def encode(b):
         x = common.to_float(b[0].to(d.device))
-        (m, lv), (mf, lvf) = moments(x), moments(x.flip(-1))
-        return {"latents": m, "latents_logvar": lv, "latents_flip": mf, "latents_flip_logvar": lvf,
-                "labels": torch.as_tensor(b[1])}
+        (m, lv), (mf, lvf) = posterior(vae, x), posterior(vae, x.flip(-1))
+        return {"latents": m.half(), "latents_logvar": lv.half(), "latents_flip": mf.half(),
+                "latents_flip_logvar": lvf.half(), "labels": torch.as_tensor(b[1])}
     names = common.encode_folder(cfg.data, data, d, encode, (cfg.img_size, cfg.img_size, vae.in_channels), 64,
                                   cfg.num_workers)
     common.print0(f"wrote {cfg.data}/{{{','.join(n + '.npy' for n in names)}}}")
@@ -850,7 +861,8 @@ def cli_train(cfg: Config, args, overrides: dict, d: common.Dist) -> common.Job:
     if x.dtype != np.uint8 and tuple(x.shape[1:]) != shape:
         raise ValueError(f"--data {cfg.data}: latents of shape {tuple(x.shape[1:])}, the model expects {shape} "
                          f"(--img_size, --vae_family)")
-    data = SequenceSampler(x, x_flip, y, cfg, shape, d.rank, d.world_size, logvar=logvar)
+    data = SequenceSampler(x, x_flip, y, cfg, shape, d.rank, d.world_size, logvar=logvar,
+                           encode=vae is not None and x.dtype == np.uint8)
     common.print0(f"ARFlow ({cfg.attention} attention) with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                   f"parameters: sequences of {cfg.seq_len} images of {model.N} tokens, {len(x)} training images")
 

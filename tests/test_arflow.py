@@ -284,6 +284,11 @@ def test_latents_precompute_flip_and_decode(tmp_path):
     std = torch.cat([torch.tensor(lv), torch.tensor(lv_flip)]).float().mul(0.5).exp()[torch.stack([h[0] for h in hit])]
     torch.testing.assert_close(drawn[0][:, 0], means[0][:, 0].float() + std * z, atol=1e-5, rtol=0)
     assert (std * z).abs().mean() > 1e-2  # the draws move the latents
+    # images encoded as they train (no --precompute): the same posterior draws as the folder's, mirrors included
+    fly = af.SequenceSampler(x[:20].numpy(), None, lab, c64, (4, 8, 8), encode=True).batch(0)
+    assert len(fly) == 6 and all(torch.equal(a, b) for a, b in zip(fly[1:5], drawn[1:]))
+    torch.testing.assert_close(af.to_model_space(fly[0], vae, fly[5]), drawn[0].float(), atol=3e-2, rtol=0)
+    torch.testing.assert_close(af.to_model_space(fly[0], vae), means[0].float(), atol=3e-2, rtol=0)  # no draws
     out = af.generate(model.eval(), cfg, torch.tensor([0, 5, 9]), vae, seed=0)
     assert out.shape == (3, 1, 16, 16) and out.dtype == torch.uint8
 
