@@ -1504,6 +1504,8 @@ class TrainConfig:
     RUNTIME: ClassVar[tuple[str, ...]] = ()
     # fields renamed since older checkpoints were written: {old name: new name} (read under the new name)
     RENAMED: ClassVar[dict[str, str]] = {}
+    # model fields added since older checkpoints were written: {name: the value those were trained with}
+    LEGACY: ClassVar[dict] = {}
 
     def __post_init__(self):
         for f in fields(self):
@@ -1650,9 +1652,11 @@ def model_fields(cfg) -> list[str]:
 
 def saved_config(state: dict, cls) -> dict:
     """A checkpoint's config, with the fields renamed since it was written under their new names (the config class's
-    RENAMED: {old name: new name}, e.g. wcfm's data_path -> data)."""
+    RENAMED: {old name: new name}, e.g. wcfm's data_path -> data) and, for this file's checkpoints, the fields added
+    since at the values it was trained with (LEGACY)."""
     renamed = getattr(cls, "RENAMED", {})
-    return {renamed.get(k, k): v for k, v in state.get("config", {}).items()}
+    saved = {renamed.get(k, k): v for k, v in state.get("config", {}).items()}
+    return {**getattr(cls, "LEGACY", {}), **saved} if state.get("kind") == cls.NAME else saved
 
 
 def check_config(state: dict, cfg, what: str = "checkpoint"):

@@ -926,8 +926,6 @@ def from_checkpoint(path: str, device="cpu", **overrides) -> tuple[LatentFlow, C
     state = load_any(path)
     if read_official(state) is not None:
         return from_official(path, device, state=state, **overrides)
-    if state.get("kind") == Config.NAME:
-        state["config"] = {**Config.LEGACY, **state["config"]}
     cfg = common.config_from_checkpoint(Config, state, overrides, what=str(path))
     vae = load_vae(cfg, device)
     model = build(cfg, vae)

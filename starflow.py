@@ -109,7 +109,7 @@ class Config(common.TrainConfig):
     RUNTIME = ("data", "val_data", "val_frac", "vae", "decoder", "dequant", "latent_reg", "sampler", "jacobi_chunk",
                "jacobi_max_iter", "jacobi_threshold", "guidance", "guidance_rule", "guide_what", "guidance_anneal",
                "guide_all_blocks", "attn_temp", "denoise", "sample_batch", "grad_ckpt", "label_drop")
-    # what checkpoints written before a model field existed were trained with (filled in by from_checkpoint)
+    # what checkpoints written before a model field existed were trained with (common.saved_config fills them in)
     LEGACY = {"seq_order": "R2L", "final_norm": False, "rope_text": False, "class_cond": "prefix",
               "txt_null": "learned", "patch_order": "hwc", "prior_var": False, "text_padding": "mask"}
 
@@ -1147,8 +1147,6 @@ def from_checkpoint(path: str, device="cpu", null_text=None, **overrides) -> tup
         return from_official(path, device, null_text, state=state, **overrides)
     if null_text is not None:
         raise ValueError(f"--null_text is for official ml-starflow weights; {path} is a {state.get('kind')} checkpoint")
-    if state.get("kind") == Config.NAME:  # checkpoints from before a model field existed
-        state["config"] = {**Config.LEGACY, **state["config"]}
     cfg = common.config_from_checkpoint(Config, state, overrides, what=str(path))
     model, vae = build(cfg, device)
     model.__dict__["vae"] = vae

@@ -43,8 +43,8 @@ Ambiguities, and the choices made here
 
 Data: 2D toys generated here (8gaussians and moons as in torchcfm's examples, moon arcs drawn uniformly); images: the
 scikit-learn digits (CPU demo), or your own images with `--target cifar10 --data`: a CIFAR-10-style `.npz` (`images`
-uint8 (N, H, W, 3), optional `labels`) or an image folder (flat, or one subfolder per class), at the size of the
-images unless `--image_size` (or `--preset cifar10`: 32) says otherwise.
+uint8 (N, H, W, C), optional `labels`) or an image folder (flat, or one subfolder per class), at the size and channels
+of the images unless `--image_size` / `--channels` (or `--preset cifar10`: 32) say otherwise.
 
 Run
     python wcfm.py                                   # 8 Gaussians -> moons: I-CFM, OT-CFM, W-CFM at two kappa (CPU)
@@ -96,8 +96,9 @@ FEW_STEPS = (1, 2, 4, 8)  # the Euler step counts --eval reports W2 at
 class Config(common.TrainConfig):
     source: str = common.opt("8gaussians", choices=TOYS)  # 2D source toy; images always start from N(0, I)
     target: str = common.opt("moons", choices=TOYS + ("digits", "cifar10"))  # a 2D toy | digits | cifar10
-    data: str = ""  # --target cifar10: image folder (flat or class subfolders) | .npz: images (N,H,W,3) uint8 [labels]
+    data: str = ""  # --target cifar10: image folder (flat or class subfolders) | .npz: images (N,H,W,C) uint8 [labels]
     image_size: int = common.opt(32, min=1)  # image side (read from --data unless given; folders are resized, digits upsampled)
+    channels: int = common.opt(3, min=1)  # image channels of --data (read from it unless given; digits are grey)
     hflip: bool = False  # random horizontal flips of the images (training, and the pruning PCA)
     coupling: str = "wcfm"  # icfm | otcfm | wcfm | wcfm:KAPPA; a comma-separated list trains each side by side
     sigma: float = 0.1  # std of the Gaussian around the straight conditional path
@@ -128,6 +129,7 @@ class Config(common.TrainConfig):
 
     NAME = "wcfm"
     RENAMED = {"data_path": "data"}  # checkpoints from before --data_path became --data
+    LEGACY = {"channels": 3}  # checkpoints from before --channels: RGB
     RUNTIME = ("sampler", "sample_steps", "atol", "rtol", "guidance", "prune", "prune_tau", "prune_tau_r", "eval_n")
 
     def __post_init__(self):
@@ -597,9 +599,9 @@ def load_images(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.
     if cfg.target == "digits":
         return common.load_digits(split, size=cfg.image_size)
     if not cfg.data:
-        raise ValueError("--target cifar10 needs --data: an .npz with images (N, H, W, 3) uint8, or an image folder")
+        raise ValueError("--target cifar10 needs --data: an .npz with images (N, H, W, C) uint8, or an image folder")
     if Path(cfg.data).is_dir() and not list(Path(cfg.data).glob("*.npy")):
-        folder = common.ImageFolder(cfg.data, cfg.image_size)
+        folder = common.ImageFolder(cfg.data, cfg.image_size, cfg.channels)
         x, y = zip(*(folder[i] for i in range(len(folder))))
         return torch.stack(x), torch.tensor(y)
     arrays = common.load_arrays(cfg.data, ("images", "labels"))
@@ -607,8 +609,8 @@ def load_images(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.
     if x.dtype != torch.uint8 or x.ndim != 4:
         raise ValueError(f"{cfg.data}: images must be uint8 (N, H, W, C), got {x.dtype} {tuple(x.shape)}")
     if x.shape[1:] != data_shape(cfg):  # an .npz is not resized
-        raise ValueError(f"{cfg.data}: images must be (N, {cfg.image_size}, {cfg.image_size}, 3) uint8 (--image_size), "
-                         f"got {tuple(arrays['images'].shape)}")
+        raise ValueError(f"{cfg.data}: images must be (N, {cfg.image_size}, {cfg.image_size}, {cfg.channels}) uint8 "
+                         f"(--image_size, --channels), got {tuple(arrays['images'].shape)}")
     y = torch.from_numpy(np.asarray(arrays["labels"])).long() if "labels" in arrays else torch.zeros(len(x)).long()
     return x, y
 
@@ -624,7 +626,8 @@ def target_samples(cfg: Config, n: int, seed: int) -> torch.Tensor:
 
 
 def data_shape(cfg: Config) -> tuple:
-    return (2,) if not is_image(cfg) else ((1 if cfg.target == "digits" else 3), cfg.image_size, cfg.image_size)
+    return (2,) if not is_image(cfg) else ((1 if cfg.target == "digits" else cfg.channels), cfg.image_size,
+                                           cfg.image_size)
 
 
 def norm_scales(cfg: Config) -> tuple[float, float]:

@@ -415,6 +415,8 @@ def test_checkpoints_from_before_time_scale_and_pos_order_still_load(tmp_path):
     m, cfg = lf.from_checkpoint(str(tmp_path / "old.pt"))
     assert (cfg.time_scale, cfg.pos_order) == (1000.0, "hw")
     assert all(torch.equal(v, state["ema"][k]) for k, v in m.state_dict().items() if k in state["ema"])
+    lf.main(["--resume", "--ckpt", str(tmp_path / "old.pt"), "--steps", "2"])  # --resume restores its config too
+    assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
 
 
 def test_eval_on_own_data_names_its_loss_for_the_training_examples(tmp_path):

@@ -383,8 +383,9 @@ def test_torchrun_two_processes_train_and_split_sampling_with_released_norm_alig
 
 
 def test_own_images_through_data_at_their_size_and_old_data_path_checkpoints_load(tmp_path, capsys):
-    """--target cifar10 --data: an .npz or an image folder, at the images' size unless --image_size says otherwise;
-    a checkpoint written when the field was --data_path samples, evaluates and resumes."""
+    """--target cifar10 --data: an .npz or an image folder, at the images' size and channels unless --image_size /
+    --channels say otherwise; a checkpoint written when the field was --data_path (and before --channels) samples,
+    evaluates and resumes."""
     need("PIL")
     rng = np.random.default_rng(0)
     npz = tmp_path / "d.npz"
@@ -401,14 +402,18 @@ def test_own_images_through_data_at_their_size_and_old_data_path_checkpoints_loa
     wcfm.main(tiny + ["--data", str(tmp_path / "imgs"), "--out_dir", str(tmp_path / "b")])
     model, cfg = wcfm.from_checkpoint(tmp_path / "b" / "ckpt.pt")
     assert cfg.image_size == 6 and model.shape == (3, 6, 6)
+    np.savez(tmp_path / "grey.npz", images=rng.integers(0, 256, (16, 4, 4, 1), dtype=np.uint8))
+    wcfm.main(tiny + ["--data", str(tmp_path / "grey.npz"), "--out_dir", str(tmp_path / "grey")])
+    assert wcfm.from_checkpoint(tmp_path / "grey" / "ckpt.pt")[0].shape == (1, 4, 4)
     capsys.readouterr()
-    assert "d.npz: images must be (N, 8, 8, 3) uint8 (--image_size), got (16, 4, 4, 3)" in \
+    assert "d.npz: images must be (N, 8, 8, 3) uint8 (--image_size, --channels), got (16, 4, 4, 3)" in \
         _fails(tiny + ["--data", str(npz), "--image_size", "8", "--out_dir", str(tmp_path / "c")], capsys)
     assert "--data is read for --target cifar10" in _fails(["--target", "digits", "--data", str(npz)], capsys)
     # a checkpoint from before the rename: its config says data_path
     old = tmp_path / "old" / "ckpt.pt"
     old.parent.mkdir()
-    torch.save({**state, "config": {("data_path" if k == "data" else k): v for k, v in state["config"].items()}}, old)
+    torch.save({**state, "config": {("data_path" if k == "data" else k): v for k, v in state["config"].items()
+                                    if k != "channels"}}, old)
     model, cfg = wcfm.from_checkpoint(old, sample_steps=3)
     assert (cfg.data, cfg.image_size, cfg.sample_steps) == (str(npz), 4, 3) and model.shape == (3, 4, 4)
     wcfm.main(["--sample", "--ckpt", str(old), "--n", "4", "--out", str(tmp_path / "s.npz")])
