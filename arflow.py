@@ -822,7 +822,7 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
     common.print0(f"wrote {cfg.data}/{{{','.join(n + '.npy' for n in names)}}}")
 
 
-def add_args(p: argparse.ArgumentParser):
+def options(p: argparse.ArgumentParser):
     p.add_argument("--arch", choices=list(ARCHS), default=None,
                    help="a SiT size (depth, width, heads, patch); explicit options still override it")
     p.add_argument("--init_from", metavar="CKPT", default=None,
@@ -883,7 +883,7 @@ def cli_train(cfg: Config, args, overrides: dict, d: common.Dist) -> common.Job:
 
 
 def main(argv=None):
-    common.cli(argv, Config, PRESETS, __doc__, options=add_args, configure=configure, dry_run=dry_run,
+    common.cli(argv, Config, PRESETS, __doc__, options=options, configure=configure, dry_run=dry_run,
                load=lambda ckpt, overrides, args, d: from_checkpoint(ckpt, d.device, **overrides), sample=cli_sample,
                evaluate=lambda model, cfg, args, d: evaluate(model, cfg, load_vae(cfg, d.device), d),
                prepare=cli_train,

@@ -14,11 +14,12 @@ flowzoo/common.py -- the plumbing every model file shares, and nothing model-spe
        for validated fields, `parse_config`, checkpoint configs checked against the model file); atomic rank-0
        checkpoints; the training loop (`train`: gradient accumulation, non-finite guards, SIGTERM, resume, no
        clobbering; the loss told its step and rows, `At`); data helpers (`batches` with per-example noise, image
-       folders, .npz); PNG grids and JSONL logs; `cli`, which runs every model file's modes (train, sample, eval,
-       plot, dry run, the file's own) from the hooks it declares (`Job`); `run`, the one-line-error entry point; a digits
-       classifier that stands in for Inception on the demos (accuracy + Frechet distance); and the standard
-       Inception FID on your own images (`fid`, `fid_stats`: the FID InceptionV3 written out, with a weights file
-       you have locally, reference statistics saved once in pytorch-fid's .npz layout).
+       folders, .npz, `encode_folder` for --precompute); PNG grids and JSONL logs; `cli`, which runs every model
+       file's modes (train, sample, eval, plot, dry run, the file's own) from the hooks it declares (`Job`); `run`,
+       the one-line-error entry point; a digits classifier that stands in for Inception on the demos (accuracy +
+       Frechet distance); and the standard Inception FID on your own images (`fid`, `fid_stats`: the FID
+       InceptionV3 written out, with a weights file you have locally, reference statistics saved once in
+       pytorch-fid's .npz layout).
 
 A model file does `import common` and nothing else of ours.
 """

@@ -969,7 +969,7 @@ def conditions_from_npz(cfg: Config, path: str, vae, start: int, count: int, dev
                                                                  m.to(device)).cpu()}
 
 
-def add_args(p: argparse.ArgumentParser):
+def options(p: argparse.ArgumentParser):
     p.add_argument("--precompute", metavar="IMAGES", default=None,
                    help="encode IMAGES (an .npz or a folder) through --vae into the latent folder --data")
     p.add_argument("--cond", metavar="NPZ", default=None,
@@ -1048,7 +1048,7 @@ def cli_train(cfg: Config, args, overrides: dict, d: common.Dist) -> common.Job:
 
 
 def main(argv=None):
-    common.cli(argv, Config, PRESETS, __doc__, options=add_args, dry_run=dry_run, load=cli_load, sample=cli_sample,
+    common.cli(argv, Config, PRESETS, __doc__, options=options, dry_run=dry_run, load=cli_load, sample=cli_sample,
                evaluate=lambda model, cfg, args, d: evaluate(model, cfg, model.vae), prepare=cli_train, digits=5,
                modes={"precompute": lambda cfg, args, _, d: precompute(cfg, args.precompute, d)})
 

@@ -836,7 +836,7 @@ def dry_run(cfg: Config, gpus: int) -> dict:
                                                                          * math.prod(shape)})
 
 
-def add_args(p: argparse.ArgumentParser):
+def options(p: argparse.ArgumentParser):
     p.add_argument("--select-kappa", dest="select_kappa", action="store_true",
                    help="print the tilt curve Var(tau)/E[tau]^2 over the kappa grid and the budget / elbow choices")
 
@@ -897,8 +897,8 @@ def cli_sample(model: Flow, cfg: Config, args, d: common.Dist, start: int, count
     x = (res.x / model.x1_scale).cpu()
     arrays = {"samples": x.numpy()} if len(model.shape) == 1 else \
         {"images": common.to_uint8(x).permute(0, 2, 3, 1).numpy()}
-    return ({**arrays, **({"labels": y.cpu().numpy()} if y is not None else {})},
-            f"{cfg.sampler}, {res.nfe} NFE" + (f", pruning rejected {rate:.1%} of Gaussian draws" if rate is not None else ""))
+    pruned = f", pruning rejected {rate:.1%} of Gaussian draws" if rate is not None else ""
+    return {**arrays, **({"labels": y.cpu().numpy()} if y is not None else {})}, f"{cfg.sampler}, {res.nfe} NFE{pruned}"
 
 
 def train_runs(cfg: Config, args, overrides: dict, d: common.Dist):
@@ -938,7 +938,7 @@ def train_runs(cfg: Config, args, overrides: dict, d: common.Dist):
 
 
 def main(argv=None):
-    common.cli(argv, Config, PRESETS, __doc__, options=add_args, configure=configure, dry_run=dry_run,
+    common.cli(argv, Config, PRESETS, __doc__, options=options, configure=configure, dry_run=dry_run,
                load=lambda ckpt, overrides, args, d: from_checkpoint(ckpt, d.device, **overrides), sample=cli_sample,
                evaluate=None, prepare=train_runs, modes={"select_kappa": select_kappa, "eval": eval_runs})
 
