@@ -631,6 +631,69 @@ def latent_shape(cfg: Config, vae=None) -> tuple[int, int]:
     return ch, cfg.img_size // down
 
 
+def generate(model: ARFlow, cfg: Config, labels: torch.Tensor, vae, seed: int, bs: int = 500) -> torch.Tensor:
+    """uint8 images (N, C, H, W) for the given class labels, sampled in batches."""
+    if labels.numel() and (labels.min() < 0 or labels.max() >= cfg.num_classes):
+        raise ValueError(f"class labels must be in [0, {cfg.num_classes}), got {labels.tolist()}")
+    if vae is None and cfg.vae_family != "none":
+        raise ValueError("decoding latents to images needs --vae PATH")
+    dev = next(model.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    out = [common.to_uint8(x if vae is None else vae.decode(x)).cpu()
+           for x in (sample(model, yb.to(dev), cfg, generator=g) for yb in labels.split(bs))]
+    return torch.cat(out) if out else torch.zeros(0, cfg.channels, cfg.img_size, cfg.img_size, dtype=torch.uint8)
+
+
+@torch.no_grad()
+def heldout_loss(model: ARFlow, cfg: Config, vae, d: common.Dist, batches: int = 4) -> float:
+    """The flow-matching loss on fixed sequences (digits: the test split; other data: the training data, as nothing
+    else is held out), with the labels, averaged over the ranks."""
+    x, x_flip, y, logvar = load_data(cfg, "test")
+    shape = (model.C, model.side, model.side)
+    bs = max(d.world_size, min(cfg.batch_size, 64) // d.world_size * d.world_size)
+    sampler = SequenceSampler(x, x_flip, y, dataclasses.replace(cfg, batch_size=bs, hflip=False), shape, d.rank,
+                              d.world_size, seed=12345, label_drop=0.0, logvar=logvar)
+    dev = next(model.parameters()).device
+    losses = [batch_loss(model, [b.to(dev) for b in sampler.batch(i)], cfg.num_classes, vae) for i in range(batches)]
+    return common.all_reduce_mean(torch.stack(losses).mean()).item()
+
+
+def evaluate(model: ARFlow, cfg: Config, vae, d: common.Dist, n: int | None = None) -> dict:
+    """Held-out loss (`val_loss`; on data other than the digits `train_loss`: the same on fixed training sequences);
+    on digits also class accuracy and Frechet distance (common.digits_metrics) of n class-conditional samples for
+    every guidance value in cfg.eval_guidance, and the guidance that minimises FD; with --fid_ref the Inception FID
+    of fid_n samples (classes cycled) at the configured guidance."""
+    was_training = model.training
+    model.eval()
+    out = {"val_loss" if cfg.data == "digits" else "train_loss": heldout_loss(model, cfg, vae, d)}
+    if cfg.data == "digits":
+        start, count = common.rank_split(n or cfg.eval_n, d)
+        labels = torch.arange(start, start + count) % cfg.num_classes
+        fds, all_labels = {}, common.gather(labels, d)
+        for w in cfg.eval_guidance:
+            imgs = generate(model, dataclasses.replace(cfg, guidance=w), labels, vae, cfg.seed + 7 + d.rank)
+            imgs = common.gather(imgs, d)
+            if d.is_main:
+                m = common.digits_metrics(imgs, all_labels)
+                out.update({f"fd_w{w:g}": m["fd"], f"accuracy_w{w:g}": m["accuracy"], "fd_floor": m["fd_floor"]})
+                fds[w] = m["fd"]
+        if fds:
+            best = min(fds, key=fds.get)
+            out.update(best_guidance=best, fd_best=fds[best], accuracy_best=out[f"accuracy_w{best:g}"])
+    if cfg.fid_ref:
+        start, count = common.rank_split(cfg.fid_n, d)
+        labels = torch.arange(start, start + count) % cfg.num_classes
+        imgs = common.gather(generate(model, cfg, labels, vae, cfg.seed + 11 + d.rank), d)
+        if d.is_main:
+            out.update(fid=common.fid(imgs, cfg.fid_ref, cfg.fid_weights, d.device), fid_n=len(imgs))
+    model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trainer: build, checkpoints (ours and the official file), --precompute, the command line
+
+
 def dry_run(cfg: Config, gpus: int) -> dict:
     """--dry_run: the config on the meta device (common.dry_run), the loss on sequences of seq_len latents; sampling
     keeps per layer a gated linear attention state (H, Dh, Dh) in fp32 and the current image's keys and values,
@@ -735,69 +798,6 @@ def _official(state: dict, path, overrides: dict) -> tuple[ARFlow, Config]:
 
 
 @torch.no_grad()
-def generate(model: ARFlow, cfg: Config, labels: torch.Tensor, vae, seed: int, bs: int = 500) -> torch.Tensor:
-    """uint8 images (N, C, H, W) for the given class labels, sampled in batches."""
-    if labels.numel() and (labels.min() < 0 or labels.max() >= cfg.num_classes):
-        raise ValueError(f"class labels must be in [0, {cfg.num_classes}), got {labels.tolist()}")
-    if vae is None and cfg.vae_family != "none":
-        raise ValueError("decoding latents to images needs --vae PATH")
-    dev = next(model.parameters()).device
-    g = torch.Generator(device=dev).manual_seed(seed)
-    out = [common.to_uint8(x if vae is None else vae.decode(x)).cpu()
-           for x in (sample(model, yb.to(dev), cfg, generator=g) for yb in labels.split(bs))]
-    return torch.cat(out) if out else torch.zeros(0, cfg.channels, cfg.img_size, cfg.img_size, dtype=torch.uint8)
-
-
-@torch.no_grad()
-def heldout_loss(model: ARFlow, cfg: Config, vae, d: common.Dist, batches: int = 4) -> float:
-    """The flow-matching loss on fixed sequences (digits: the test split; other data: the training data, as nothing
-    else is held out), with the labels, averaged over the ranks."""
-    x, x_flip, y, logvar = load_data(cfg, "test")
-    shape = (model.C, model.side, model.side)
-    bs = max(d.world_size, min(cfg.batch_size, 64) // d.world_size * d.world_size)
-    sampler = SequenceSampler(x, x_flip, y, dataclasses.replace(cfg, batch_size=bs, hflip=False), shape, d.rank,
-                              d.world_size, seed=12345, label_drop=0.0, logvar=logvar)
-    dev = next(model.parameters()).device
-    losses = [batch_loss(model, [b.to(dev) for b in sampler.batch(i)], cfg.num_classes, vae) for i in range(batches)]
-    return common.all_reduce_mean(torch.stack(losses).mean()).item()
-
-
-def evaluate(model: ARFlow, cfg: Config, vae, d: common.Dist, n: int | None = None) -> dict:
-    """Held-out loss (`val_loss`; on data other than the digits `train_loss`: the same on fixed training sequences);
-    on digits also class accuracy and Frechet distance (common.digits_metrics) of n class-conditional samples for
-    every guidance value in cfg.eval_guidance, and the guidance that minimises FD; with --fid_ref the Inception FID
-    of fid_n samples (classes cycled) at the configured guidance."""
-    was_training = model.training
-    model.eval()
-    out = {"val_loss" if cfg.data == "digits" else "train_loss": heldout_loss(model, cfg, vae, d)}
-    if cfg.data == "digits":
-        start, count = common.rank_split(n or cfg.eval_n, d)
-        labels = torch.arange(start, start + count) % cfg.num_classes
-        fds, all_labels = {}, common.gather(labels, d)
-        for w in cfg.eval_guidance:
-            imgs = generate(model, dataclasses.replace(cfg, guidance=w), labels, vae, cfg.seed + 7 + d.rank)
-            imgs = common.gather(imgs, d)
-            if d.is_main:
-                m = common.digits_metrics(imgs, all_labels)
-                out.update({f"fd_w{w:g}": m["fd"], f"accuracy_w{w:g}": m["accuracy"], "fd_floor": m["fd_floor"]})
-                fds[w] = m["fd"]
-        if fds:
-            best = min(fds, key=fds.get)
-            out.update(best_guidance=best, fd_best=fds[best], accuracy_best=out[f"accuracy_w{best:g}"])
-    if cfg.fid_ref:
-        start, count = common.rank_split(cfg.fid_n, d)
-        labels = torch.arange(start, start + count) % cfg.num_classes
-        imgs = common.gather(generate(model, cfg, labels, vae, cfg.seed + 11 + d.rank), d)
-        if d.is_main:
-            out.update(fid=common.fid(imgs, cfg.fid_ref, cfg.fid_weights, d.device), fid_n=len(imgs))
-    model.train(was_training)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Trainer
-
-
 def precompute_latents(cfg: Config, src: str, d: common.Dist):
     """Encode an image folder (or .npz of images) through the VAE once, the images and their mirror images (the
     reference caches both, cache_imagenet.py:103-113): <cfg.data>/latents.npy, latents_flip.npy (N, c, h, w) the
@@ -818,7 +818,7 @@ def precompute_latents(cfg: Config, src: str, d: common.Dist):
         return {"latents": m.half(), "latents_logvar": lv.half(), "latents_flip": mf.half(),
                 "latents_flip_logvar": lvf.half(), "labels": torch.as_tensor(b[1])}
     names = common.encode_folder(cfg.data, data, d, encode, (cfg.img_size, cfg.img_size, vae.in_channels), 64,
-                                  cfg.num_workers)
+                                 cfg.num_workers)
     common.print0(f"wrote {cfg.data}/{{{','.join(n + '.npy' for n in names)}}}")
 
 

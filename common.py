@@ -1079,6 +1079,7 @@ def train_vae(out_dir, steps=250, size=16, seed=0, batch_size=64, lr=2e-3, kl_we
     print(f"train_vae: {steps} steps in {time.time() - t0:.0f}s, saved {folder}")
     return folder
 
+
 def digits_vae(size: int = 16) -> str:
     """The small digits VAE of train_vae (size -> 4 x size/2 x size/2 latents), trained once into cache_dir()."""
     return train_vae(cache_dir() / f"digits_vae{size}", size=size)

@@ -528,106 +528,6 @@ def sample(model: LatentFlow, cfg: Config, z1: torch.Tensor, y=None, spatial=Non
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Official weights: VinAIResearch/LFM's DiT checkpoints (model_{epoch}.pth) and its trainer's content.pth
-
-
-OFFICIAL_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # DiT-S/B/L/XL's heads by width (models/DiT.py:354-399)
-
-
-def read_official(state) -> tuple[dict, dict] | None:
-    """(state dict without DDP's `module.` prefix, the training args or {}) of an official file's contents: a released
-    model_{epoch}.pth (train_flow_latent.py:211-214) or the trainer's content.pth, whose `model_dict` sits beside an
-    argparse.Namespace (:196-203); None for anything else."""
-    args = {}
-    if isinstance(state, dict) and "model_dict" in state:
-        a = state.get("args")
-        args = vars(a) if isinstance(a, argparse.Namespace) else dict(a or {})
-        state = state["model_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        return None
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    return (sd, args) if "x_embedder.proj.weight" in sd and "t_embedder.mlp.0.weight" in sd else None
-
-
-def load_any(path) -> dict:
-    """A checkpoint of ours or an official file, read with torch.load(weights_only=True); content.pth's pickled
-    argparse.Namespace is the one class allowed beyond tensors and containers (no arbitrary objects)."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return common.load_checkpoint(path)
-
-
-def from_official(path, device="cpu", *, state=None, **overrides) -> tuple[LatentFlow, Config]:
-    """An official LFM DiT file -> our LatentFlow computing the same velocity, and its Config. The architecture comes
-    from the tensors; the head count is not in them: `heads` (default: the official size of that width); `overrides`
-    may also set run-time fields (sampler, guidance, vae, ...). What differs from our defaults: LFM's DiT feeds t as is
-    (time_scale 1), its positions put the column half first (pos_order "wh"), and an unconditional model still adds
-    the single row of its label table (num_classes 1, label_dropout 0, models/DiT.py:79-81, 259-264): folded here
-    into the time MLP's last bias. Sampler defaults are the official test script's (test_flow_latent.py): dopri5
-    (:381) with atol = rtol = 1e-5 (:376-377), its Euler's step 0.01 (:397) as 100 steps, and CFG 1.5 for the
-    1000-class ImageNet model (test_args/imnet_dit.txt:7; run_test_cls.sh:17), 1 otherwise (:351)."""
-    read = read_official(load_any(path) if state is None else state)
-    if read is None:
-        raise ValueError(f"{path} is not a VinAIResearch/LFM DiT checkpoint (model_*.pth or content.pth)")
-    sd, args = read
-    sd = {k: v.float() for k, v in sd.items()}
-    W, C, p, _ = sd["x_embedder.proj.weight"].shape
-    T = sd["pos_embed"].shape[1]
-    side = p * math.isqrt(T)  # latent side
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
-    if out_ch != C:
-        raise ValueError(f"{path}: {C} input but {out_ch} output channels; only LFM's DiT generators are supported")
-    rows = sd["y_embedder.embedding_table.weight"].shape[0]
-    n_cls = args.get("num_classes") or (rows - 1 if rows > 1 else 1)
-    if n_cls > 1 and rows not in (n_cls, n_cls + 1):
-        raise ValueError(f"{path}: a label table of {rows} rows for {n_cls} classes")
-    size = str(args.get("model_type", "")).removeprefix("DiT-").split("/")[0]
-    heads = DIT_SIZES[size][2] if size in DIT_SIZES else OFFICIAL_HEADS.get(W)
-    f = int(args.get("f", 8))
-    inferred = dict(width=W, depth=depth, patch_size=p, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / W,
-                    condition="class" if n_cls > 1 else "none", num_classes=n_cls if n_cls > 1 else 10,
-                    time_scale=1.0, pos_order="wh", img_size=side * f, channels=3, vae_family="sd")
-    for k, v in overrides.items():
-        if k in inferred and v != inferred[k]:
-            raise ValueError(f"{path}: the weights say {k}={inferred[k]!r}, not {v!r}")
-    heads = overrides.pop("heads", heads)
-    if heads is None:
-        raise ValueError(f"{path}: width {W} is no official DiT size, so the head count is unknown: pass heads=")
-    dflt = dict(data="latents", sampler="dopri5", atol=1e-5, rtol=1e-5, sample_steps=100, guidance=1.0,
-                label_drop=float(args.get("label_dropout", 0.1 if n_cls > 1 else 0.0)))
-    if n_cls == 1000:
-        dflt["guidance"] = 1.5
-    cfg = Config(**{**dflt, **inferred, "heads": heads, **overrides})
-    # key map: ours <- theirs (timm's Attention / Mlp inside the blocks)
-    ours = {"dit.x_embed.": "x_embedder.proj.", "dit.t_embed.": "t_embedder.mlp.", "dit.linear_out.":
-            "final_layer.linear.", "dit.ada_out.": "final_layer.adaLN_modulation."}
-    for i in range(depth):
-        for a, b in (("attn.", "attn."), ("mlp.0.", "mlp.fc1."), ("mlp.2.", "mlp.fc2."), ("ada.", "adaLN_modulation.")):
-            ours[f"dit.blocks.{i}.{a}"] = f"blocks.{i}.{b}"
-    new = {}
-    for k, v in sd.items():
-        for a, b in ours.items():
-            if k.startswith(b):
-                new[a + k[len(b):]] = v
-                break
-    table = sd["y_embedder.embedding_table.weight"]
-    if cfg.condition == "class":  # classes + the null label (row num_classes); a table without one gets a zero row
-        new["dit.y_embed.weight"] = torch.cat([table, table.new_zeros(n_cls + 1 - rows, W)])
-    else:  # c = t_emb + emb(0) for every input: one more bias
-        new["dit.t_embed.2.bias"] = new["dit.t_embed.2.bias"] + table[-1]
-    pos = sincos_2d(W, side // p, "wh")
-    if not torch.allclose(sd["pos_embed"][0], pos, atol=1e-5):
-        raise ValueError(f"{path}: pos_embed is not the fixed 2D sin-cos table of its grid")
-    model = LatentFlow(cfg, C, side, f)
-    missing = set(model.state_dict()) ^ set(new)
-    if missing:
-        raise ValueError(f"{path}: unmapped weights {sorted(missing)[:4]}")
-    model.load_state_dict(new)
-    model.__dict__["vae"] = load_vae(cfg, device) if cfg.vae else None
-    return model.to(device).eval(), cfg
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # VAE, data and evaluation
 
 
@@ -873,6 +773,7 @@ def evaluate(model: LatentFlow, cfg: Config, vae, n: int | None = None, seed: in
     got, ref = common.to_float(imgs), common.to_float(c["images"])
     if cfg.condition == "inpaint":
         known = 1 - c["masks"]
+
         def err(a, b, w):
             return float(((a - b).square() * w).sum() / w.sum())
         out.update(known_mse=err(got, ref, known), known_mse_chance=err(got, ref.roll(1, 0), known),
@@ -883,6 +784,106 @@ def evaluate(model: LatentFlow, cfg: Config, vae, n: int | None = None, seed: in
         out.update(map_accuracy=float((seg == c["segmentation"]).float().mean()),
                    map_accuracy_chance=float((seg == c["segmentation"].roll(1, 0)).float().mean()))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Official weights: VinAIResearch/LFM's DiT checkpoints (model_{epoch}.pth) and its trainer's content.pth
+
+
+OFFICIAL_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # DiT-S/B/L/XL's heads by width (models/DiT.py:354-399)
+
+
+def read_official(state) -> tuple[dict, dict] | None:
+    """(state dict without DDP's `module.` prefix, the training args or {}) of an official file's contents: a released
+    model_{epoch}.pth (train_flow_latent.py:211-214) or the trainer's content.pth, whose `model_dict` sits beside an
+    argparse.Namespace (:196-203); None for anything else."""
+    args = {}
+    if isinstance(state, dict) and "model_dict" in state:
+        a = state.get("args")
+        args = vars(a) if isinstance(a, argparse.Namespace) else dict(a or {})
+        state = state["model_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return None
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return (sd, args) if "x_embedder.proj.weight" in sd and "t_embedder.mlp.0.weight" in sd else None
+
+
+def load_any(path) -> dict:
+    """A checkpoint of ours or an official file, read with torch.load(weights_only=True); content.pth's pickled
+    argparse.Namespace is the one class allowed beyond tensors and containers (no arbitrary objects)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return common.load_checkpoint(path)
+
+
+def from_official(path, device="cpu", *, state=None, **overrides) -> tuple[LatentFlow, Config]:
+    """An official LFM DiT file -> our LatentFlow computing the same velocity, and its Config. The architecture comes
+    from the tensors; the head count is not in them: `heads` (default: the official size of that width); `overrides`
+    may also set run-time fields (sampler, guidance, vae, ...). What differs from our defaults: LFM's DiT feeds t as is
+    (time_scale 1), its positions put the column half first (pos_order "wh"), and an unconditional model still adds
+    the single row of its label table (num_classes 1, label_dropout 0, models/DiT.py:79-81, 259-264): folded here
+    into the time MLP's last bias. Sampler defaults are the official test script's (test_flow_latent.py): dopri5
+    (:381) with atol = rtol = 1e-5 (:376-377), its Euler's step 0.01 (:397) as 100 steps, and CFG 1.5 for the
+    1000-class ImageNet model (test_args/imnet_dit.txt:7; run_test_cls.sh:17), 1 otherwise (:351)."""
+    read = read_official(load_any(path) if state is None else state)
+    if read is None:
+        raise ValueError(f"{path} is not a VinAIResearch/LFM DiT checkpoint (model_*.pth or content.pth)")
+    sd, args = read
+    sd = {k: v.float() for k, v in sd.items()}
+    W, C, p, _ = sd["x_embedder.proj.weight"].shape
+    T = sd["pos_embed"].shape[1]
+    side = p * math.isqrt(T)  # latent side
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
+    if out_ch != C:
+        raise ValueError(f"{path}: {C} input but {out_ch} output channels; only LFM's DiT generators are supported")
+    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    n_cls = args.get("num_classes") or (rows - 1 if rows > 1 else 1)
+    if n_cls > 1 and rows not in (n_cls, n_cls + 1):
+        raise ValueError(f"{path}: a label table of {rows} rows for {n_cls} classes")
+    size = str(args.get("model_type", "")).removeprefix("DiT-").split("/")[0]
+    heads = DIT_SIZES[size][2] if size in DIT_SIZES else OFFICIAL_HEADS.get(W)
+    f = int(args.get("f", 8))
+    inferred = dict(width=W, depth=depth, patch_size=p, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / W,
+                    condition="class" if n_cls > 1 else "none", num_classes=n_cls if n_cls > 1 else 10,
+                    time_scale=1.0, pos_order="wh", img_size=side * f, channels=3, vae_family="sd")
+    for k, v in overrides.items():
+        if k in inferred and v != inferred[k]:
+            raise ValueError(f"{path}: the weights say {k}={inferred[k]!r}, not {v!r}")
+    heads = overrides.pop("heads", heads)
+    if heads is None:
+        raise ValueError(f"{path}: width {W} is no official DiT size, so the head count is unknown: pass heads=")
+    dflt = dict(data="latents", sampler="dopri5", atol=1e-5, rtol=1e-5, sample_steps=100, guidance=1.0,
+                label_drop=float(args.get("label_dropout", 0.1 if n_cls > 1 else 0.0)))
+    if n_cls == 1000:
+        dflt["guidance"] = 1.5
+    cfg = Config(**{**dflt, **inferred, "heads": heads, **overrides})
+    # key map: ours <- theirs (timm's Attention / Mlp inside the blocks)
+    ours = {"dit.x_embed.": "x_embedder.proj.", "dit.t_embed.": "t_embedder.mlp.", "dit.linear_out.":
+            "final_layer.linear.", "dit.ada_out.": "final_layer.adaLN_modulation."}
+    for i in range(depth):
+        for a, b in (("attn.", "attn."), ("mlp.0.", "mlp.fc1."), ("mlp.2.", "mlp.fc2."), ("ada.", "adaLN_modulation.")):
+            ours[f"dit.blocks.{i}.{a}"] = f"blocks.{i}.{b}"
+    new = {}
+    for k, v in sd.items():
+        for a, b in ours.items():
+            if k.startswith(b):
+                new[a + k[len(b):]] = v
+                break
+    table = sd["y_embedder.embedding_table.weight"]
+    if cfg.condition == "class":  # classes + the null label (row num_classes); a table without one gets a zero row
+        new["dit.y_embed.weight"] = torch.cat([table, table.new_zeros(n_cls + 1 - rows, W)])
+    else:  # c = t_emb + emb(0) for every input: one more bias
+        new["dit.t_embed.2.bias"] = new["dit.t_embed.2.bias"] + table[-1]
+    pos = sincos_2d(W, side // p, "wh")
+    if not torch.allclose(sd["pos_embed"][0], pos, atol=1e-5):
+        raise ValueError(f"{path}: pos_embed is not the fixed 2D sin-cos table of its grid")
+    model = LatentFlow(cfg, C, side, f)
+    missing = set(model.state_dict()) ^ set(new)
+    if missing:
+        raise ValueError(f"{path}: unmapped weights {sorted(missing)[:4]}")
+    model.load_state_dict(new)
+    model.__dict__["vae"] = load_vae(cfg, device) if cfg.vae else None
+    return model.to(device).eval(), cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -947,7 +948,7 @@ def precompute(cfg: Config, src: str, d: common.Dist):
             out["mean" + sfx], out["std" + sfx] = (t.half() for t in encode_moments(vae, xs))
         return out
     names = common.encode_folder(cfg.data, data, d, encode, (cfg.img_size, cfg.img_size, vae.in_channels), 64,
-                                  cfg.num_workers)
+                                 cfg.num_workers)
     if d.is_main and not isinstance(loaded, common.ImageFolder) and loaded[2] is not None:
         np.save(Path(cfg.data) / "segmentation.npy", loaded[2].numpy().astype(np.int16))
         names.append("segmentation")

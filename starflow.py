@@ -681,134 +681,6 @@ def denoise(model: STARFlow, x: torch.Tensor, cond: dict, sigma: float, parts: i
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Official weights: the state dicts of apple/ml-tarflow and apple/ml-starflow (transformer_flow.Model), as released
-
-
-def official_source(state) -> str | None:
-    """"tarflow" | "starflow" for a state dict the official code saved (flat, tensors, its Model's keys), else None.
-    ml-starflow's have a start token, RoPE tables, text projections or final norms; a plain ml-starflow model with
-    none of them would pass for ml-tarflow's."""
-    if not isinstance(state, dict) or "blocks.0.proj_in.weight" not in state or \
-            not all(torch.is_tensor(v) for v in state.values()):
-        return None
-    star = any(k.startswith("feat_rope.") or k.endswith((".sos_embed", ".proj_txt.weight", ".final_norm.weight"))
-               for k in state)
-    return "starflow" if star else "tarflow"
-
-
-def from_official(path, device="cpu", null_text=None, *, state=None, **overrides) -> tuple[STARFlow, Config]:
-    """An official checkpoint file (`state`: what was read from it) -> our STARFlow computing the same function, and its
-    Config: the architecture from the tensor shapes; `overrides` only for what the weights do not carry (noise_std,
-    channels / vae_family / img_size where the patch is ambiguous, head_dim without RoPE tables; ml-starflow's
-    param, soft_clip, seq_order) and run-time fields. null_text: ml-starflow's null caption, the text encoder's
-    embedding of "" (txt_len, txt_dim) (array, tensor or .npy path), which its guidance feeds the null branch.
-    Sampler defaults are the official sampling scripts' (cited below)."""
-    sd = common.load_checkpoint(path) if state is None else state
-    src = official_source(sd)
-    if src is None:
-        raise ValueError(f"{path} is not an ml-tarflow / ml-starflow state dict")
-    sd = {k: v.float() for k, v in sd.items()}
-    if "var" not in sd or (src == "starflow" and "blocks.0.attn_mask" not in sd):  # persistent buffers of its Model
-        raise ValueError(f"{path}: no `var` / `attn_mask` buffers to read the token grid and text length from")
-    K = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    layers = tuple(len({k.split(".")[3] for k in sd if k.startswith(f"blocks.{i}.attn_blocks.")}) for i in range(K))
-    bad = [k for k in sd if k.startswith("learnable_self_denoiser.")] or [i for i in range(K) if not layers[i]]
-    if bad:
-        raise ValueError(f"{path}: ml-starflow's learnable denoiser / identity blocks are not supported ({bad[0]})")
-    W, D = sd["blocks.0.proj_in.weight"].shape
-    T = sd["var"].shape[0]  # the grid, for ml-starflow pt_seq_len^2 (its default)
-    txt = [i for i in range(K) if f"blocks.{i}.proj_txt.weight" in sd]
-    if src == "tarflow":  # ml-tarflow: every block conditioned by an added class embedding, F.unfold patches, var
-        n_cls = sd["blocks.0.class_embed"].shape[0] if "blocks.0.class_embed" in sd else 0
-        inf = dict(param="tarflow", num_classes=n_cls, txt_dim=0, txt_len=0, class_cond="add", cond_deep_only=False,
-                   patch_order="chw", prior_var=True, rope=False, final_norm=False, seq_order="R2L", soft_clip=0.0)
-        named = re.search(r"_(\d*\.\d+)\.pth$", str(path))  # train.py:88 names it ..._{noise_std:.2f}.pth
-        dflt = dict(noise_std=float(named.group(1)) if named else 0.05, channels=3, vae_family="none", head_dim=64,
-                    # evaluate_fid.py: --cfg 0 (:136), annealed (:77), --attn_temp 1 (:137), denoising (:140);
-                    # transformer_flow.py Model.reverse (:317): guide_what "ab", every block guided
-                    sampler="sequential", guidance=0.0, guidance_rule="tarflow", guide_what="ab",
-                    guidance_anneal=True, guide_all_blocks=True, attn_temp=1.0, denoise=True)
-    else:  # ml-starflow: text prefix in the deep block (cond_top_only), start token, softplus, channel-last patches
-        if f"blocks.{K - 1}.sos_embed" not in sd or (txt and txt not in ([K - 1], list(range(K)))):
-            raise ValueError(f"{path}: only ml-starflow models with a start token (sos) and text in the deep block "
-                             f"or in every block are supported")
-        L = sd["blocks.0.attn_mask"].shape[0] - T if txt else 0
-        rope = "blocks.0.pos_embed" not in sd
-        inf = dict(num_classes=0, txt_dim=sd[f"blocks.{K - 1}.proj_txt.weight"].shape[1] if txt else 0, txt_len=L,
-                   txt_null="caption", text_padding="zero", cond_deep_only=len(txt) == 1 and K > 1, rope=rope,
-                   rope_text=rope and bool(txt),                   final_norm="blocks.0.final_norm.weight" in sd, patch_order="hwc", class_cond="prefix",
-                   prior_var=False)
-        if "feat_rope.freqs_cos" in sd:
-            inf["head_dim"] = sd["feat_rope.freqs_cos"].shape[1]
-        # configs/starflow_3B_t2i_256x256.yaml: use_softplus (22), soft_clip 4 (31), seq_order L2R (20), noise 0.3
-        # (12), sd-vae-ft-ema (25); train.py:486 head_dim 64. sample.py: --cfg 5 (:366), --jacobi 0 (:360),
-        # --attn_temp 1 (:358), no annealing (:180), logits_guided (transformer_flow.py:606), shallow blocks unguided
-        # under cond_top_only (:1284), the fine-tuned decoder --finetuned_vae (:368) instead of the score step
-        # (utils/inference.py:218)
-        dflt = dict(param="starflow", soft_clip=4.0, seq_order="L2R", noise_std=0.3, channels=3, vae_family="sd",
-                    head_dim=64, sampler="sequential", guidance=5.0 if txt else 0.0, guidance_rule="starflow",
-                    guidance_anneal=False, guide_all_blocks=not inf["cond_deep_only"], attn_temp=1.0, denoise=False)
-    inf.update(width=W, layers=layers)
-    for k, v in overrides.items():
-        if k in inf and v != inf[k]:
-            raise ValueError(f"{path}: the weights say {k}={inf[k]!r}, not {v!r}")
-    c = {**dflt, **overrides, **inf}
-    down, ch = (1, c["channels"]) if c["vae_family"] == "none" else \
-        (8, {"sd": 4, "sdxl": 4, "flux": 16}[c["vae_family"]])  # latent_shape's f8 VAEs
-    side, p = math.isqrt(T), math.isqrt(D // ch)
-    c.setdefault("img_size", side * p * down), c.setdefault("patch_size", p)
-    if side * side != T or ch * p * p != D or (c["img_size"], c["patch_size"]) != (side * p * down, p):
-        raise ValueError(f"{path}: {T} tokens of {D} dims are not {ch}-channel square patches of a square image of "
-                         f"{c['img_size']} (patch {c['patch_size']}); pass channels, vae_family or img_size")
-    cfg = Config(**c)
-    if cfg.txt_dim and null_text is None and cfg.guidance > 0:
-        raise ValueError(f"guidance {cfg.guidance} of an ml-starflow text model needs null_text (--null_text NPY): "
-                         f"the text encoder's embedding of the empty caption, ({cfg.txt_len}, {cfg.txt_dim})")
-    model = STARFlow(cfg, *latent_shape(cfg))
-    missing, unexpected = model.load_state_dict(_official_state(sd, model, src), strict=False)
-    if unexpected or [k for k in missing if not k.endswith(".null_text")]:
-        raise ValueError(f"{path}: keys the {src} mapping does not place: {(unexpected + missing)[:4]}")
-    if null_text is not None:
-        nt = torch.as_tensor(np.load(null_text) if isinstance(null_text, (str, Path)) else null_text).float()
-        if not cfg.txt_dim or nt.shape != (cfg.txt_len, cfg.txt_dim):
-            raise ValueError(f"null_text must be ({cfg.txt_len}, {cfg.txt_dim}) for this text model, got "
-                             f"{tuple(nt.shape)}" if cfg.txt_dim else "null_text is for ml-starflow text models")
-        for b in model.blocks:
-            if hasattr(b, "null_text"):
-                b.null_text.copy_(nt)
-    model.__dict__["vae"] = load_vae(cfg, device) if cfg.vae or cfg.vae_family == "none" else None  # --vae decodes
-    return model.to(device).eval(), cfg
-
-
-def _official_state(sd: dict, model: STARFlow, src: str) -> dict:
-    """The official Model's keys and layouts -> ours (the dropped buffers are constants: causal masks, RoPE tables
-    left in ml-starflow's files, and its unused `var`)."""
-    subs = ((r"\.attn_blocks\.(\d+)\.attention\.norm\.", r".layers.\1.norm1."),
-            (r"\.attn_blocks\.(\d+)\.attention\.", r".layers.\1.attn."),
-            (r"\.attn_blocks\.(\d+)\.mlp\.norm\.", r".layers.\1.norm2."),
-            (r"\.attn_blocks\.(\d+)\.mlp\.main\.", r".layers.\1.mlp."), (r"\.pos_embed$", ".pos"),
-            (r"\.class_embed$", ".class_emb.weight"), (r"\.sos_embed$", ".sos"), (r"\.final_norm\.", ".norm_out."))
-    Dh, out = model.cfg.head_dim, {}
-    for k, v in sd.items():
-        if k.endswith(".attn_mask") or k.startswith("feat_rope.") or (k == "var" and src == "starflow"):
-            continue
-        for a, b in subs:
-            k = re.sub(a, b, k)
-        if k.endswith(".pos") and model.blocks[int(k.split(".")[1])].flip:
-            v = v.flip(0)  # the official permutes pos_embed with the tokens; ours is indexed by stream position
-        elif k.endswith(".class_emb.weight"):
-            v = v[:, 0]  # (N, 1, W)
-        elif k.endswith(".norm_out.weight"):
-            v = 1 + v  # ml-starflow's RMSNorm scales by 1 + weight
-        elif ".attn.qkv." in k and model.cfg.rope:  # interleaved RoPE pairs (2i, 2i+1) -> halves (i, i + Dh/2)
-            idx = torch.arange(v.shape[0]).view(3, -1, Dh)
-            idx[:2] = idx[:2][..., torch.cat([torch.arange(0, Dh, 2), torch.arange(1, Dh, 2)])]
-            v = v[idx.reshape(-1)]
-        out[k] = v
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Data, VAE and evaluation
 
 
@@ -1047,6 +919,134 @@ def evaluate(model, cfg: Config, vae, d: common.Dist, n_samples: int = 500) -> d
         if d.is_main:
             out.update(fid=common.fid(imgs, cfg.fid_ref, cfg.fid_weights, d.device), fid_n=len(imgs))
     model.train()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Official weights: the state dicts of apple/ml-tarflow and apple/ml-starflow (transformer_flow.Model), as released
+
+
+def official_source(state) -> str | None:
+    """"tarflow" | "starflow" for a state dict the official code saved (flat, tensors, its Model's keys), else None.
+    ml-starflow's have a start token, RoPE tables, text projections or final norms; a plain ml-starflow model with
+    none of them would pass for ml-tarflow's."""
+    if not isinstance(state, dict) or "blocks.0.proj_in.weight" not in state or \
+            not all(torch.is_tensor(v) for v in state.values()):
+        return None
+    star = any(k.startswith("feat_rope.") or k.endswith((".sos_embed", ".proj_txt.weight", ".final_norm.weight"))
+               for k in state)
+    return "starflow" if star else "tarflow"
+
+
+def from_official(path, device="cpu", null_text=None, *, state=None, **overrides) -> tuple[STARFlow, Config]:
+    """An official checkpoint file (`state`: what was read from it) -> our STARFlow computing the same function, and its
+    Config: the architecture from the tensor shapes; `overrides` only for what the weights do not carry (noise_std,
+    channels / vae_family / img_size where the patch is ambiguous, head_dim without RoPE tables; ml-starflow's
+    param, soft_clip, seq_order) and run-time fields. null_text: ml-starflow's null caption, the text encoder's
+    embedding of "" (txt_len, txt_dim) (array, tensor or .npy path), which its guidance feeds the null branch.
+    Sampler defaults are the official sampling scripts' (cited below)."""
+    sd = common.load_checkpoint(path) if state is None else state
+    src = official_source(sd)
+    if src is None:
+        raise ValueError(f"{path} is not an ml-tarflow / ml-starflow state dict")
+    sd = {k: v.float() for k, v in sd.items()}
+    if "var" not in sd or (src == "starflow" and "blocks.0.attn_mask" not in sd):  # persistent buffers of its Model
+        raise ValueError(f"{path}: no `var` / `attn_mask` buffers to read the token grid and text length from")
+    K = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    layers = tuple(len({k.split(".")[3] for k in sd if k.startswith(f"blocks.{i}.attn_blocks.")}) for i in range(K))
+    bad = [k for k in sd if k.startswith("learnable_self_denoiser.")] or [i for i in range(K) if not layers[i]]
+    if bad:
+        raise ValueError(f"{path}: ml-starflow's learnable denoiser / identity blocks are not supported ({bad[0]})")
+    W, D = sd["blocks.0.proj_in.weight"].shape
+    T = sd["var"].shape[0]  # the grid, for ml-starflow pt_seq_len^2 (its default)
+    txt = [i for i in range(K) if f"blocks.{i}.proj_txt.weight" in sd]
+    if src == "tarflow":  # ml-tarflow: every block conditioned by an added class embedding, F.unfold patches, var
+        n_cls = sd["blocks.0.class_embed"].shape[0] if "blocks.0.class_embed" in sd else 0
+        inf = dict(param="tarflow", num_classes=n_cls, txt_dim=0, txt_len=0, class_cond="add", cond_deep_only=False,
+                   patch_order="chw", prior_var=True, rope=False, final_norm=False, seq_order="R2L", soft_clip=0.0)
+        named = re.search(r"_(\d*\.\d+)\.pth$", str(path))  # train.py:88 names it ..._{noise_std:.2f}.pth
+        dflt = dict(noise_std=float(named.group(1)) if named else 0.05, channels=3, vae_family="none", head_dim=64,
+                    # evaluate_fid.py: --cfg 0 (:136), annealed (:77), --attn_temp 1 (:137), denoising (:140);
+                    # transformer_flow.py Model.reverse (:317): guide_what "ab", every block guided
+                    sampler="sequential", guidance=0.0, guidance_rule="tarflow", guide_what="ab",
+                    guidance_anneal=True, guide_all_blocks=True, attn_temp=1.0, denoise=True)
+    else:  # ml-starflow: text prefix in the deep block (cond_top_only), start token, softplus, channel-last patches
+        if f"blocks.{K - 1}.sos_embed" not in sd or (txt and txt not in ([K - 1], list(range(K)))):
+            raise ValueError(f"{path}: only ml-starflow models with a start token (sos) and text in the deep block "
+                             f"or in every block are supported")
+        L = sd["blocks.0.attn_mask"].shape[0] - T if txt else 0
+        rope = "blocks.0.pos_embed" not in sd
+        inf = dict(num_classes=0, txt_dim=sd[f"blocks.{K - 1}.proj_txt.weight"].shape[1] if txt else 0, txt_len=L,
+                   txt_null="caption", text_padding="zero", cond_deep_only=len(txt) == 1 and K > 1, rope=rope,
+                   rope_text=rope and bool(txt),                   final_norm="blocks.0.final_norm.weight" in sd, patch_order="hwc", class_cond="prefix",
+                   prior_var=False)
+        if "feat_rope.freqs_cos" in sd:
+            inf["head_dim"] = sd["feat_rope.freqs_cos"].shape[1]
+        # configs/starflow_3B_t2i_256x256.yaml: use_softplus (22), soft_clip 4 (31), seq_order L2R (20), noise 0.3
+        # (12), sd-vae-ft-ema (25); train.py:486 head_dim 64. sample.py: --cfg 5 (:366), --jacobi 0 (:360),
+        # --attn_temp 1 (:358), no annealing (:180), logits_guided (transformer_flow.py:606), shallow blocks unguided
+        # under cond_top_only (:1284), the fine-tuned decoder --finetuned_vae (:368) instead of the score step
+        # (utils/inference.py:218)
+        dflt = dict(param="starflow", soft_clip=4.0, seq_order="L2R", noise_std=0.3, channels=3, vae_family="sd",
+                    head_dim=64, sampler="sequential", guidance=5.0 if txt else 0.0, guidance_rule="starflow",
+                    guidance_anneal=False, guide_all_blocks=not inf["cond_deep_only"], attn_temp=1.0, denoise=False)
+    inf.update(width=W, layers=layers)
+    for k, v in overrides.items():
+        if k in inf and v != inf[k]:
+            raise ValueError(f"{path}: the weights say {k}={inf[k]!r}, not {v!r}")
+    c = {**dflt, **overrides, **inf}
+    down, ch = (1, c["channels"]) if c["vae_family"] == "none" else \
+        (8, {"sd": 4, "sdxl": 4, "flux": 16}[c["vae_family"]])  # latent_shape's f8 VAEs
+    side, p = math.isqrt(T), math.isqrt(D // ch)
+    c.setdefault("img_size", side * p * down), c.setdefault("patch_size", p)
+    if side * side != T or ch * p * p != D or (c["img_size"], c["patch_size"]) != (side * p * down, p):
+        raise ValueError(f"{path}: {T} tokens of {D} dims are not {ch}-channel square patches of a square image of "
+                         f"{c['img_size']} (patch {c['patch_size']}); pass channels, vae_family or img_size")
+    cfg = Config(**c)
+    if cfg.txt_dim and null_text is None and cfg.guidance > 0:
+        raise ValueError(f"guidance {cfg.guidance} of an ml-starflow text model needs null_text (--null_text NPY): "
+                         f"the text encoder's embedding of the empty caption, ({cfg.txt_len}, {cfg.txt_dim})")
+    model = STARFlow(cfg, *latent_shape(cfg))
+    missing, unexpected = model.load_state_dict(_official_state(sd, model, src), strict=False)
+    if unexpected or [k for k in missing if not k.endswith(".null_text")]:
+        raise ValueError(f"{path}: keys the {src} mapping does not place: {(unexpected + missing)[:4]}")
+    if null_text is not None:
+        nt = torch.as_tensor(np.load(null_text) if isinstance(null_text, (str, Path)) else null_text).float()
+        if not cfg.txt_dim or nt.shape != (cfg.txt_len, cfg.txt_dim):
+            raise ValueError(f"null_text must be ({cfg.txt_len}, {cfg.txt_dim}) for this text model, got "
+                             f"{tuple(nt.shape)}" if cfg.txt_dim else "null_text is for ml-starflow text models")
+        for b in model.blocks:
+            if hasattr(b, "null_text"):
+                b.null_text.copy_(nt)
+    model.__dict__["vae"] = load_vae(cfg, device) if cfg.vae or cfg.vae_family == "none" else None  # --vae decodes
+    return model.to(device).eval(), cfg
+
+
+def _official_state(sd: dict, model: STARFlow, src: str) -> dict:
+    """The official Model's keys and layouts -> ours (the dropped buffers are constants: causal masks, RoPE tables
+    left in ml-starflow's files, and its unused `var`)."""
+    subs = ((r"\.attn_blocks\.(\d+)\.attention\.norm\.", r".layers.\1.norm1."),
+            (r"\.attn_blocks\.(\d+)\.attention\.", r".layers.\1.attn."),
+            (r"\.attn_blocks\.(\d+)\.mlp\.norm\.", r".layers.\1.norm2."),
+            (r"\.attn_blocks\.(\d+)\.mlp\.main\.", r".layers.\1.mlp."), (r"\.pos_embed$", ".pos"),
+            (r"\.class_embed$", ".class_emb.weight"), (r"\.sos_embed$", ".sos"), (r"\.final_norm\.", ".norm_out."))
+    Dh, out = model.cfg.head_dim, {}
+    for k, v in sd.items():
+        if k.endswith(".attn_mask") or k.startswith("feat_rope.") or (k == "var" and src == "starflow"):
+            continue
+        for a, b in subs:
+            k = re.sub(a, b, k)
+        if k.endswith(".pos") and model.blocks[int(k.split(".")[1])].flip:
+            v = v.flip(0)  # the official permutes pos_embed with the tokens; ours is indexed by stream position
+        elif k.endswith(".class_emb.weight"):
+            v = v[:, 0]  # (N, 1, W)
+        elif k.endswith(".norm_out.weight"):
+            v = 1 + v  # ml-starflow's RMSNorm scales by 1 + weight
+        elif ".attn.qkv." in k and model.cfg.rope:  # interleaved RoPE pairs (2i, 2i+1) -> halves (i, i + Dh/2)
+            idx = torch.arange(v.shape[0]).view(3, -1, Dh)
+            idx[:2] = idx[:2][..., torch.cat([torch.arange(0, Dh, 2), torch.arange(1, Dh, 2)])]
+            v = v[idx.reshape(-1)]
+        out[k] = v
     return out
 
 
