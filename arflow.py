@@ -876,7 +876,6 @@ def cli_train(cfg: Config, args, overrides: dict, d: common.Dist) -> common.Job:
                 model.train()
         if d.is_main and grid is not None:
             common.save_grid(Path(cfg.out_dir) / "samples.png", grid)
-        common.print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
         return res
     return common.Job(cfg, model, lambda net, batch, at: (batch_loss(net, batch, cfg.num_classes, vae), {}), data,
                       on_eval, shard_types=(ARFlowBlock,))

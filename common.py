@@ -2419,11 +2419,11 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
     examples, so the weighted micro-losses add up to the full batch's) and `at` (`At`: the step, the rows). data is a
     Dataset, a function start_step -> iterator of this rank's batches, or None (the loss makes its own examples: each
     batch is empty and `at.rows` says which of cfg.batch_size it stands for). evaluate(step, model, ema) ->
-    {name: value} runs on every rank every cfg.eval_every steps and at the end. `shard_types` are the modules FSDP2
-    shards one by one. optimizer(model) builds the optimizer (default: make_optimizer) after DDP / FSDP2 wrapping,
-    since FSDP2 replaces the parameters. Steps with a non-finite gradient are skipped and never reach a checkpoint,
-    non-finite weights stop the run; SIGTERM/SIGINT save and exit with 128 + the signal. Returns (model, ema);
-    `model` is the unwrapped module.
+    {name: value} runs on every rank every cfg.eval_every steps and at the end; its numbers are printed and logged.
+    `shard_types` are the modules FSDP2 shards one by one. optimizer(model) builds the optimizer (default:
+    make_optimizer) after DDP / FSDP2 wrapping, since FSDP2 replaces the parameters. Steps with a non-finite gradient
+    are skipped and never reach a checkpoint, non-finite weights stop the run; SIGTERM/SIGINT save and exit with
+    128 + the signal. Returns (model, ema); `model` is the unwrapped module.
     """
     out = Path(cfg.out_dir)
     ckpt_path = out / "ckpt.pt"
@@ -2521,7 +2521,10 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
                 sums, n_sums = {}, 0
             if evaluate is not None and every(cfg.eval_every, done):
                 t_eval = time.time() - 1  # file times can be a second coarse
-                log(step=done, **evaluate(done, model, ema))
+                res = evaluate(done, model, ema)
+                print0(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()
+                                                    if isinstance(v, (int, float))))
+                log(step=done, **res)
                 log.figures(done, since=t_eval)
             stopping = stopping or (cfg.stop_after > 0 and done - first_step >= cfg.stop_after)
             if every(cfg.ckpt_every, done) or stopping:

@@ -1043,7 +1043,6 @@ def cli_train(cfg: Config, args, overrides: dict, d: common.Dist) -> common.Job:
         model.train()
         if d.is_main:
             common.save_grid(Path(cfg.out_dir) / "samples.png", grid)
-        common.print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
         return res
     return common.Job(cfg, model, loss_fn, data, on_eval, shard_types=(DiTBlock,))
 

@@ -1058,8 +1058,6 @@ def cli_train(cfg: Config, args, overrides: dict, d: common.Dist) -> common.Job:
             res = evaluate(model, cfg, seed=0, with_baselines=step == cfg.steps) if d.is_main else {}
             if d.is_main:  # the final figure puts the headline numbers beside the baselines at the same budget
                 plot_front(Path(cfg.out_dir) / "front.png", model.task, model, cfg, {"step": step, **res})
-        if d.is_main:
-            common.print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
         model.train()
         return res
     return common.Job(cfg, model, train_loss_fn(model, cfg, d), None, on_eval, lambda m: optimizer(m, cfg),

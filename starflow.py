@@ -1224,7 +1224,6 @@ def cli_train(cfg: Config, args, overrides: dict, d: common.Dist) -> common.Job:
             imgs, _ = generate(model, cfg, labels, vae, seed=0, text=text, text_mask=mask)
         if d.is_main:
             common.save_grid(Path(cfg.out_dir) / "samples.png", imgs)
-        common.print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
         return res
     return common.Job(cfg, model, loss_fn, data, on_eval)
 

@@ -1311,7 +1311,6 @@ def cli_train(cfg: Config, args, overrides: dict, d: common.Dist) -> common.Job:
         if d.is_main:
             zoom = max(1, 64 // cfg.img_size[1])
             common.save_png(Path(cfg.out_dir) / "samples.png", np.concatenate([strip(v, zoom) for v in looks], 0))
-        common.print0(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
         return res
     return common.Job(cfg, model, loss_fn, data, on_eval, lambda m: make_optimizer(m, cfg))
 
