@@ -2391,13 +2391,10 @@ def _micro_batches(batch, k: int) -> list:
     return [list(p) for p in zip(*parts)]
 
 
-def _params_finite(model: nn.Module, d: Dist) -> bool:
-    """All weights finite (this rank's shards, all-reduced: under FSDP2 each rank holds other numbers)."""
+def _params_finite(model: nn.Module) -> bool:
+    """All weights finite on every rank (under FSDP2 each rank holds other shards)."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    bad = (~torch.isfinite(torch.stack(torch._foreach_norm(local)).sum())).float()
-    if d.distributed:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bad.item()
+    return all_ranks(torch.isfinite(torch.stack(torch._foreach_norm(local)).sum()))
 
 
 @dataclass(frozen=True)
@@ -2501,7 +2498,7 @@ def train(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, data, d: Dist, 
                         raise
                     raise diverged(f"the optimizer step overflowed at step {step + 1}") from None
                 sched.step()
-                if not _params_finite(model, d):  # finite gradients, infinite weights: e.g. a huge --lr
+                if not _params_finite(model):  # finite gradients, infinite weights: e.g. a huge --lr
                     raise diverged(f"the weights became non-finite at step {step + 1}")
                 ema.update(model, step)
                 bad = 0

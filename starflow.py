@@ -978,8 +978,8 @@ def from_official(path, device="cpu", null_text=None, *, state=None, **overrides
         rope = "blocks.0.pos_embed" not in sd
         inf = dict(num_classes=0, txt_dim=sd[f"blocks.{K - 1}.proj_txt.weight"].shape[1] if txt else 0, txt_len=L,
                    txt_null="caption", text_padding="zero", cond_deep_only=len(txt) == 1 and K > 1, rope=rope,
-                   rope_text=rope and bool(txt),                   final_norm="blocks.0.final_norm.weight" in sd, patch_order="hwc", class_cond="prefix",
-                   prior_var=False)
+                   rope_text=rope and bool(txt), final_norm="blocks.0.final_norm.weight" in sd, patch_order="hwc",
+                   class_cond="prefix", prior_var=False)
         if "feat_rope.freqs_cos" in sd:
             inf["head_dim"] = sd["feat_rope.freqs_cos"].shape[1]
         # configs/starflow_3B_t2i_256x256.yaml: use_softplus (22), soft_clip 4 (31), seq_order L2R (20), noise 0.3
